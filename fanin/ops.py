@@ -1,0 +1,520 @@
+"""Differentiable ops: each one a forward and, beside it, its backward.
+
+Every op takes Tensors (or array-likes, treated as constants) and returns a Tensor made with
+``Tensor._make(out, parents, backward)``; ``backward(g)`` returns one gradient per parent
+(``None`` where a parent needs none). Nothing else lives here.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special
+
+from fanin.tensor import Tensor, as_array
+
+__all__ = [
+    "add", "sub", "mul", "div", "pow", "neg", "matmul", "linear", "sum", "mean", "reshape",
+    "transpose", "getitem", "concat", "flatten", "relu", "gelu", "exp", "log", "log_softmax",
+    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm",
+]
+
+
+def _t(x, like=None) -> Tensor:
+    """``x`` as a Tensor; constants take the dtype of ``like`` when given."""
+    if isinstance(x, Tensor):
+        return x
+    return Tensor(as_array(x, None if like is None else like.data.dtype))
+
+
+def _binary_operands(a, b):
+    if isinstance(a, Tensor):
+        return a, _t(b, a)
+    b = _t(b)
+    return _t(a, b), b
+
+
+def _unbroadcast(g: np.ndarray, shape) -> np.ndarray:
+    """Sum ``g`` down to ``shape`` (the reverse of NumPy broadcasting)."""
+    if g.shape == shape:
+        return g
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def _check_broadcast(op, a, b):
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(
+            f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together; "
+            "make trailing dimensions equal or 1."
+        ) from None
+
+
+# ------------------------------------------------------------------ arithmetic
+def add(a, b) -> Tensor:
+    a, b = _binary_operands(a, b)
+    _check_broadcast("add", a, b)
+
+    def backward(g):
+        return _unbroadcast(g, a.shape), _unbroadcast(g, b.shape)
+
+    return Tensor._make(a.data + b.data, (a, b), backward)
+
+
+def sub(a, b) -> Tensor:
+    a, b = _binary_operands(a, b)
+    _check_broadcast("sub", a, b)
+
+    def backward(g):
+        return _unbroadcast(g, a.shape), _unbroadcast(-g, b.shape)
+
+    return Tensor._make(a.data - b.data, (a, b), backward)
+
+
+def mul(a, b) -> Tensor:
+    a, b = _binary_operands(a, b)
+    _check_broadcast("mul", a, b)
+
+    def backward(g):
+        ga = _unbroadcast(g * b.data, a.shape) if a.requires_grad else None
+        gb = _unbroadcast(g * a.data, b.shape) if b.requires_grad else None
+        return ga, gb
+
+    return Tensor._make(a.data * b.data, (a, b), backward)
+
+
+def div(a, b) -> Tensor:
+    a, b = _binary_operands(a, b)
+    _check_broadcast("div", a, b)
+
+    def backward(g):
+        ga = _unbroadcast(g / b.data, a.shape) if a.requires_grad else None
+        gb = _unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None
+        return ga, gb
+
+    return Tensor._make(a.data / b.data, (a, b), backward)
+
+
+def pow(a, exponent) -> Tensor:
+    """``a ** exponent`` for a constant (Python number) exponent."""
+    a = _t(a)
+    if isinstance(exponent, Tensor):
+        raise TypeError("pow: the exponent must be a Python number, not a Tensor.")
+    p = float(exponent)
+
+    def backward(g):
+        return (g * (p * a.data ** (p - 1)),)
+
+    return Tensor._make(a.data ** p, (a,), backward)
+
+
+def neg(a) -> Tensor:
+    a = _t(a)
+    return Tensor._make(-a.data, (a,), lambda g: (-g,))
+
+
+def exp(a) -> Tensor:
+    a = _t(a)
+    out = np.exp(a.data)
+    return Tensor._make(out, (a,), lambda g: (g * out,))
+
+
+def log(a) -> Tensor:
+    a = _t(a)
+    return Tensor._make(np.log(a.data), (a,), lambda g: (g / a.data,))
+
+
+# --------------------------------------------------------------------- matmul
+def matmul(a, b) -> Tensor:
+    """``a @ b`` for 1-D/2-D operands and batched (N-D @ 2-D) left operands."""
+    a, b = _binary_operands(a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: operands must have at least one dimension; use mul for scalars.")
+    if a.shape[-1] != b.shape[0 if b.ndim == 1 else -2]:
+        raise ValueError(
+            f"matmul: shapes {a.shape} and {b.shape} do not match (inner dimensions "
+            f"{a.shape[-1]} != {b.shape[0 if b.ndim == 1 else -2]})."
+        )
+    if b.ndim > 2:
+        raise ValueError(f"matmul: the right operand must be 1-D or 2-D, got shape {b.shape}.")
+
+    def backward(g):
+        A, B = a.data, b.data
+        g2 = g.reshape(-1, 1) if b.ndim == 1 else g.reshape(-1, B.shape[-1])
+        A2 = A.reshape(1, -1) if A.ndim == 1 else A.reshape(-1, A.shape[-1])
+        B2 = B.reshape(-1, 1) if B.ndim == 1 else B
+        ga = (g2 @ B2.T).reshape(A.shape) if a.requires_grad else None
+        gb = (A2.T @ g2).reshape(B.shape) if b.requires_grad else None
+        return ga, gb
+
+    return Tensor._make(a.data @ b.data, (a, b), backward)
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    """``x @ weight.T + bias``: the fused affine map of a dense layer (weight is (out, in))."""
+    x = _t(x)
+    if x.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape}; "
+            f"the input must be (batch, {weight.shape[1]})."
+        )
+    out = x.data @ weight.data.T
+    if bias is not None:
+        out += bias.data
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        gx = g @ weight.data if x.requires_grad else None
+        gw = g.T @ x.data if weight.requires_grad else None
+        if bias is None:
+            return gx, gw
+        return gx, gw, g.sum(axis=0)
+
+    return Tensor._make(out, parents, backward)
+
+
+# ------------------------------------------------------------------ reductions
+def _norm_axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(ax % ndim for ax in axes)
+
+
+def sum(a, axis=None, keepdims=False) -> Tensor:  # noqa: A001 (mirrors NumPy)
+    a = _t(a)
+    axes = _norm_axes(axis, a.ndim)
+    out = np.sum(a.data, axis=axes, keepdims=keepdims)
+
+    def backward(g):
+        if not keepdims:
+            g = np.expand_dims(g, axes)
+        return (np.broadcast_to(g, a.shape),)
+
+    return Tensor._make(np.asarray(out), (a,), backward)
+
+
+def mean(a, axis=None, keepdims=False) -> Tensor:
+    a = _t(a)
+    axes = _norm_axes(axis, a.ndim)
+    count = math.prod(a.shape[ax] for ax in axes)
+    out = np.mean(a.data, axis=axes, keepdims=keepdims)
+
+    def backward(g):
+        if not keepdims:
+            g = np.expand_dims(g, axes)
+        return (np.broadcast_to(g / count, a.shape),)
+
+    return Tensor._make(np.asarray(out, dtype=a.dtype), (a,), backward)
+
+
+# ----------------------------------------------------------------- reshaping
+def reshape(a, shape) -> Tensor:
+    a = _t(a)
+    try:
+        out = a.data.reshape(shape)
+    except ValueError:
+        raise ValueError(
+            f"reshape: cannot reshape a tensor of shape {a.shape} ({a.size} elements) to {tuple(shape)}."
+        ) from None
+    return Tensor._make(out, (a,), lambda g: (g.reshape(a.shape),))
+
+
+def flatten(a, start_dim=1) -> Tensor:
+    """Merge every dimension from ``start_dim`` on into one."""
+    a = _t(a)
+    return reshape(a, a.shape[:start_dim] + (-1,))
+
+
+def transpose(a, axes=None) -> Tensor:
+    a = _t(a)
+    out = np.transpose(a.data, axes)
+    inverse = None if axes is None else tuple(np.argsort(axes))
+    return Tensor._make(out, (a,), lambda g: (np.transpose(g, inverse),))
+
+
+def _is_advanced(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, (list, np.ndarray, Tensor)) for i in items)
+
+
+def getitem(a, index) -> Tensor:
+    """``a[index]`` for slices, integers and integer/boolean arrays."""
+    a = _t(a)
+    if isinstance(index, Tensor):
+        index = index.data
+    out = a.data[index]
+    advanced = _is_advanced(index)
+
+    def backward(g):
+        ga = np.zeros_like(a.data)
+        if advanced:
+            np.add.at(ga, index, g)
+        else:
+            ga[index] = g
+        return (ga,)
+
+    return Tensor._make(np.array(out, copy=advanced) if advanced else out, (a,), backward)
+
+
+def concat(tensors, axis=0) -> Tensor:
+    tensors = [_t(t) for t in tensors]
+    try:
+        out = np.concatenate([t.data for t in tensors], axis=axis)
+    except ValueError:
+        shapes = [t.shape for t in tensors]
+        raise ValueError(
+            f"concat: shapes {shapes} differ outside axis {axis}; all other dimensions must match."
+        ) from None
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    return Tensor._make(out, tuple(tensors), lambda g: tuple(np.split(g, bounds, axis=axis)))
+
+
+# ---------------------------------------------------------------- activations
+def relu(a) -> Tensor:
+    a = _t(a)
+    out = np.maximum(a.data, 0)
+    return Tensor._make(out, (a,), lambda g: (g * (out > 0),))
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu(a) -> Tensor:
+    """Exact GELU: ``x * Phi(x)`` with the normal CDF."""
+    a = _t(a)
+    x = a.data
+    cdf = 0.5 * (1.0 + special.erf(x * _SQRT_HALF))
+    cdf = cdf.astype(x.dtype, copy=False)
+
+    def backward(g):
+        pdf = np.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return (g * (cdf + x * pdf.astype(x.dtype, copy=False)),)
+
+    return Tensor._make(x * cdf, (a,), backward)
+
+
+def log_softmax(a, axis=-1) -> Tensor:
+    a = _t(a)
+    shifted = a.data - a.data.max(axis=axis, keepdims=True)
+    out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+    def backward(g):
+        return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
+
+    return Tensor._make(out, (a,), backward)
+
+
+def cross_entropy(logits, labels) -> Tensor:
+    """Mean cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
+    logits = _t(logits)
+    labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (batch, classes), got shape {logits.shape}.")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"cross_entropy: labels of shape {labels.shape} do not fit logits of shape "
+            f"{logits.shape}; pass one integer label per row, shape ({logits.shape[0]},)."
+        )
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: labels must be integers, got dtype {labels.dtype}.")
+    n, c = logits.shape
+    if n and (labels.min() < 0 or labels.max() >= c):
+        raise ValueError(f"cross_entropy: labels must lie in [0, {c}), got {labels.min()}..{labels.max()}.")
+    z = logits.data
+    shifted = z - z.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(n)
+    loss = -logp[rows, labels].mean()
+
+    def backward(g):
+        d = np.exp(logp)
+        d[rows, labels] -= 1
+        return (d * (g / n),)
+
+    return Tensor._make(np.asarray(loss, dtype=z.dtype), (logits,), backward)
+
+
+def dropout(a, p: float, rng: np.random.Generator, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by ``1/(1-p)`` (training only)."""
+    a = _t(a)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}.")
+    if not training or p == 0.0:
+        return a
+    mask = (rng.random(a.shape, dtype=np.float32) >= p).astype(a.dtype) * a.dtype.type(1.0 / (1.0 - p))
+    return Tensor._make(a.data * mask, (a,), lambda g: (g * mask,))
+
+
+# ---------------------------------------------------------------- convolution
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_output_size(h, w, kh, kw, stride, padding):
+    """Spatial output size of a convolution or pooling window."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
+    """2-D convolution (cross-correlation) of x (B, C, H, W) with weight (O, C, kh, kw), via im2col."""
+    from fanin.kernels import col2im, im2col
+
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"conv2d: input must be (batch, channels, height, width), got shape {x.shape}.")
+    o, c, kh, kw = weight.shape
+    if x.shape[1] != c:
+        raise ValueError(
+            f"conv2d: input of shape {x.shape} has {x.shape[1]} channels but weight of shape "
+            f"{weight.shape} expects {c}."
+        )
+    stride, padding = _pair(stride), _pair(padding)
+    b = x.shape[0]
+    ho, wo = conv_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit input of shape {x.shape} with padding {padding}.")
+    cols = im2col(x.data, kh, kw, stride, padding)  # (B*Ho*Wo, C*kh*kw)
+    wmat = weight.data.reshape(o, -1)
+    out = cols @ wmat.T
+    if bias is not None:
+        out += bias.data
+    out = out.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
+        gx = col2im(g2 @ wmat, x.shape, kh, kw, stride, padding) if x.requires_grad else None
+        gw = (g2.T @ cols).reshape(weight.shape) if weight.requires_grad else None
+        if bias is None:
+            return gx, gw
+        return gx, gw, g2.sum(axis=0)
+
+    return Tensor._make(np.ascontiguousarray(out), parents, backward)
+
+
+def _windows(x, kh, kw, stride, padding, fill):
+    """A (B, C, Ho, Wo, kh, kw) strided view of the padded input."""
+    (sh, sw), (ph, pw) = stride, padding
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    b, c, h, w = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    s = x.strides
+    view = np.lib.stride_tricks.as_strided(
+        x, (b, c, ho, wo, kh, kw), (s[0], s[1], s[2] * sh, s[3] * sw, s[2], s[3]), writeable=False
+    )
+    return view, x.shape
+
+
+def _scatter_windows(gw, padded_shape, x_shape, stride, padding):
+    """Adjoint of ``_windows``: add a (B, C, Ho, Wo, kh, kw) gradient back onto the input."""
+    (sh, sw), (ph, pw) = stride, padding
+    _, _, ho, wo, kh, kw = gw.shape
+    gx = np.zeros(padded_shape, dtype=gw.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += gw[:, :, :, :, i, j]
+    return gx[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]]
+
+
+def _pool_args(x, kernel_size, stride, padding, op):
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"{op}: input must be (batch, channels, height, width), got shape {x.shape}.")
+    k = _pair(kernel_size)
+    s = k if stride is None else _pair(stride)
+    p = _pair(padding)
+    if x.shape[2] + 2 * p[0] < k[0] or x.shape[3] + 2 * p[1] < k[1]:
+        raise ValueError(f"{op}: a {k[0]}x{k[1]} window does not fit input of shape {x.shape}.")
+    return x, k, s, p
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Maximum over windows (the gradient goes to the first maximum of each window)."""
+    x, (kh, kw), s, p = _pool_args(x, kernel_size, stride, padding, "max_pool2d")
+    view, padded_shape = _windows(x.data, kh, kw, s, p, -np.inf)
+    flat = view.reshape(view.shape[:4] + (kh * kw,))
+    arg = flat.argmax(axis=-1)[..., None]
+    out = np.take_along_axis(flat, arg, axis=-1)[..., 0]
+    tiles = p == (0, 0) and s == (kh, kw) and x.shape[2] % kh == 0 and x.shape[3] % kw == 0
+
+    def backward(g):
+        gw = np.zeros(flat.shape, dtype=g.dtype)
+        np.put_along_axis(gw, arg, g[..., None], axis=-1)
+        gw = gw.reshape(view.shape)
+        if tiles:  # windows tile the input exactly: one transpose puts them back
+            return (gw.transpose(0, 1, 2, 4, 3, 5).reshape(x.shape),)
+        return (_scatter_windows(gw, padded_shape, x.shape, s, p),)
+
+    return Tensor._make(out, (x,), backward)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Average over windows; padded positions count as zeros (PyTorch's count_include_pad)."""
+    x, (kh, kw), s, p = _pool_args(x, kernel_size, stride, padding, "avg_pool2d")
+    view, padded_shape = _windows(x.data, kh, kw, s, p, 0.0)
+    out = view.mean(axis=(4, 5), dtype=x.dtype)
+    scale = x.dtype.type(1.0 / (kh * kw))
+
+    def backward(g):
+        gw = np.broadcast_to((g * scale)[..., None, None], view.shape)
+        return (_scatter_windows(gw, padded_shape, x.shape, s, p),)
+
+    return Tensor._make(out, (x,), backward)
+
+
+# ----------------------------------------------------------------- batch norm
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5) -> Tensor:
+    """Batch norm over every axis but 1 (features/channels); updates running stats in training."""
+    x = _t(x)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = [1] * x.ndim
+    shape[1] = x.shape[1]
+    if x.shape[1] != gamma.shape[0]:
+        raise ValueError(
+            f"batch_norm: input of shape {x.shape} has {x.shape[1]} features but the layer has {gamma.shape[0]}."
+        )
+    if training:
+        count = x.size // x.shape[1]
+        if count < 2:
+            raise ValueError(
+                "batch_norm: training needs more than one value per channel; use a batch larger "
+                "than 1 or call model.eval()."
+            )
+        mu = x.data.mean(axis=axes)
+        var = x.data.var(axis=axes)
+        running_mean *= 1 - momentum
+        running_mean += momentum * mu
+        running_var *= 1 - momentum
+        running_var += momentum * var * (count / (count - 1))
+    else:
+        mu, var = running_mean, running_var
+    inv = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+    xhat = (x.data - mu.reshape(shape)) * inv.reshape(shape)
+    out = xhat * gamma.data.reshape(shape) + beta.data.reshape(shape)
+
+    def backward(g):
+        gg = (g * xhat).sum(axis=axes)
+        gb = g.sum(axis=axes)
+        gxhat = g * gamma.data.reshape(shape)
+        if training:
+            n = x.size // x.shape[1]
+            gx = (inv.reshape(shape) / n) * (
+                n * gxhat - gxhat.sum(axis=axes).reshape(shape)
+                - xhat * (gxhat * xhat).sum(axis=axes).reshape(shape)
+            )
+        else:
+            gx = gxhat * inv.reshape(shape)
+        return gx, gg, gb
+
+    return Tensor._make(out.astype(x.dtype, copy=False), (x, gamma, beta), backward)

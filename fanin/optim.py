@@ -1,0 +1,188 @@
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedules.
+
+State is kept per parameter, as arrays shaped like the parameter, in ``optimizer.state[param]``.
+When a layer changes shape or connectivity (SRigL, channel removal), ``reset_state`` zeroes
+entries and ``remap_state`` rebuilds every state array of a parameter with one function.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fanin.tensor import Tensor
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "CosineSchedule"]
+
+
+class Optimizer:
+    """Holds the parameters, their per-parameter state, and a learning rate ``lr``."""
+
+    _state_names: tuple = ()
+
+    def __init__(self, params, lr: float):
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list; pass model.parameters().")
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer: parameter {i} is a {type(p).__name__}, not a Tensor/Parameter.")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("optimizer: a parameter appears more than once in the list.")
+        if not lr > 0:
+            raise ValueError(f"optimizer: lr must be positive, got {lr}.")
+        self.params = params
+        self.lr = float(lr)
+        self.state: dict = {}
+        self.steps = 0
+
+    def holds(self, param) -> bool:
+        return any(p is param for p in self.params)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def _slot(self, p, name):
+        st = self.state.setdefault(p, {})
+        if name not in st or st[name].shape != p.data.shape:
+            st[name] = np.zeros_like(p.data)
+        return st[name]
+
+    def step(self):
+        """Update every parameter that has a gradient."""
+        self.steps += 1
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if p.grad.shape != p.data.shape:
+                raise ValueError(
+                    f"optimizer: gradient of shape {p.grad.shape} does not match parameter of shape "
+                    f"{p.data.shape}; did the layer change shape without calling remap_state()?"
+                )
+            self._update(p, p.grad)
+
+    def _update(self, p, g):
+        raise NotImplementedError
+
+    # ------------------------------------------------------- resizable state
+    def reset_state(self, param, where=None):
+        """Zero the state of ``param`` (everywhere, or where the boolean mask ``where`` is True)."""
+        for arr in self.state.get(param, {}).values():
+            if where is None:
+                arr[...] = 0
+            else:
+                arr[where] = 0
+
+    def remap_state(self, param, fn):
+        """Replace each state array ``a`` of ``param`` by ``fn(a)`` (used when the parameter is resized)."""
+        st = self.state.get(param)
+        if st:
+            for name in list(st):
+                st[name] = np.ascontiguousarray(fn(st[name]), dtype=param.data.dtype)
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters and state arrays, keyed by parameter position."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return {
+            "lr": self.lr,
+            "steps": self.steps,
+            "state": {index[id(p)]: {k: v.copy() for k, v in st.items()} for p, st in self.state.items()},
+        }
+
+    def load_state_dict(self, sd: dict):
+        self.lr = float(sd["lr"])
+        self.steps = int(sd["steps"])
+        self.state = {}
+        for i, st in sd["state"].items():
+            p = self.params[int(i)]
+            self.state[p] = {k: np.array(v, dtype=p.data.dtype, copy=True) for k, v in st.items()}
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, Nesterov momentum and weight decay."""
+
+    def __init__(self, params, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError("SGD: momentum and weight_decay must be >= 0.")
+        if nesterov and momentum == 0:
+            raise ValueError("SGD: nesterov=True needs momentum > 0.")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def _update(self, p, g):
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if self.momentum:
+            buf = self._slot(p, "momentum")
+            buf *= self.momentum
+            buf += g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= np.asarray(self.lr, p.data.dtype) * g
+
+
+class Adam(Optimizer):
+    """Adam; with ``decoupled=True`` (AdamW) weight decay shrinks weights directly."""
+
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"Adam: betas must lie in [0, 1), got {betas}.")
+        self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
+
+    def _update(self, p, g):
+        b1, b2 = self.betas
+        if self.weight_decay and not self.decoupled:
+            g = g + self.weight_decay * p.data
+        m, v = self._slot(p, "m"), self._slot(p, "v")
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        t = self.steps
+        step = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        if self.weight_decay and self.decoupled:
+            p.data *= np.asarray(1 - self.lr * self.weight_decay, p.data.dtype)
+        p.data -= np.asarray(step, p.data.dtype) * m / (np.sqrt(v) + self.eps)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter)."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class CosineSchedule:
+    """Linear warm-up to ``base_lr``, then cosine decay to ``min_lr`` at ``total_steps``."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+                 base_lr: float | None = None):
+        if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
+            raise ValueError(
+                f"CosineSchedule: need 0 <= warmup_steps <= total_steps and total_steps >= 1, "
+                f"got warmup_steps={warmup_steps}, total_steps={total_steps}."
+            )
+        self.optimizer = optimizer
+        self.total_steps, self.warmup_steps, self.min_lr = total_steps, warmup_steps, min_lr
+        self.base_lr = optimizer.lr if base_lr is None else base_lr
+        self.t = 0
+        optimizer.lr = self.lr_at(0)
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate for step ``t`` (0-based)."""
+        if t < self.warmup_steps:
+            return self.base_lr * (t + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (t - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def step(self):
+        """Advance one step and set the optimizer's lr."""
+        self.t += 1
+        self.optimizer.lr = self.lr_at(self.t)

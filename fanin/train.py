@@ -1,0 +1,156 @@
+"""Fit and evaluate loops with a progress line per epoch."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+from fanin import ops
+from fanin.data import batches
+from fanin.tensor import Tensor, no_grad
+
+__all__ = ["TrainConfig", "Progress", "evaluate", "train_epoch", "fit", "make_optimizer"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What a training run needs besides the model and the data."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"          # sgd | adam | adamw
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}.")
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    """The optimizer ``cfg`` names, over ``params``."""
+    from fanin import optim
+
+    if cfg.optimizer == "sgd":
+        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                         weight_decay=cfg.weight_decay)
+    cls = optim.Adam if cfg.optimizer == "adam" else optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Progress:
+    """A one-line progress display: redrawn in place on a terminal, printed once per epoch otherwise."""
+
+    def __init__(self, total: int, desc: str = "", stream=None, enabled: bool = True):
+        self.total, self.desc, self.n = total, desc, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self._last = time.perf_counter()
+        self.fields = {}
+
+    def update(self, n: int = 1, **fields):
+        self.n += n
+        self.fields.update(fields)
+        now = time.perf_counter()
+        if self.tty and (now - self._last > 0.2 or self.n >= self.total):
+            self._last = now
+            self.stream.write("\r" + self.line() + "\033[K")
+            self.stream.flush()
+
+    def line(self) -> str:
+        width = 24
+        done = int(width * self.n / max(1, self.total))
+        bar = "#" * done + "." * (width - done)
+        elapsed = time.perf_counter() - self.start
+        info = " ".join(f"{k}={v}" for k, v in self.fields.items())
+        return f"{self.desc} [{bar}] {self.n}/{self.total} {elapsed:.1f}s {info}"
+
+    def close(self, **fields):
+        self.fields.update(fields)
+        if self.enabled:
+            self.stream.write(("\r" if self.tty else "") + self.line() + ("\033[K\n" if self.tty else "\n"))
+            self.stream.flush()
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
+    """(mean loss, accuracy) of ``model`` on ``x``, ``y`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with no_grad():
+        for xb, yb in batches(x, y, batch_size, shuffle=False):
+            logits = model(Tensor(xb))
+            total_loss += float(ops.cross_entropy(logits, yb).data) * len(yb)
+            correct += int((logits.data.argmax(axis=1) == yb).sum())
+    model.train(was_training)
+    return total_loss / len(y), correct / len(y)
+
+
+def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=(), progress=None,
+                loss_terms=()):
+    """One pass over (x, y): forward, backward, optimizer step, then each hook's ``step()``."""
+    model.train()
+    seen, correct, loss_sum = 0, 0, 0.0
+    start = time.perf_counter()
+    for xb, yb in batches(x, y, batch_size, shuffle=True, rng=rng):
+        logits = model(Tensor(xb))
+        loss = ops.cross_entropy(logits, yb)
+        for term in loss_terms:
+            loss = loss + term()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        for hook in hooks:
+            hook.step()
+        seen += len(yb)
+        loss_sum += float(loss.data) * len(yb)
+        correct += int((logits.data.argmax(axis=1) == yb).sum())
+        if progress is not None:
+            rate = seen / max(1e-9, time.perf_counter() - start)
+            progress.update(1, loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", samples_s=f"{rate:.0f}")
+    if not np.isfinite(loss_sum):
+        raise FloatingPointError("training diverged (loss is not finite); lower the learning rate.")
+    return {"loss": loss_sum / seen, "acc": correct / seen, "time": time.perf_counter() - start}
+
+
+def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
+        schedule=None, hooks=(), loss_terms=(), progress: bool = True, log=print, start_epoch: int = 0,
+        rng=None, on_epoch_end=None):
+    """Train for ``epochs`` over ``train`` = (x, y); evaluate on ``test`` after each epoch.
+
+    ``hooks`` are objects with ``step()`` called after every optimizer step (e.g. SRigL) and an
+    optional ``status()`` dict shown on the progress line. Returns one dict per epoch.
+    """
+    x, y = train
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    steps_per_epoch = -(-len(x) // batch_size)
+    history = []
+    for epoch in range(start_epoch, epochs):
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress)
+        stats = train_epoch(model, optimizer, x, y, batch_size, rng, schedule, hooks, bar, loss_terms)
+        for hook in hooks:
+            if hasattr(hook, "status"):
+                stats.update(hook.status())
+        if test is not None:
+            stats["test_loss"], stats["test_acc"] = evaluate(model, *test)
+        stats["epoch"] = epoch + 1
+        stats["samples_per_s"] = len(x) / stats["time"]
+        bar.close(**{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in stats.items()
+                     if k not in ("epoch", "time", "samples_per_s")})
+        history.append(stats)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, rng)
+    return history
