@@ -15,7 +15,7 @@ from fanin.tensor import Tensor
 
 __all__ = [
     "Parameter", "Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
-    "GELU", "MaxPool2d", "AvgPool2d", "Flatten", "Dropout", "kaiming_normal",
+    "GELU", "MaxPool2d", "AvgPool2d", "Flatten", "Dropout", "kaiming_normal", "FanInLinear", "FanInConv2d",
 ]
 
 
@@ -111,25 +111,32 @@ class Module:
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True):
-        """Copy arrays from ``state`` into this module's parameters and buffers (shapes must match)."""
-        own = dict(self.named_parameters())
-        buffers = dict(self.named_buffers())
-        missing = [k for k in list(own) + list(buffers) if k not in state]
-        unexpected = [k for k in state if k not in own and k not in buffers]
+        """Copy arrays from ``state`` into this module's parameters and buffers (shapes must match,
+        except in layers whose shape legitimately changes, such as condensed layers' fan-in)."""
+        expected = set(dict(self.named_parameters())) | set(dict(self.named_buffers()))
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
         if strict and (missing or unexpected):
             raise KeyError(
                 f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
                 "the state must come from a model of the same architecture (or pass strict=False)."
             )
+        for prefix, module in self.named_modules():
+            own = {n: v for n, v in state.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
+            if own:
+                module._load_own({n[len(prefix):]: np.asarray(v) for n, v in own.items()}, prefix)
+
+    def _load_own(self, state: dict, prefix: str):
+        """Load this module's own (not its children's) parameters and buffers, in place."""
         for name, value in state.items():
-            target = own[name].data if name in own else buffers.get(name)
-            if target is None:
+            current = getattr(self, name, None)
+            target = current.data if isinstance(current, Tensor) else current
+            if not isinstance(target, np.ndarray):
                 continue
-            value = np.asarray(value)
             if value.shape != target.shape:
                 raise ValueError(
-                    f"load_state_dict: '{name}' has shape {value.shape} in the state but {target.shape} "
-                    "in the model."
+                    f"load_state_dict: '{prefix}{name}' has shape {value.shape} in the state but "
+                    f"{target.shape} in the model."
                 )
             target[...] = value
 
@@ -308,3 +315,198 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+# ------------------------------------------------------------ condensed layers
+class _FanIn(Module):
+    """Shared state of condensed constant fan-in layers: (indices, values, bias, active)."""
+
+    _buffers = ("indices", "active")
+
+    def _init_condensed(self, n_in: int, n_out: int, sparsity, k, bias: bool, seed):
+        from fanin import kernels
+
+        if n_in < 1 or n_out < 1:
+            raise ValueError(f"{type(self).__name__}: sizes must be positive, got n_in={n_in}, n_out={n_out}.")
+        if k is None:
+            if sparsity is None or not 0.0 <= float(sparsity) < 1.0:
+                raise ValueError(
+                    f"{type(self).__name__}: sparsity must be in [0, 1), got {sparsity}; "
+                    "it is the fraction of weights removed (0.9 keeps 10 %)."
+                )
+            k = int(n_in * (1.0 - float(sparsity)) + 1e-9)
+            if k < 1:
+                raise ValueError(
+                    f"{type(self).__name__}: sparsity {sparsity} leaves fewer than one input per neuron "
+                    f"(n_in={n_in}); lower the sparsity to at most {1 - 1 / n_in:.6f}."
+                )
+        if not 1 <= k <= n_in:
+            raise ValueError(f"{type(self).__name__}: fan-in k must be in [1, {n_in}], got {k}.")
+        rng = _rng(seed)
+        self.n_in, self.n_out = n_in, n_out
+        self.indices = random_fanin_indices(n_out, n_in, k, rng)
+        self.values = Parameter(kaiming_normal((n_out, k), k, rng))
+        self.bias = Parameter(np.zeros(n_out, np.float32)) if bias else None
+        self.active = np.ones(n_out, dtype=bool)
+        self.capture = None  # a list while SRigL wants (x, dy) pairs for growth scores
+        kernels.validate_indices(self.indices, n_in)
+
+    @property
+    def k(self) -> int:
+        """The constant fan-in."""
+        return self.values.shape[1]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense weights that are absent (ablated neurons count as empty)."""
+        return 1.0 - self.k * int(self.active.sum()) / (self.n_in * self.n_out)
+
+    def to_dense(self) -> np.ndarray:
+        """The (n_out, n_in) weight matrix (ablated rows are zero)."""
+        w = np.zeros((self.n_out, self.n_in), np.float32)
+        rows = np.nonzero(self.active)[0]
+        w[rows[:, None], self.indices[rows].astype(np.int64)] = self.values.data[rows]
+        return w
+
+    def set_connectivity(self, indices: np.ndarray, values: np.ndarray, active: np.ndarray):
+        """Replace the layer's connectivity (validated); ``values`` of inactive rows are zeroed."""
+        from fanin import kernels
+
+        indices = np.ascontiguousarray(indices, dtype=kernels.index_dtype(self.n_in))
+        kernels.validate_indices(indices, self.n_in)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.shape != indices.shape or indices.shape[0] != self.n_out or active.shape != (self.n_out,):
+            raise ValueError(
+                f"{type(self).__name__}: indices {indices.shape}, values {values.shape} and active "
+                f"{active.shape} must be ({self.n_out}, k), ({self.n_out}, k) and ({self.n_out},)."
+            )
+        values[~active] = 0
+        self.indices, self.values.data, self.active = indices, values, active.astype(bool)
+        self.values.grad = None
+
+    def _load_own(self, state: dict, prefix: str):
+        if "indices" in state:  # the fan-in may differ from this layer's: take the state's arrays
+            active = state.get("active", np.ones(self.n_out, bool))
+            self.set_connectivity(state["indices"], state.get("values", self.values.data), active.astype(bool))
+            state = {k: v for k, v in state.items() if k not in ("indices", "values", "active")}
+        super()._load_own(state, prefix)
+
+    def _condensed(self, x2d: Tensor) -> Tensor:
+        return ops.fanin_linear(x2d, self.indices, self.values, self.bias, self.active, self.capture)
+
+
+def random_fanin_indices(n_out: int, n_in: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_out, k) sorted, distinct random input indices per row, in the layer's index dtype."""
+    from fanin import kernels
+
+    out = np.empty((n_out, k), dtype=kernels.index_dtype(n_in))
+    for j in range(n_out):
+        out[j] = np.sort(rng.choice(n_in, size=k, replace=False))
+    return out
+
+
+def _condensed_from_dense(cls, weight: np.ndarray):
+    """(indices, values, active) of a dense matrix whose non-empty rows hold equally many non-zeros."""
+    from fanin import kernels
+
+    w = np.asarray(weight)
+    if w.ndim != 2 or w.dtype.kind != "f":
+        raise TypeError(f"{cls.__name__}.from_dense: weight must be a 2-D float array, got {w.dtype} {w.shape}.")
+    nz = w != 0
+    counts = nz.sum(axis=1)
+    active = counts > 0
+    if not active.any():
+        raise ValueError(f"{cls.__name__}.from_dense: every row is zero; a layer needs at least one active neuron.")
+    k = int(counts[active][0])
+    bad = np.nonzero(active & (counts != k))[0]
+    if bad.size:
+        shown = ", ".join(f"row {r}: {counts[r]}" for r in bad[:5])
+        raise ValueError(
+            f"{cls.__name__}.from_dense: constant fan-in needs the same number of non-zeros in every "
+            f"non-empty row; row {np.nonzero(active)[0][0]} has {k} but {shown}"
+            f"{' ...' if bad.size > 5 else ''}. Prune the rows to equal counts first."
+        )
+    n_out, n_in = w.shape
+    indices = np.empty((n_out, k), kernels.index_dtype(n_in))
+    values = np.zeros((n_out, k), np.float32)
+    rows = np.nonzero(active)[0]
+    cols = np.nonzero(nz[rows])[1].reshape(len(rows), k)  # row-major: sorted within each row
+    indices[rows] = cols
+    values[rows] = w[rows[:, None], cols]
+    indices[~active] = np.arange(k)  # placeholders: ablated rows hold nothing
+    return indices, values, active
+
+
+class FanInLinear(_FanIn):
+    """Condensed constant fan-in linear layer: every neuron reads exactly ``k`` of ``n_in`` inputs."""
+
+    def __init__(self, n_in: int, n_out: int, sparsity: float = 0.9, bias: bool = True, seed=None, k=None):
+        self._init_condensed(n_in, n_out, sparsity, k, bias, seed)
+
+    @classmethod
+    def from_dense(cls, weight, bias=None) -> "FanInLinear":
+        """A layer holding exactly the non-zeros of ``weight`` (n_out, n_in); all-zero rows are ablated."""
+        indices, values, active = _condensed_from_dense(cls, weight)
+        n_out, n_in = np.shape(weight)
+        layer = cls(n_in, n_out, k=indices.shape[1], bias=bias is not None, seed=0)
+        layer.set_connectivity(indices, values, active)
+        if bias is not None:
+            layer.bias.data[...] = np.asarray(bias, np.float32)
+        return layer
+
+    def forward(self, x):
+        x = _as_input(x, "FanInLinear")
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(
+                f"FanInLinear({self.n_in}, {self.n_out}): input has shape {x.shape}, expected (batch, {self.n_in})."
+            )
+        return self._condensed(x)
+
+    def extra_repr(self):
+        return f"{self.n_in}, {self.n_out}, k={self.k}, sparsity={self.sparsity:.3f}, active={int(self.active.sum())}"
+
+
+class FanInConv2d(_FanIn):
+    """Condensed convolution: each output channel reads ``k`` of the ``c_in*kh*kw`` taps (im2col + condensed matmul)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size, stride=1, padding=0, sparsity: float = 0.9,
+                 bias: bool = True, seed=None, k=None):
+        kh, kw = ops._pair(kernel_size)
+        self.c_in, self.c_out = c_in, c_out
+        self.kernel_size, self.stride, self.padding = (kh, kw), ops._pair(stride), ops._pair(padding)
+        self._init_condensed(c_in * kh * kw, c_out, sparsity, k, bias, seed)
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, stride=1, padding=0) -> "FanInConv2d":
+        """A layer holding the non-zeros of ``weight`` (c_out, c_in, kh, kw)."""
+        w = np.asarray(weight)
+        if w.ndim != 4:
+            raise ValueError(f"FanInConv2d.from_dense: weight must be (c_out, c_in, kh, kw), got shape {w.shape}.")
+        indices, values, active = _condensed_from_dense(cls, w.reshape(w.shape[0], -1))
+        layer = cls(w.shape[1], w.shape[0], w.shape[2:], stride, padding, k=indices.shape[1],
+                    bias=bias is not None, seed=0)
+        layer.set_connectivity(indices, values, active)
+        if bias is not None:
+            layer.bias.data[...] = np.asarray(bias, np.float32)
+        return layer
+
+    def to_dense(self) -> np.ndarray:
+        """The (c_out, c_in, kh, kw) weight tensor."""
+        return super().to_dense().reshape(self.c_out, self.c_in, *self.kernel_size)
+
+    def forward(self, x):
+        x = _as_input(x, "FanInConv2d")
+        if x.ndim != 4 or x.shape[1] != self.c_in:
+            raise ValueError(
+                f"FanInConv2d({self.c_in}, {self.c_out}): input has shape {x.shape}, expected "
+                f"(batch, {self.c_in}, height, width)."
+            )
+        b = x.shape[0]
+        ho, wo = ops.conv_output_size(x.shape[2], x.shape[3], *self.kernel_size, self.stride, self.padding)
+        cols = ops.im2col(x, self.kernel_size, self.stride, self.padding)
+        y = self._condensed(cols)  # (B*Ho*Wo, c_out)
+        return y.reshape(b, ho, wo, self.c_out).transpose(0, 3, 1, 2)
+
+    def extra_repr(self):
+        return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, k={self.k}, sparsity={self.sparsity:.3f}")

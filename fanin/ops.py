@@ -16,7 +16,7 @@ from fanin.tensor import Tensor, as_array
 __all__ = [
     "add", "sub", "mul", "div", "pow", "neg", "matmul", "linear", "sum", "mean", "reshape",
     "transpose", "getitem", "concat", "flatten", "relu", "gelu", "exp", "log", "log_softmax",
-    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm",
+    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "im2col",
 ]
 
 
@@ -172,7 +172,9 @@ def linear(x, weight, bias=None) -> Tensor:
 
     def backward(g):
         gx = g @ weight.data if x.requires_grad else None
-        gw = g.T @ x.data if weight.requires_grad else None
+        gw = None
+        if weight.requires_grad:  # batch 1: an outer product (BLAS's k=1 GEMM path is slow)
+            gw = g.T * x.data if g.shape[0] == 1 else g.T @ x.data
         if bias is None:
             return gx, gw
         return gx, gw, g.sum(axis=0)
@@ -518,3 +520,51 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
         return gx, gg, gb
 
     return Tensor._make(out.astype(x.dtype, copy=False), (x, gamma, beta), backward)
+
+
+# ------------------------------------------------------- condensed fan-in ops
+def fanin_linear(x, indices, values, bias=None, active=None, capture=None) -> Tensor:
+    """Condensed constant fan-in layer: ``y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]``.
+
+    ``active`` (bool per neuron) zeroes the value gradient of ablated neurons so they stay empty;
+    ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's growth scores read it).
+    """
+    from fanin import kernels
+
+    x = _t(x)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
+    out = kernels.fanin_forward(x.data, indices, values.data, None if bias is None else bias.data, check=False)
+    parents = (x, values) if bias is None else (x, values, bias)
+
+    def backward(g):
+        g = np.ascontiguousarray(g)
+        if capture is not None:
+            capture.append((x.data, g))
+        gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False) if x.requires_grad else None
+        gv = None
+        if values.requires_grad:
+            gv = kernels.fanin_backward_values(x.data, indices, g, check=False)
+            if active is not None and not active.all():
+                gv[~active] = 0
+        if bias is None:
+            return gx, gv
+        return gx, gv, g.sum(axis=0)
+
+    return Tensor._make(out, parents, backward)
+
+
+def im2col(x, kernel_size, stride=1, padding=0) -> Tensor:
+    """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, i, j)."""
+    from fanin import kernels
+
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"im2col: input must be (batch, channels, height, width), got shape {x.shape}.")
+    kh, kw = _pair(kernel_size)
+    stride, padding = _pair(stride), _pair(padding)
+    ho, wo = conv_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"im2col: a {kh}x{kw} window does not fit input of shape {x.shape} with padding {padding}.")
+    cols = kernels.im2col(x.data, kh, kw, stride, padding)
+    return Tensor._make(cols, (x,), lambda g: (kernels.col2im(np.ascontiguousarray(g), x.shape, kh, kw, stride, padding),))

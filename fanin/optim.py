@@ -10,7 +10,17 @@ import math
 
 import numpy as np
 
+from fanin.kernels import update
 from fanin.tensor import Tensor
+
+_EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
+
+
+def _flat(a: np.ndarray, dtype=None) -> np.ndarray:
+    """A contiguous 1-D view of ``a`` (a copy only if ``a`` is not contiguous or has another dtype)."""
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "CosineSchedule"]
 
@@ -60,6 +70,8 @@ class Optimizer:
                     f"optimizer: gradient of shape {p.grad.shape} does not match parameter of shape "
                     f"{p.data.shape}; did the layer change shape without calling remap_state()?"
                 )
+            if not p.data.flags.c_contiguous:
+                p.data = np.ascontiguousarray(p.data)
             self._update(p, p.grad)
 
     def _update(self, p, g):
@@ -111,14 +123,10 @@ class SGD(Optimizer):
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
     def _update(self, p, g):
-        if self.weight_decay:
-            g = g + self.weight_decay * p.data
-        if self.momentum:
-            buf = self._slot(p, "momentum")
-            buf *= self.momentum
-            buf += g
-            g = g + self.momentum * buf if self.nesterov else buf
-        p.data -= np.asarray(self.lr, p.data.dtype) * g
+        buf = self._slot(p, "momentum") if self.momentum else _EMPTY[p.data.dtype.char]
+        dt = p.data.dtype.type
+        update.sgd_update(_flat(p.data), _flat(g, p.data.dtype), _flat(buf), dt(self.lr), dt(self.momentum),
+                          dt(self.weight_decay), self.nesterov)
 
 
 class Adam(Optimizer):
@@ -135,18 +143,16 @@ class Adam(Optimizer):
 
     def _update(self, p, g):
         b1, b2 = self.betas
-        if self.weight_decay and not self.decoupled:
-            g = g + self.weight_decay * p.data
         m, v = self._slot(p, "m"), self._slot(p, "v")
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * (g * g)
         t = self.steps
+        dt = p.data.dtype.type
         step = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        if self.weight_decay and self.decoupled:
-            p.data *= np.asarray(1 - self.lr * self.weight_decay, p.data.dtype)
-        p.data -= np.asarray(step, p.data.dtype) * m / (np.sqrt(v) + self.eps)
+        l2 = 0.0 if self.decoupled else self.weight_decay
+        decay = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0
+        # lr * m_hat / (sqrt(v_hat) + eps) == step * m / (sqrt(v) + eps * sqrt(1 - b2^t))
+        eps = self.eps * math.sqrt(1 - b2 ** t)
+        update.adam_update(_flat(p.data), _flat(g, p.data.dtype), _flat(m), _flat(v), dt(step), dt(b1), dt(b2),
+                           dt(eps), dt(l2), dt(decay))
 
 
 class AdamW(Adam):

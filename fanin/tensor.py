@@ -139,7 +139,9 @@ class Tensor:
                 continue
             if node._backward is None:  # a leaf
                 if node.grad is None:
-                    node.grad = np.array(g, dtype=node.data.dtype, copy=True)
+                    # keep a fresh array as it is; copy views, broadcasts and foreign dtypes
+                    owned = g.flags.owndata and g.flags.writeable and g.dtype == node.data.dtype
+                    node.grad = g if owned else np.array(g, dtype=node.data.dtype, copy=True)
                 else:
                     node.grad += g
                 continue

@@ -1,0 +1,120 @@
+"""FanInLinear / FanInConv2d: construction, conversion, and gradients equal to the dense layer's."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanin import Tensor, nn, ops
+
+
+def random_constant_fanin(rng, n_out, n_in, k, inactive=()):
+    w = np.zeros((n_out, n_in), np.float32)
+    for j in range(n_out):
+        if j in inactive:
+            continue
+        cols = rng.choice(n_in, k, replace=False)
+        w[j, cols] = rng.standard_normal(k).astype(np.float32) + np.sign(rng.standard_normal(k)) * 0.1
+    return w
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_out=st.integers(1, 12), n_in=st.integers(1, 40), b=st.integers(1, 9), seed=st.integers(0, 9999),
+       data=st.data())
+def test_fanin_linear_matches_dense_linear_forward_and_grads(n_out, n_in, b, seed, data):
+    k = data.draw(st.integers(1, n_in))
+    rng = np.random.default_rng(seed)
+    inactive = set(data.draw(st.lists(st.integers(0, n_out - 1), max_size=n_out - 1)))
+    w = random_constant_fanin(rng, n_out, n_in, k, inactive)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    layer = nn.FanInLinear.from_dense(w, bias)
+    np.testing.assert_array_equal(layer.to_dense(), w)
+    assert np.all(np.diff(layer.indices[layer.active].astype(int), axis=1) > 0)
+
+    x = rng.standard_normal((b, n_in)).astype(np.float32)
+    dy = rng.standard_normal((b, n_out)).astype(np.float32)
+    xt = Tensor(x, requires_grad=True)
+    out = layer(xt)
+    np.testing.assert_allclose(out.data, x @ w.T + bias, rtol=1e-4, atol=1e-4)
+    (out * Tensor(dy)).sum().backward()
+
+    wt, bt, xd = Tensor(w, requires_grad=True), Tensor(bias, requires_grad=True), Tensor(x, requires_grad=True)
+    (ops.linear(xd, wt, bt) * Tensor(dy)).sum().backward()
+    np.testing.assert_allclose(xt.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.bias.grad, bt.grad, rtol=1e-4, atol=1e-4)
+    active = layer.active
+    expected_dv = np.take_along_axis(wt.grad, layer.indices.astype(np.int64), axis=1)
+    np.testing.assert_allclose(layer.values.grad[active], expected_dv[active], rtol=1e-4, atol=1e-4)
+    assert np.all(layer.values.grad[~active] == 0)  # ablated neurons stay empty
+
+
+@settings(max_examples=12, deadline=None)
+@given(c_in=st.integers(1, 4), c_out=st.integers(1, 5), hw=st.integers(3, 7), ksz=st.integers(1, 3),
+       stride=st.integers(1, 2), pad=st.integers(0, 1), b=st.integers(1, 3), seed=st.integers(0, 9999),
+       data=st.data())
+def test_fanin_conv_matches_dense_conv(c_in, c_out, hw, ksz, stride, pad, b, seed, data):
+    rng = np.random.default_rng(seed)
+    n_in = c_in * ksz * ksz
+    k = data.draw(st.integers(1, n_in))
+    w = random_constant_fanin(rng, c_out, n_in, k).reshape(c_out, c_in, ksz, ksz)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    layer = nn.FanInConv2d.from_dense(w, bias, stride=stride, padding=pad)
+    np.testing.assert_array_equal(layer.to_dense(), w)
+    x = rng.standard_normal((b, c_in, hw, hw)).astype(np.float32)
+    xt = Tensor(x, requires_grad=True)
+    out = layer(xt)
+    xd, wt, bt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True), Tensor(bias, requires_grad=True)
+    ref = ops.conv2d(xd, wt, bt, stride, pad)
+    np.testing.assert_allclose(out.data, ref.data, rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(out.shape).astype(np.float32)
+    (out * Tensor(dy)).sum().backward()
+    (ref * Tensor(dy)).sum().backward()
+    np.testing.assert_allclose(xt.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    dv = np.take_along_axis(wt.grad.reshape(c_out, -1), layer.indices.astype(np.int64), axis=1)
+    np.testing.assert_allclose(layer.values.grad, dv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.bias.grad, bt.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_random_init_constant_fanin_sorted_distinct_and_sparse_kaiming():
+    layer = nn.FanInLinear(1000, 300, sparsity=0.9, seed=0)
+    assert layer.indices.shape == (300, 100) and layer.indices.dtype == np.int16
+    assert np.all(np.diff(layer.indices.astype(int), axis=1) > 0)
+    assert layer.sparsity == pytest.approx(0.9)
+    assert abs(layer.values.data.std() - np.sqrt(2 / 100)) < 0.01  # initialised for the sparse fan-in
+    big = nn.FanInLinear(40000, 2, sparsity=0.999, seed=0)
+    assert big.indices.dtype == np.int32 and big.k == 40
+
+
+def test_same_seed_same_layer():
+    a, b = nn.FanInLinear(50, 20, 0.8, seed=3), nn.FanInLinear(50, 20, 0.8, seed=3)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.values.data, b.values.data)
+
+
+def test_from_dense_names_rows_with_unequal_counts():
+    w = np.zeros((4, 6), np.float32)
+    w[0, :2] = 1
+    w[1, :3] = 1
+    w[3, 1:3] = 1
+    with pytest.raises(ValueError, match="row 1: 3"):
+        nn.FanInLinear.from_dense(w)
+    with pytest.raises(ValueError, match="every row is zero"):
+        nn.FanInLinear.from_dense(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="2-D float"):
+        nn.FanInLinear.from_dense(np.ones((2, 3), np.int64))
+
+
+def test_bad_sparsity_is_explained():
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        nn.FanInLinear(10, 10, sparsity=1.5)
+    with pytest.raises(ValueError, match="fewer than one input"):
+        nn.FanInLinear(10, 10, sparsity=0.95)
+    with pytest.raises(ValueError, match=r"expected \(batch, 10\)"):
+        nn.FanInLinear(10, 4, sparsity=0.5)(np.ones((2, 9), np.float32))
+
+
+def test_state_dict_roundtrip_with_different_fanin():
+    a = nn.FanInLinear(30, 8, sparsity=0.5, seed=0)
+    b = nn.FanInLinear(30, 8, sparsity=0.8, seed=1)
+    b.load_state_dict(a.state_dict())
+    assert b.k == a.k
+    np.testing.assert_array_equal(b.to_dense(), a.to_dense())
