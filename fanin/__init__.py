@@ -8,8 +8,8 @@ import os
 # unless the user chose a policy. Must happen before Numba loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fanin import data, kernels, models, nn, ops, optim  # noqa: E402
+from fanin import data, kernels, models, nn, ops, optim, sparsity  # noqa: E402
 from fanin.tensor import Tensor, no_grad  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "no_grad", "kernels", "ops", "nn", "optim", "data", "models", "__version__"]
+__all__ = ["Tensor", "no_grad", "kernels", "ops", "nn", "optim", "sparsity", "data", "models", "__version__"]

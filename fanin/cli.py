@@ -38,6 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
+    s = t.add_argument_group("sparse training (SPEC.md section 2)")
+    s.add_argument("--method", default="dense", choices=["dense", "static", "rigl", "srigl"],
+                   help="dense; static (random unstructured mask); rigl (unstructured); srigl (constant fan-in)")
+    s.add_argument("--sparsity", type=float, default=0.9, help="global fraction of weights removed")
+    s.add_argument("--distribution", default="erk", choices=["uniform", "erk"])
+    s.add_argument("--dense-first", action="store_true", help="keep the first sparse layer dense")
+    s.add_argument("--delta-t", type=int, default=100, help="optimizer steps between connectivity updates")
+    s.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
+    s.add_argument("--t-end", type=float, default=0.75, help="stop updating after this fraction of all steps")
+    s.add_argument("--gamma-sal", type=float, default=0.3, help="SRigL: salient fraction a neuron needs to stay")
+    s.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation")
+    s.add_argument("--grad-accumulation", type=int, default=1, help="batches of gradient behind each update")
+    c = t.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint", default=None, help="checkpoint file (default: checkpoints/<model>-<method>.npz)")
+    c.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N epochs (0: never)")
+    c.add_argument("--resume", default=None, help="continue from this checkpoint")
+    t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
 
     d = sub.add_parser("download", help="fetch Fashion-MNIST into the user cache (needs a network)")
     d.add_argument("--dir", default=None)
@@ -56,17 +73,39 @@ def load_data(model: str, limit=None):
 
 
 def build_model(args):
+    """The model the arguments ask for (condensed layers for srigl, dense otherwise)."""
     from fanin import models
 
+    sparsity = args.sparsity if args.method == "srigl" else None
     if args.model == "mlp":
         if args.sizes[0] != 784 or args.sizes[-1] != 10:
             raise SystemExit(f"fanin: --sizes must start with 784 and end with 10 for Fashion-MNIST, got {args.sizes}")
-        return models.mlp(args.sizes, seed=args.seed)
-    return models.cnn(seed=args.seed)
+        return models.mlp(args.sizes, sparsity=sparsity, seed=args.seed)
+    return models.cnn(sparsity=sparsity, seed=args.seed)
+
+
+def build_updater(args, model, opt, total_steps):
+    """The SRigL/RigL/static updater for ``--method`` (None for dense)."""
+    from fanin import sparsity
+
+    if args.method == "dense":
+        return None
+    common = dict(sparsity=args.sparsity, distribution=args.distribution, delta_t=args.delta_t, alpha=args.alpha,
+                  t_end=max(1, int(args.t_end * total_steps)), grad_accumulation=args.grad_accumulation,
+                  dense_first=args.dense_first, seed=args.seed)
+    if args.method == "srigl":
+        return sparsity.SRigL(model, opt, gamma_sal=args.gamma_sal, ablation=not args.no_ablation, **common)
+    names = [n for n, _ in sparsity.masked_layers(model)]
+    skip = (names[0], names[-1]) if args.model == "cnn" else ()  # the same layers SRigL makes sparse
+    return sparsity.RigL(model, opt, static=args.method == "static", skip=skip, **common)
 
 
 def cmd_train(args) -> int:
+    import json
+
     from fanin import optim
+    from fanin.checkpoint import (CheckpointError, load_checkpoint, restore_training_state, save_checkpoint,
+                                  training_state)
     from fanin.data import DatasetNotFound
     from fanin.train import TrainConfig, fit, make_optimizer
 
@@ -81,18 +120,48 @@ def cmd_train(args) -> int:
                       seed=args.seed)
     model = build_model(args)
     opt = make_optimizer(model.parameters(), cfg)
-    steps = cfg.epochs * -(-len(train[0]) // cfg.batch_size)
-    warmup = int(cfg.warmup_epochs * -(-len(train[0]) // cfg.batch_size))
-    schedule = optim.CosineSchedule(opt, steps, warmup)
+    steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    schedule = optim.CosineSchedule(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
+    try:
+        updater = build_updater(args, model, opt, total)
+    except ValueError as exc:
+        print(f"fanin: {exc}", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(cfg.seed)
+    start_epoch, history = 0, []
+    if args.resume:
+        try:
+            start_epoch, history = restore_training_state(load_checkpoint(args.resume), model, opt, schedule,
+                                                          updater, rng)
+        except (CheckpointError, KeyError, ValueError) as exc:
+            print(f"fanin: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        print(f"resumed from {args.resume} after epoch {start_epoch}")
+    ckpt = args.checkpoint or f"checkpoints/{args.model}-{args.method}.npz"
+
+    def on_epoch_end(epoch, rng_):
+        if args.checkpoint_every and epoch % args.checkpoint_every == 0:
+            save_checkpoint(ckpt, training_state(model, opt, schedule, updater, rng_, epoch, history + new))
+
     n_params = sum(p.size for p in model.parameters())
-    print(f"model {args.model}: {n_params} parameters; {len(train[0])} training images; "
+    print(f"model {args.model} ({args.method}): {n_params} stored parameters; {len(train[0])} training images; "
           f"{cfg.optimizer} lr={lr} batch={cfg.batch_size} seed={cfg.seed}")
     start = time.perf_counter()
-    history = fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                  schedule=schedule, progress=not args.no_progress)
+    new = []
+    fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, schedule=schedule,
+        hooks=[updater] if updater is not None else [], progress=not args.no_progress, start_epoch=start_epoch,
+        rng=rng, on_epoch_end=on_epoch_end, history=new)
+    history += new
     wall = time.perf_counter() - start
-    per_epoch = np.mean([h["time"] for h in history])
-    print(f"train time: {wall:.1f}s ({per_epoch:.1f}s per epoch of training)")
+    if new:
+        per_epoch = np.mean([h["time"] for h in new])
+        print(f"train time: {wall:.1f}s ({per_epoch:.1f}s per epoch of training)")
+    if updater is not None and hasattr(updater, "status"):
+        print("sparsity: " + ", ".join(f"{k}={v}" for k, v in updater.status().items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)
     print(f"test accuracy: {history[-1]['test_acc']:.4f}")
     return 0
 

@@ -127,17 +127,18 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
 
 
 def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
-        schedule=None, hooks=(), loss_terms=(), progress: bool = True, log=print, start_epoch: int = 0,
-        rng=None, on_epoch_end=None):
+        schedule=None, hooks=(), loss_terms=(), progress: bool = True, start_epoch: int = 0,
+        rng=None, on_epoch_end=None, history=None):
     """Train for ``epochs`` over ``train`` = (x, y); evaluate on ``test`` after each epoch.
 
     ``hooks`` are objects with ``step()`` called after every optimizer step (e.g. SRigL) and an
-    optional ``status()`` dict shown on the progress line. Returns one dict per epoch.
+    optional ``status()`` dict shown on the progress line. ``on_epoch_end(epoch, rng)`` runs after
+    each epoch (checkpoints). Returns one dict per epoch (appended to ``history`` if given).
     """
     x, y = train
     rng = rng if rng is not None else np.random.default_rng(seed)
     steps_per_epoch = -(-len(x) // batch_size)
-    history = []
+    history = [] if history is None else history
     for epoch in range(start_epoch, epochs):
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress)
         stats = train_epoch(model, optimizer, x, y, batch_size, rng, schedule, hooks, bar, loss_terms)

@@ -1,0 +1,111 @@
+"""Training checkpoints: model, optimizer, schedule, sparsity updater and RNG states in one file.
+
+The file is an ``.npz`` (no pickle): arrays under flat keys, everything else in a JSON
+document stored as a byte array. It is written to a temporary file in the same folder and
+renamed over the old one, so a crash mid-write never leaves a corrupt latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from fanin import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "training_state", "restore_training_state", "flatten", "unflatten",
+           "CheckpointError"]
+
+FORMAT = "fanin-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """The checkpoint file is missing, corrupt or from an incompatible run."""
+
+
+def flatten(tree, prefix="", arrays=None):
+    """Split a nested dict/list into (JSON-able skeleton, {key: array})."""
+    arrays = {} if arrays is None else arrays
+    if isinstance(tree, np.ndarray):
+        key = prefix.rstrip("/")
+        arrays[key] = tree
+        return {"__array__": key}, arrays
+    if isinstance(tree, dict):
+        return {str(k): flatten(v, f"{prefix}{k}/", arrays)[0] for k, v in tree.items()}, arrays
+    if isinstance(tree, (list, tuple)):
+        return [flatten(v, f"{prefix}{i}/", arrays)[0] for i, v in enumerate(tree)], arrays
+    if isinstance(tree, (np.integer, np.floating, np.bool_)):
+        return tree.item(), arrays
+    return tree, arrays
+
+
+def unflatten(skeleton, arrays):
+    """Inverse of ``flatten``."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__array__"}:
+            return arrays[skeleton["__array__"]]
+        return {k: unflatten(v, arrays) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten(v, arrays) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(path, state: dict):
+    """Write ``state`` (nested dicts/lists of arrays and JSON values) to ``path`` atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skeleton, arrays = flatten(state)
+    meta = json.dumps({"format": FORMAT, "version": VERSION, "state": skeleton}).encode()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.frombuffer(meta, dtype=np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` (refuses anything else, with a reason)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; check the --resume path.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable fanin checkpoint ({exc}).") from exc
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a fanin checkpoint of version {VERSION}.")
+    return unflatten(meta["state"], arrays)
+
+
+def training_state(model, opt, schedule, updater, rng, epoch, history):
+    """Everything needed to continue a run exactly."""
+    return {
+        "epoch": epoch, "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "schedule_t": schedule.t, "updater": updater.state_dict() if updater is not None else None,
+        "rng": rng.bit_generator.state,
+        "dropout_rngs": [m.rng.bit_generator.state for m in model.modules() if isinstance(m, nn.Dropout)],
+    }
+
+
+def restore_training_state(state, model, opt, schedule, updater, rng):
+    """Load ``training_state`` output into live objects; returns (epoch, history)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    schedule.t = int(state["schedule_t"])
+    opt.lr = schedule.lr_at(schedule.t)
+    if updater is not None:
+        updater.load_state_dict(state["updater"])
+    rng.bit_generator.state = state["rng"]
+    for m, st in zip([m for m in model.modules() if isinstance(m, nn.Dropout)], state["dropout_rngs"]):
+        m.rng.bit_generator.state = st
+    return int(state["epoch"]), list(state["history"])

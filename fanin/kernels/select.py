@@ -1,0 +1,83 @@
+"""Per-row selection kernels for sparse-topology updates (SRigL): pure functions on arrays.
+
+Ties are broken by position (the earlier slot wins), so an update is deterministic.
+"""
+import numba as nb
+import numpy as np
+from numba import prange
+
+
+@nb.njit(parallel=True, cache=True)
+def top_per_row(scores, counts):
+    """Boolean mask choosing, in each row j, the ``counts[j]`` largest finite scores."""
+    n, m = scores.shape
+    out = np.zeros((n, m), dtype=np.bool_)
+    for j in prange(n):
+        want = counts[j]
+        if want <= 0:
+            continue
+        order = np.argsort(-scores[j], kind="mergesort")
+        taken = 0
+        for t in range(m):
+            s = order[t]
+            if taken >= want or not np.isfinite(scores[j, s]):
+                break
+            out[j, s] = True
+            taken += 1
+    return out
+
+
+@nb.njit(parallel=True, cache=True)
+def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
+    """New (indices, source slot) per row: kept old slots plus grown candidates, sorted by index.
+
+    ``keep`` (n, k) marks old slots that stay; ``grow_cand`` (n, c) marks candidates added;
+    rows where ``placeholder[j]`` get indices 0..k_new-1 with no source (ablated neurons).
+    ``src[j, t]`` is the old slot a new connection comes from, or -1 for a new one;
+    ``filled[j]`` counts the connections row j received (the caller checks it equals ``k_new``).
+    """
+    n, k = old_idx.shape
+    c = cand_idx.shape[1]
+    new_idx = np.empty((n, k_new), dtype=np.int64)
+    src = np.full((n, k_new), -1, dtype=np.int64)
+    filled = np.zeros(n, dtype=np.int64)
+    for j in prange(n):
+        if placeholder[j]:
+            for t in range(k_new):
+                new_idx[j, t] = t
+            filled[j] = k_new
+            continue
+        vals = np.empty(k + c, dtype=np.int64)
+        srcs = np.empty(k + c, dtype=np.int64)
+        m = 0
+        for t in range(k):
+            if keep[j, t]:
+                vals[m] = old_idx[j, t]
+                srcs[m] = t
+                m += 1
+        for t in range(c):
+            if grow_cand[j, t]:
+                vals[m] = cand_idx[j, t]
+                srcs[m] = -1
+                m += 1
+        filled[j] = m
+        order = np.argsort(vals[:m])
+        for t in range(min(m, k_new)):
+            new_idx[j, t] = vals[order[t]]
+            src[j, t] = srcs[order[t]]
+        for t in range(m, k_new):
+            new_idx[j, t] = -1
+    return new_idx, src, filled
+
+
+@nb.njit(parallel=True, cache=True)
+def gather_rows(a, src):
+    """``out[j, t] = a[j, src[j, t]]``, or 0 where ``src`` is -1 (state of new connections)."""
+    n, m = src.shape
+    out = np.zeros((n, m), dtype=a.dtype)
+    for j in prange(n):
+        for t in range(m):
+            s = src[j, t]
+            if s >= 0:
+                out[j, t] = a[j, s]
+    return out

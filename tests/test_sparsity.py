@@ -1,0 +1,230 @@
+"""SRigL / RigL: hand-worked updates, invariants under random updates, distributions, bad input."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanin import Tensor, models, nn, ops, optim, sparsity
+from fanin.sparsity import srigl_update
+
+
+def hand_layer():
+    """4 neurons x 6 inputs, fan-in 3 (sparsity 0.5, budget 12)."""
+    w = np.zeros((4, 6), np.float32)
+    w[0, [0, 1, 2]] = [0.9, 0.8, 0.1]
+    w[1, [1, 3, 5]] = [0.7, 0.05, 0.02]
+    w[2, [0, 2, 4]] = [0.01, 0.03, 0.04]
+    w[3, [2, 3, 4]] = [0.6, 0.5, 0.4]
+    return nn.FanInLinear.from_dense(w)
+
+
+# |G| = |dy^T x| with x = identity: dy = G^T
+G = np.array([
+    [0.0, 0.0, 0.05, 0.9, 0.3, 0.0],
+    [0.8, 0.0, 0.7, 0.0, 0.6, 0.0],
+    [0.0, 0.01, 0.0, 0.0, 0.0, 0.02],
+    [0.5, 0.4, 0.0, 0.0, 0.0, 0.35],
+], np.float32)
+X = np.eye(6, dtype=np.float32)
+DY = np.ascontiguousarray(G.T)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_hand_worked_update(exact):
+    layer = hand_layer()
+    # drop fraction 0.5: n_ones 12, n_prune 6, n_keep 6.
+    # keep (6 largest |W|): (0,0) (0,1) (1,1) (3,2) (3,3) (3,4)
+    # grow-salient (6 largest |G|): (0,3) (1,0) (1,2) (1,4) (3,0) (3,1)
+    # salient counts: [3, 4, 0, 5]; threshold max(1, floor(0.3*3)) = 1 -> neuron 2 ablated
+    # k' = 12 // 3 = 4; grow: n0 +{3,4}, n1 +{0,2,4}, n3 +{0}
+    idx, vals, active, src, info = srigl_update(layer, X, DY, budget=12, k0=3, frac=0.5, gamma_sal=0.3,
+                                                ablation=True, exact=exact)
+    assert active.tolist() == [True, True, False, True]
+    assert info.k_new == 4 and info.ablated == 1
+    assert idx[0].tolist() == [0, 1, 3, 4]
+    assert idx[1].tolist() == [0, 1, 2, 4]
+    assert idx[3].tolist() == [0, 2, 3, 4]
+    np.testing.assert_allclose(vals[0], [0.9, 0.8, 0, 0])
+    np.testing.assert_allclose(vals[1], [0, 0.7, 0, 0])
+    np.testing.assert_allclose(vals[3], [0, 0.6, 0.5, 0.4])
+    assert np.all(vals[2] == 0)
+    assert info.n_grow == 6 and info.n_prune == 6
+    # src: kept connections come from their old slot, grown ones are new (-1)
+    assert src[0].tolist() == [0, 1, -1, -1]
+    assert src[3].tolist() == [-1, 0, 1, 2]
+
+
+def test_hand_worked_minimum_active_guard():
+    layer = hand_layer()
+    # gamma_sal 1 with k0 5: threshold 5 would leave only neuron 3 (salience 5) active;
+    # min_active = ceil(12 / 6) = 2 lowers the threshold to the 2nd largest count (4):
+    # neurons 0 (3) and 2 (0) are ablated, k' = 12 // 2 = 6 = the dense fan-in.
+    idx, vals, active, src, info = srigl_update(layer, X, DY, budget=12, k0=5, frac=0.5, gamma_sal=1.0,
+                                                ablation=True, exact=True)
+    assert active.tolist() == [False, True, False, True]
+    assert info.k_new == 6
+    assert idx[1].tolist() == list(range(6)) and idx[3].tolist() == list(range(6))
+    # with neurons 0 and 2 ablated, the 6 largest |W| left are all of neurons 1 and 3: all kept
+    np.testing.assert_allclose(vals[1], [0, 0.7, 0, 0.05, 0, 0.02])
+    assert src[1].tolist() == [-1, 0, -1, 1, -1, 2]
+
+
+def test_no_ablation_keeps_every_neuron_and_fanin():
+    layer = hand_layer()
+    idx, vals, active, src, info = srigl_update(layer, X, DY, budget=12, k0=3, frac=0.5, gamma_sal=0.3,
+                                                ablation=False, exact=True)
+    assert active.all() and info.k_new == 3
+    # neuron 2 keeps nothing (its weights are the smallest) and regrows its 3 best: inputs 5, 1 then 0
+    assert idx[2].tolist() == [0, 1, 5] and np.all(vals[2] == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_out=st.integers(2, 12), n_in=st.integers(3, 30), s=st.floats(0.3, 0.9), frac=st.floats(0, 0.5),
+       gamma=st.floats(0, 1), b=st.integers(1, 6), seed=st.integers(0, 9999), ablation=st.booleans(),
+       exact=st.booleans())
+def test_update_invariants(n_out, n_in, s, frac, gamma, b, seed, ablation, exact):
+    budget = int(n_out * n_in * (1 - s))
+    k0 = budget // n_out
+    if k0 < 1:
+        return
+    rng = np.random.default_rng(seed)
+    layer = nn.FanInLinear(n_in, n_out, k=k0, seed=seed)
+    x = rng.standard_normal((b, n_in)).astype(np.float32)
+    dy = rng.standard_normal((b, n_out)).astype(np.float32)
+    for _ in range(3):  # several updates in a row, ablated neurons included
+        idx, vals, active, src, info = srigl_update(layer, x, dy, budget, k0, frac, gamma, ablation, exact)
+        k_new = idx.shape[1]
+        assert 1 <= k_new <= n_in
+        assert int(active.sum()) * k_new <= budget
+        assert active.sum() >= min(n_out, math.ceil(budget / n_in))
+        rows = idx[active]
+        assert np.all(np.diff(rows, axis=1) > 0) and rows.min() >= 0 and rows.max() < n_in
+        assert np.all(vals[~active] == 0)
+        if not ablation:
+            assert active.all()
+        layer.set_connectivity(idx, vals + rng.standard_normal(vals.shape).astype(np.float32) * active[:, None],
+                               active)
+
+
+def test_exact_and_blockwise_scores_agree():
+    rng = np.random.default_rng(1)
+    layer = nn.FanInLinear(40, 16, sparsity=0.75, seed=0)
+    x = rng.standard_normal((8, 40)).astype(np.float32)
+    dy = rng.standard_normal((8, 16)).astype(np.float32)
+    a = srigl_update(layer, x, dy, 160, 10, 0.3, 0.3, True, exact=True)
+    b = srigl_update(layer, x, dy, 160, 10, 0.3, 0.3, True, exact=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[2], b[2])
+
+
+# --------------------------------------------------------------- distributions
+def test_erk_meets_budget_and_favours_small_layers():
+    shapes = [(1024, 784), (1024, 1024), (10, 1024)]
+    dens = sparsity.layer_densities(shapes, 0.9, "erk")
+    total = sum(math.prod(s) for s in shapes)
+    assert sum(d * math.prod(s) for d, s in zip(dens, shapes)) == pytest.approx(0.1 * total)
+    assert dens[2] > dens[0] > dens[1]
+    assert all(0 < d <= 1 for d in dens)
+
+
+def test_erk_caps_dense_layers_and_resolves():
+    shapes = [(4, 3), (1000, 1000), (10, 1000)]
+    dens = sparsity.layer_densities(shapes, 0.8, "erk")
+    assert dens[0] == 1.0
+    total = sum(math.prod(s) for s in shapes)
+    assert sum(d * math.prod(s) for d, s in zip(dens, shapes)) == pytest.approx(0.2 * total)
+
+
+def test_uniform_accounts_for_dense_first_layer():
+    shapes = [(100, 100), (100, 100)]
+    assert sparsity.layer_densities(shapes, 0.25, "uniform", dense=[0]) == [1.0, pytest.approx(0.5)]
+    with pytest.raises(ValueError, match="too high"):
+        sparsity.layer_densities(shapes, 0.6, "uniform", dense=[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=5),
+       s=st.floats(0.05, 0.99), dist=st.sampled_from(["uniform", "erk"]))
+def test_densities_meet_global_budget(shapes, s, dist):
+    dens = sparsity.layer_densities(shapes, s, dist)
+    total = sum(math.prod(sh) for sh in shapes)
+    assert sum(d * math.prod(sh) for d, sh in zip(dens, shapes)) == pytest.approx((1 - s) * total, rel=1e-9)
+    assert all(0 < d <= 1 + 1e-12 for d in dens)
+
+
+def test_drop_fraction_schedule():
+    assert sparsity.drop_fraction(0, 100, 0.3) == pytest.approx(0.3)
+    assert sparsity.drop_fraction(50, 100, 0.3) == pytest.approx(0.15)
+    assert sparsity.drop_fraction(100, 100, 0.3) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------- training objects
+def _train_steps(model, opt, updater, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    for _ in range(steps):
+        loss = ops.cross_entropy(model(Tensor(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        updater.step()
+    return loss.item()
+
+
+def test_srigl_end_to_end_keeps_invariants_and_resizes_optimizer_state():
+    model = models.mlp([20, 32, 16, 2], sparsity=0.8, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    srigl = sparsity.SRigL(model, opt, sparsity=0.8, distribution="erk", delta_t=5, t_end=40, gamma_sal=0.5)
+    first = _train_steps(model, opt, srigl, 1)
+    last = _train_steps(model, opt, srigl, 49)
+    assert last < first
+    assert len(srigl.history) == 8  # updates at steps 5, 10, ..., 40
+    for (name, layer), budget in zip(srigl.layers, srigl.budgets):
+        assert layer.k * int(layer.active.sum()) <= budget, name
+        assert np.all(layer.values.data[~layer.active] == 0)
+        mom = opt.state[layer.values]["momentum"]
+        assert mom.shape == layer.values.shape
+    assert srigl.layers[-1][1].active.all()  # the output layer is never ablated
+
+
+def test_rigl_masks_stay_at_budget_and_grown_weights_start_at_zero():
+    model = models.mlp([20, 32, 2], seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = sparsity.RigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=3, t_end=30)
+    counts = [int(m.sum()) for m in rigl.masks]
+    _train_steps(model, opt, rigl, 20)
+    assert [int(m.sum()) for m in rigl.masks] == counts
+    for (_, layer), m in zip(rigl.layers, rigl.masks):
+        assert np.all(layer.weight.data[~m] == 0)
+
+
+def test_rigl_update_rule_by_hand():
+    w = np.array([[0.9, 0.0, 0.1], [0.0, 0.5, 0.2]], np.float32)
+    g = np.array([[0.0, 0.3, 0.0], [0.8, 0.0, 0.0]], np.float32)
+    # 4 connections, drop fraction 0.5: keep 0.9 and 0.5, grow the 2 best others: (1,0) 0.8, (0,1) 0.3
+    new, grown = sparsity.rigl_masks(w, g, w != 0, 0.5)
+    assert new.tolist() == [[True, True, False], [True, True, False]]
+    assert grown.tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_bad_arguments_name_the_problem():
+    model = models.mlp([20, 8, 2], sparsity=0.5, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
+        sparsity.SRigL(model, opt, sparsity=1.0, t_end=10)
+    with pytest.raises(ValueError, match="delta_t"):
+        sparsity.SRigL(model, opt, sparsity=0.5, delta_t=0, t_end=10)
+    with pytest.raises(ValueError, match="t_end"):
+        sparsity.SRigL(model, opt, sparsity=0.5)
+    other = optim.SGD(models.mlp([20, 8, 2], sparsity=0.5).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not hold the values of layer '0'"):
+        sparsity.SRigL(model, other, sparsity=0.5, t_end=10)
+    tiny = models.mlp([4, 3, 2], sparsity=0.5)
+    with pytest.raises(ValueError, match="layer '0' would get fan-in 0"):
+        sparsity.SRigL(tiny, optim.SGD(tiny.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", t_end=10)
+    with pytest.raises(ValueError, match="no FanInLinear"):
+        dense = models.mlp([4, 3, 2])
+        sparsity.SRigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.5, t_end=10)
