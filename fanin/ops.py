@@ -443,22 +443,15 @@ def _pool_args(x, kernel_size, stride, padding, op):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
     """Maximum over windows (the gradient goes to the first maximum of each window)."""
-    x, (kh, kw), s, p = _pool_args(x, kernel_size, stride, padding, "max_pool2d")
-    view, padded_shape = _windows(x.data, kh, kw, s, p, -np.inf)
-    flat = view.reshape(view.shape[:4] + (kh * kw,))
-    arg = flat.argmax(axis=-1)[..., None]
-    out = np.take_along_axis(flat, arg, axis=-1)[..., 0]
-    tiles = p == (0, 0) and s == (kh, kw) and x.shape[2] % kh == 0 and x.shape[3] % kw == 0
+    from fanin.kernels import pool
 
-    def backward(g):
-        gw = np.zeros(flat.shape, dtype=g.dtype)
-        np.put_along_axis(gw, arg, g[..., None], axis=-1)
-        gw = gw.reshape(view.shape)
-        if tiles:  # windows tile the input exactly: one transpose puts them back
-            return (gw.transpose(0, 1, 2, 4, 3, 5).reshape(x.shape),)
-        return (_scatter_windows(gw, padded_shape, x.shape, s, p),)
-
-    return Tensor._make(out, (x,), backward)
+    x, (kh, kw), (sh, sw), (ph, pw) = _pool_args(x, kernel_size, stride, padding, "max_pool2d")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"max_pool2d: padding {(ph, pw)} must be at most half the window {(kh, kw)}.")
+    b, c, h, w = x.shape
+    ho, wo = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw))
+    out, arg = pool.max_pool_forward(np.ascontiguousarray(x.data), kh, kw, sh, sw, ph, pw, ho, wo)
+    return Tensor._make(out, (x,), lambda g: (pool.max_pool_backward(np.ascontiguousarray(g), arg, h, w),))
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:

@@ -81,3 +81,24 @@ def gather_rows(a, src):
             if s >= 0:
                 out[j, t] = a[j, s]
     return out
+
+
+def top_mask(scores: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask (same shape) of the ``n`` largest finite entries; ties go to the earlier position.
+
+    O(size): a partition finds the n-th largest value, then equal values are taken in order.
+    """
+    flat = np.ascontiguousarray(scores).ravel()
+    mask = np.zeros(flat.shape, bool)
+    finite = np.isfinite(flat)
+    n = min(int(n), int(finite.sum()))
+    if n <= 0:
+        return mask.reshape(scores.shape)
+    work = np.where(finite, flat, -np.inf) if not finite.all() else flat
+    cut = np.partition(work, work.size - n)[work.size - n]  # the n-th largest value
+    above = work > cut
+    mask[above] = True
+    rest = n - int(above.sum())
+    if rest > 0:
+        mask[np.flatnonzero(work == cut)[:rest]] = True
+    return mask.reshape(scores.shape)

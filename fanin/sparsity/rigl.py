@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from fanin.kernels import select
 from fanin.nn import Conv2d, Linear
 from fanin.sparsity.distribution import check_sparsity, drop_fraction, layer_densities
 
@@ -22,15 +23,6 @@ def masked_layers(model, skip=()):
             if isinstance(m, (Linear, Conv2d)) and n.rstrip(".") not in skip]
 
 
-def _top_mask(scores: np.ndarray, n: int) -> np.ndarray:
-    """Mask of the ``n`` largest entries (ties to the earlier position)."""
-    flat = scores.ravel()
-    mask = np.zeros(flat.shape, bool)
-    if n > 0:
-        mask[np.argsort(-flat, kind="stable")[:n]] = True
-    return mask.reshape(scores.shape)
-
-
 def rigl_masks(weight: np.ndarray, grad: np.ndarray, mask: np.ndarray, frac: float):
     """New mask after one RigL update, and the mask of newly grown connections."""
     n_ones = int(mask.sum())
@@ -40,9 +32,9 @@ def rigl_masks(weight: np.ndarray, grad: np.ndarray, mask: np.ndarray, frac: flo
     nonzero = int(np.count_nonzero(drop))
     if nonzero < n_keep:
         n_keep, n_prune = nonzero, n_ones - nonzero
-    keep = _top_mask(np.where(mask & (drop > 0), drop, -np.inf), n_keep)
+    keep = select.top_mask(np.where(mask & (drop > 0), drop, -np.inf), n_keep)
     grow_scores = np.where(keep, -np.inf, np.abs(grad))
-    grow = _top_mask(grow_scores, n_ones - n_keep)
+    grow = select.top_mask(grow_scores, n_ones - n_keep)
     new_mask = keep | grow
     return new_mask, new_mask & ~mask
 

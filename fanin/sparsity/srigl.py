@@ -48,18 +48,6 @@ class LayerUpdate:
     exact: bool
 
 
-def _top_flat(scores: np.ndarray, n: int) -> np.ndarray:
-    """Boolean mask (same shape) of the ``n`` largest finite entries; ties go to the earlier position."""
-    flat = scores.ravel()
-    mask = np.zeros(flat.shape, bool)
-    finite = np.isfinite(flat)
-    n = min(n, int(finite.sum()))
-    if n > 0:
-        order = np.argsort(-np.where(finite, flat, -np.inf), kind="stable")[:n]
-        mask[order] = True
-    return mask.reshape(scores.shape)
-
-
 def _growth_pool(layer, x, dy, c, exact):
     """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates."""
     held = np.abs(kernels.fanin_backward_values(x, layer.indices, dy, check=False))
@@ -69,9 +57,9 @@ def _growth_pool(layer, x, dy, c, exact):
         g[rows, layer.indices.astype(np.int64)] = -np.inf  # held slots are scored above
         cand = np.argsort(-g, axis=1, kind="stable")[:, :c]
         score = np.take_along_axis(g, cand, axis=1)
-        return held, cand.astype(np.int64), score.astype(np.float64)
+        return held, cand.astype(np.int64), score
     cand, score = kernels.growth_candidates(x, dy, layer.indices, c)
-    score = np.where(cand < 0, -np.inf, score).astype(np.float64)
+    score = np.where(cand < 0, np.float32(-np.inf), score)
     return held, cand.astype(np.int64), score
 
 
@@ -92,7 +80,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     n_ones = int(active.sum()) * k
     n_prune = int(n_ones * frac)
     n_keep = n_ones - n_prune
-    drop = np.where(active[:, None], np.abs(values).astype(np.float64), -np.inf)
+    drop = np.where(active[:, None], np.abs(values), np.float32(-np.inf))
     nonzero = int(np.count_nonzero(drop > 0))
     if nonzero < n_keep:
         n_keep, n_prune = nonzero, n_ones - nonzero
@@ -100,8 +88,8 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     c = n_in - k if exact else min(n_in - k, max(2 * k0, 64))
     held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
     # 4: salience = among the n_keep largest |W| or among the n_prune largest |G| of the layer
-    keep_sal = _top_flat(np.where(drop > 0, drop, -np.inf), n_keep)
-    grow_sal = _top_flat(np.concatenate([held_g, cand_g], axis=1), n_prune)
+    keep_sal = select.top_mask(np.where(drop > 0, drop, -np.inf), n_keep)
+    grow_sal = select.top_mask(np.concatenate([held_g, cand_g], axis=1), n_prune)
     salient = (keep_sal | grow_sal[:, :k]).sum(axis=1) + grow_sal[:, k:].sum(axis=1)
     # 5: ablation with the minimum-active guard
     new_active = np.ones(n_out, bool)
@@ -121,7 +109,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
         )
     # 7: prune — the n_keep largest |W| of the layer (ablated neurons keep nothing), at most k_new per neuron
     drop_now = np.where(new_active[:, None] & (drop > 0), drop, -np.inf)
-    keep = _top_flat(drop_now, n_keep)
+    keep = select.top_mask(drop_now, n_keep)
     over = keep.sum(axis=1) > k_new
     if over.any():
         keep[over] = select.top_per_row(np.where(keep[over], drop_now[over], -np.inf),
