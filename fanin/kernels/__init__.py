@@ -1,43 +1,256 @@
-# TEMPORARY NumPy shim (lead) until the Numba kernels land; helper-1 replaces this file.
+"""Kernels for condensed constant fan-in layers (SPEC.md §1), with validating wrappers.
+
+Each public function validates its arguments once (shapes, dtypes, index range), then hands
+them to the backend for their device: NumPy arrays go to ``fanin.kernels.cpu``; CUDA device
+arrays would go to ``fanin.kernels.cuda``, which does not exist yet (a clear
+``NotImplementedError`` says so). Validation never touches the hot loops.
+
+Conventions:
+- floats are float32 (the fast path) or float64 (for gradient checks); when float32 and
+  float64 arrays are mixed, the computation and the result are float64;
+- ``indices`` are int16 or int32 (``index_dtype(n_in)`` picks the SPEC's choice);
+- non-contiguous inputs are copied to C order first (they work, a little slower);
+- ``check=None`` follows the module flag ``CHECK_INDICES``; ``check=False`` skips the O(n_out*k)
+  index-range scan (for layers that validated their indices with ``validate_indices`` once).
+  Unchecked out-of-range indices read or write out of bounds: skip the scan only for
+  indices you validated.
+"""
+from __future__ import annotations
+
 import numpy as np
-def index_dtype(n_in): return np.int16 if n_in <= 32767 else np.int32
-def validate_indices(indices, n_in):
-    if indices.min() < 0 or indices.max() >= n_in: raise ValueError("index out of range")
-    if indices.shape[1] > 1 and np.any(np.diff(indices.astype(np.int64), axis=1) <= 0): raise ValueError("indices must be sorted and distinct")
-def fanin_forward(x, indices, values, bias=None, check=True):
-    y = np.einsum("bjt,jt->bj", x[:, indices.astype(np.int64)], values).astype(np.float32)
-    return y + bias if bias is not None else y
-def fanin_backward_values(x, indices, dy, check=True):
-    return np.einsum("bj,bjt->jt", dy, x[:, indices.astype(np.int64)]).astype(x.dtype)
-def fanin_backward_input(indices, values, dy, n_in, check=True):
-    dx = np.zeros((dy.shape[0], n_in), dy.dtype)
-    for t in range(indices.shape[1]):
-        np.add.at(dx.T, indices[:, t].astype(np.int64), (dy * values[:, t]).T)
-    return dx
-def fanin_backward(x, indices, values, dy):
-    return fanin_backward_input(indices, values, dy, x.shape[1]), fanin_backward_values(x, indices, dy)
-def dense_grad(x, dy): return dy.T @ x
-def growth_candidates(x, dy, indices, c, block=None):
-    g = np.abs(dy.T @ x).astype(np.float32)
-    g[np.arange(g.shape[0])[:, None], indices.astype(np.int64)] = -np.inf
-    order = np.argsort(-g, axis=1, kind="stable")[:, :c]
-    sc = np.take_along_axis(g, order, 1)
-    return np.where(np.isfinite(sc), order, -1).astype(np.int32), sc
-def im2col(x, kh, kw, stride, padding):
-    (sh, sw), (ph, pw) = stride, padding
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    b, c, h, w = xp.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    s = xp.strides
-    v = np.lib.stride_tricks.as_strided(xp, (b, ho, wo, c, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2], s[3]))
-    return np.ascontiguousarray(v).reshape(b * ho * wo, c * kh * kw)
-def col2im(cols, x_shape, kh, kw, stride, padding):
-    (sh, sw), (ph, pw) = stride, padding
-    b, c, h, w = x_shape
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    g = cols.reshape(b, ho, wo, c, kh, kw)
-    out = np.zeros((b, c, h + 2 * ph, w + 2 * pw), cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += g[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-    return out[:, :, ph:ph + h, pw:pw + w]
+
+from fanin.kernels import _validate as _v
+
+__all__ = [
+    "CHECK_INDICES", "index_dtype", "validate_indices", "fanin_forward", "fanin_backward",
+    "fanin_backward_values", "fanin_backward_input", "growth_candidates", "dense_grad",
+    "fixed_point_forward", "im2col", "col2im",
+]
+
+CHECK_INDICES = True
+
+
+def index_dtype(n_in: int):
+    """np.int16 when every index of an n_in-input layer fits in int16, else np.int32."""
+    return np.int16 if n_in <= np.iinfo(np.int16).max else np.int32
+
+
+def _check(check) -> bool:
+    return CHECK_INDICES if check is None else bool(check)
+
+
+def validate_indices(indices, n_in: int) -> None:
+    """Raise unless indices is (n_out, k) int16/int32 with each row strictly increasing in [0, n_in)."""
+    fname = "validate_indices"
+    be = _v.backend(fname, indices=indices)
+    indices = _v.index_array(fname, indices)
+    if int(n_in) < 1:
+        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    if indices.shape[1] > n_in:
+        raise ValueError(f"{fname}: indices of shape {tuple(indices.shape)} hold more than n_in={n_in} inputs per row.")
+    _v.index_range(fname, be, indices, int(n_in), "a layer", (n_in,))
+    row = be.rows_strictly_increasing(indices)
+    if row >= 0:
+        r = np.asarray(indices[row])
+        dup = np.flatnonzero(np.diff(r.astype(np.int64)) <= 0)[0]
+        problem = "repeats" if r[dup] == r[dup + 1] else "is out of order at"
+        raise ValueError(
+            f"{fname}: row {row} of indices {problem} input {int(r[dup + 1])} (position {dup + 1}); "
+            "each row must hold distinct inputs in increasing order (use np.sort and drop duplicates)."
+        )
+
+
+def _layer(fname, x, indices, values, bias, check, values_kind="float"):
+    """Validate (x, indices, values, bias) of a forward-like call; returns them converted."""
+    be = _v.backend(fname, x=x, indices=indices, values=values, bias=bias)
+    x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
+    indices = _v.index_array(fname, indices)
+    _v.same_shape(fname, "values", values, indices)
+    _v.per_neuron(fname, "bias", bias, indices.shape[0])
+    if values_kind == "float":
+        values = _v.float_array(fname, "values", values, 2, "(n_out, k)")
+    if bias is not None:
+        bias = _v.float_array(fname, "bias", bias, 1, "(n_out,)")
+    if _check(check):
+        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
+    return be, x, indices, _v.contiguous(values), bias
+
+
+def fanin_forward(x, indices, values, bias=None, *, check=None):
+    """y (B, n_out) with y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]."""
+    fname = "fanin_forward"
+    be, x, indices, values, bias = _layer(fname, x, indices, values, bias, check)
+    dt = _v.common_float(x, values, bias)
+    return be.fanin_forward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(bias, dt))
+
+
+def fixed_point_forward(x, indices, qvalues, scale, bias=None, *, check=None):
+    """y[b, j] = bias[j] + scale[j] * sum_t qvalues[j, t] * x[b, indices[j, t]] with int8 qvalues."""
+    fname = "fixed_point_forward"
+    be, x, indices, qvalues, bias = _layer(fname, x, indices, qvalues, bias, check, values_kind="int8")
+    if qvalues.dtype != np.int8:
+        raise TypeError(
+            f"{fname}: qvalues have dtype {qvalues.dtype}, but the fixed-point kernel takes int8; "
+            "quantise to integers in [-128, 127] and cast with .astype(np.int8)."
+        )
+    _v.backend(fname, scale=scale)
+    scale = _v.float_array(fname, "scale", scale, 1, "(n_out,)")
+    _v.per_neuron(fname, "scale", scale, indices.shape[0])
+    dt = _v.common_float(x, bias)
+    return be.fixed_point_forward(_v.cast(x, dt), indices, qvalues, _v.cast(scale, dt), _v.cast(bias, dt))
+
+
+def _dy(fname, dy, batch: int, n_out: int, x_shape=None):
+    dy = _v.float_array(fname, "dy", dy, 2, "(batch, n_out)")
+    if dy.shape[1] != n_out or (batch is not None and dy.shape[0] != batch):
+        against = f"x of shape {tuple(x_shape)} and " if x_shape is not None else ""
+        raise ValueError(
+            f"{fname}: dy of shape {tuple(dy.shape)} does not match {against}indices with {n_out} rows; "
+            f"it must be ({batch if batch is not None else 'batch'}, {n_out})."
+        )
+    return dy
+
+
+def fanin_backward_values(x, indices, dy, *, check=None):
+    """dvalues (n_out, k): dvalues[j, t] = sum_b dy[b, j] * x[b, indices[j, t]]."""
+    fname = "fanin_backward_values"
+    be = _v.backend(fname, x=x, indices=indices, dy=dy)
+    x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
+    indices = _v.index_array(fname, indices)
+    dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
+    if _check(check):
+        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
+    dt = _v.common_float(x, dy)
+    return be.fanin_backward_values(_v.cast(x, dt), indices, _v.cast(dy, dt))
+
+
+def fanin_backward_input(indices, values, dy, n_in: int, *, check=None):
+    """dx (B, n_in) = dy @ W, W the dense (n_out, n_in) matrix of (indices, values)."""
+    fname = "fanin_backward_input"
+    be = _v.backend(fname, indices=indices, values=values, dy=dy)
+    indices = _v.index_array(fname, indices)
+    _v.same_shape(fname, "values", values, indices)
+    values = _v.float_array(fname, "values", values, 2, "(n_out, k)")
+    dy = _dy(fname, dy, None, indices.shape[0])
+    n_in = int(n_in)
+    if n_in < 1:
+        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    if _check(check):
+        _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
+    dt = _v.common_float(values, dy)
+    return be.fanin_backward_input(indices, _v.cast(values, dt), _v.cast(dy, dt), n_in)
+
+
+def fanin_backward(x, indices, values, dy, *, check=None):
+    """(dx, dvalues) of fanin_forward: dx (B, n_in) = dy @ W, dvalues as fanin_backward_values."""
+    fname = "fanin_backward"
+    be, x, indices, values, _ = _layer(fname, x, indices, values, None, check)
+    dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
+    dt = _v.common_float(x, values, dy)
+    return be.fanin_backward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(dy, dt))
+
+
+def _batches(fname, name, a):
+    """An array, or a list/tuple of arrays stacked along the batch axis."""
+    if isinstance(a, (list, tuple)):
+        if not a:
+            raise ValueError(f"{fname}: {name} is an empty list; pass at least one batch.")
+        for i, part in enumerate(a):
+            _v.device_of(fname, f"{name}[{i}]", part)
+            _v.float_array(fname, f"{name}[{i}]", part, 2, "(batch, features)")
+        widths = {p.shape[1] for p in a}
+        if len(widths) > 1:
+            raise ValueError(f"{fname}: the batches in {name} have different widths {sorted(widths)}; they must agree.")
+        return np.concatenate([np.asarray(p) for p in a], axis=0)
+    return a
+
+
+def dense_grad(x, dy):
+    """G (n_out, n_in) = dy^T x (x and dy may be lists of batches: G = sum_i dy_i^T x_i)."""
+    fname = "dense_grad"
+    x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
+    be = _v.backend(fname, x=x, dy=dy)
+    x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
+    dy = _v.float_array(fname, "dy", dy, 2, "(batch, n_out)")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"{fname}: x of shape {tuple(x.shape)} and dy of shape {tuple(dy.shape)} must have the same batch size.")
+    dt = _v.common_float(x, dy)
+    return be.dense_grad(_v.cast(x, dt), _v.cast(dy, dt))
+
+
+def growth_candidates(x, dy, indices, c: int, block=None, *, check=None):
+    """Per neuron j, the c inputs not in indices[j] with the largest |G[j, i]|, G = dy^T x.
+
+    Returns ``cand_idx`` (n_out, c) int32 and ``cand_score`` (n_out, c) = |G| (float32, or float64
+    for float64 inputs), each row sorted by score descending; rows with fewer than c free
+    inputs are padded with index -1 and score -inf. x (B, n_in) and dy (B, n_out) may each be a
+    list of batches (gradient accumulation: G = sum_i dy_i^T x_i). G is computed ``block``
+    neurons at a time (default: about 4 MiB of scores), never as a dense n_out x n_in array.
+    Ties between equal scores are broken arbitrarily.
+    """
+    fname = "growth_candidates"
+    x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
+    be = _v.backend(fname, x=x, dy=dy, indices=indices)
+    x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
+    indices = _v.index_array(fname, indices)
+    dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
+    if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or c < 0:
+        raise ValueError(f"{fname}: c must be a non-negative integer number of candidates per neuron, got {c!r}.")
+    if block is not None and (not isinstance(block, (int, np.integer)) or block < 1):
+        raise ValueError(f"{fname}: block must be a positive number of neurons per block (or None), got {block!r}.")
+    if _check(check):
+        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
+    dt = _v.common_float(x, dy)
+    return be.growth_candidates(_v.cast(x, dt), _v.cast(dy, dt), indices, int(c), None if block is None else int(block))
+
+
+def _pair(fname, name, v):
+    t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if len(t) != 2 or not all(isinstance(a, (int, np.integer)) for a in t):
+        raise ValueError(f"{fname}: {name} must be an int or a pair of ints, got {v!r}.")
+    return int(t[0]), int(t[1])
+
+
+def _conv_geometry(fname, shape, kh, kw, stride, padding):
+    (sh, sw), (ph, pw) = _pair(fname, "stride", stride), _pair(fname, "padding", padding)
+    kh, kw = int(kh), int(kw)
+    if kh < 1 or kw < 1 or sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError(
+            f"{fname}: kernel ({kh}, {kw}) and stride ({sh}, {sw}) must be positive and padding ({ph}, {pw}) "
+            "non-negative."
+        )
+    ho = (shape[2] + 2 * ph - kh) // sh + 1
+    wo = (shape[3] + 2 * pw - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{fname}: a {kh}x{kw} window does not fit an input of shape {tuple(shape)} with padding ({ph}, {pw}); "
+            "use a smaller kernel or more padding."
+        )
+    return kh, kw, (sh, sw), (ph, pw), ho, wo
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, dy, dx)."""
+    fname = "im2col"
+    be = _v.backend(fname, x=x)
+    x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
+    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
+    return be.im2col(x, kh, kw, stride, padding, ho, wo)
+
+
+def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
+    """Adjoint of im2col: dx of shape x_shape, summing overlapping patches."""
+    fname = "col2im"
+    be = _v.backend(fname, dcols=dcols)
+    dcols = _v.float_array(fname, "dcols", dcols, 2, "(B*Ho*Wo, C*kh*kw)")
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
+    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
+    want = (x_shape[0] * ho * wo, x_shape[1] * kh * kw)
+    if tuple(dcols.shape) != want:
+        raise ValueError(
+            f"{fname}: dcols of shape {tuple(dcols.shape)} does not match im2col of an input of shape {x_shape} "
+            f"with a {kh}x{kw} kernel, which has shape {want}."
+        )
+    return be.col2im(dcols, x_shape, kh, kw, stride, padding, ho, wo)

@@ -1,0 +1,163 @@
+"""SRigL speed: a training epoch against dense training (fanin and PyTorch), and the cost and peak
+memory of one SRigL update of a large layer against a dense forward+backward of it.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_srigl.py [--out bench/RESULTS.md]
+
+Targets (issue 4): an SRigL epoch at 90 % on the MLP 784-1024-1024-10 >= 2x faster than the same dense
+network in fanin, and faster than PyTorch CPU dense training; one SRigL update of a 4096x4096 layer at
+90 % <= 2x one dense forward+backward at batch 256, never allocating a dense float array of the layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+try:  # torch first, so that its OpenMP keeps its own default wait policy
+    import torch
+except ImportError:
+    torch = None
+import fanin  # noqa: E402
+from fanin import ops  # noqa: E402
+
+SIZES = [784, 1024, 1024, 10]
+
+
+def epoch_data(n=60000, seed=0):
+    try:
+        x, y = fanin.data.load_fashion_mnist("train")
+        return fanin.data.normalize(x, flatten=True)[:n], y[:n], "Fashion-MNIST train"
+    except fanin.data.DatasetNotFound:
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((n, 784)).astype(np.float32), rng.integers(0, 10, n), "synthetic"
+
+
+def fanin_epoch(method, x, y, batch=128):
+    sparsity = 0.9 if method == "srigl" else None
+    model = fanin.models.mlp(SIZES, sparsity=sparsity, seed=0)
+    opt = fanin.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    steps = -(-len(x) // batch)
+    hooks = [fanin.sparsity.SRigL(model, opt, 0.9, "erk", delta_t=100, total_steps=steps * 10)] \
+        if method == "srigl" else []
+    warm = fanin.data.batches(x[:batch * 3], y[:batch * 3], batch, rng=1)
+    for xb, yb in warm:  # compile and warm caches outside the timed epoch
+        loss = ops.cross_entropy(model(fanin.Tensor(xb)), yb)
+        opt.zero_grad()
+        loss.backward()
+    t0 = time.perf_counter()
+    fanin.train.train_epoch(model, opt, x, y, batch, np.random.default_rng(0), hooks=hooks)
+    return time.perf_counter() - t0, (hooks[0].history if hooks else [])
+
+
+def torch_epoch(x, y, batch=128):
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    layers = []
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(SIZES) - 2 else [])
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    lossf = torch.nn.CrossEntropyLoss()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    t0 = time.perf_counter()
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(x)))
+    for s in range(0, len(x), batch):
+        idx = perm[s:s + batch]
+        loss = lossf(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+UPDATE_CHILD = r"""
+import json, resource, sys, time, tracemalloc
+import numpy as np
+import fanin
+from fanin.sparsity import srigl_update
+n, b = 4096, 256
+rng = np.random.default_rng(0)
+layer = fanin.nn.FanInLinear(n, n, sparsity=0.9, seed=0)
+x = rng.standard_normal((b, n)).astype(np.float32)
+dy = rng.standard_normal((b, n)).astype(np.float32)
+budget = int(n * n * 0.1); k0 = budget // n
+args = (layer, x, dy, budget, k0, 0.3, 0.3, True, False)
+srigl_update(*args)  # compile
+times = []
+for _ in range(5):
+    t0 = time.perf_counter(); srigl_update(*args); times.append(time.perf_counter() - t0)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+srigl_update(*args)
+_, peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"median": float(np.median(times)), "numpy_peak": peak, "rss_growth": (rss1 - rss0) * 1024}))
+"""
+
+
+def update_cost(min_time):
+    res = json.loads(subprocess.run([sys.executable, "-c", UPDATE_CHILD], capture_output=True, text=True,
+                                    check=True).stdout.strip().splitlines()[-1])
+    n, b = 4096, 256
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, n)).astype(np.float32)
+    x = rng.standard_normal((b, n)).astype(np.float32)
+    dy = rng.standard_normal((b, n)).astype(np.float32)
+
+    def dense_fb():
+        x @ w.T
+        dy @ w
+        dy.T @ x
+
+    res["dense_fb"] = common.median_time(dense_fb, min_time)
+    res["dense_bytes"] = w.nbytes
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--min-time", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    x, y, source = epoch_data()
+    dense, _ = fanin_epoch("dense", x, y)
+    sparse, hist = fanin_epoch("srigl", x, y)
+    theirs = torch_epoch(x, y) if torch is not None else float("nan")
+    upd = update_cost(args.min_time)
+    lines = [
+        f"MLP 784-1024-1024-10, one epoch of {source} ({len(x)} images, batch 128, SGD+Nesterov), "
+        f"SRigL at 90 % (ERK, delta_t 100: {len(hist)} updates in the epoch):",
+        "",
+        common.table([
+            ["fanin dense", f"{dense:.2f}", "1.00"],
+            ["fanin SRigL 90 %", f"{sparse:.2f}", f"{dense / sparse:.2f}x faster"],
+            ["PyTorch dense (2 threads)", f"{theirs:.2f}", f"SRigL is {theirs / sparse:.2f}x faster"],
+        ], ["training", "s / epoch", "vs fanin dense"]),
+        "",
+        "One SRigL update of a 4096x4096 layer at 90 % (batch-256 gradients, blockwise growth scores) "
+        "against one dense forward+backward (3 NumPy GEMMs) of the same layer at batch 256:",
+        "",
+        common.table([[f"{upd['median'] * 1e3:.1f}", f"{upd['dense_fb'] * 1e3:.1f}",
+                       f"{upd['median'] / upd['dense_fb']:.2f}", f"{upd['numpy_peak'] / 2**20:.1f}",
+                       f"{upd['rss_growth'] / 2**20:.1f}", f"{upd['dense_bytes'] / 2**20:.1f}"]],
+                     ["update ms", "dense fwd+bwd ms", "ratio (target <= 2)", "NumPy peak MiB (tracemalloc)",
+                      "process peak growth MiB (maxrss)", "dense float32 layer MiB"]),
+    ]
+    body = common.header("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_srigl.py") \
+        + "\n" + "\n".join(lines)
+    print(body)
+    if args.out:
+        common.write_section(args.out, "SRigL training speed (issue 4)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Argument checks shared by the kernel wrappers: one sentence per problem, saying what to do.
+
+Checks look only at ``.shape``/``.dtype``/``.ndim`` (device-neutral) except the index scans,
+which ask the backend for ``index_min_max`` / ``rows_strictly_increasing``.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+INDEX_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
+
+_backends: dict = {}
+
+
+def device_of(fname: str, name: str, a) -> str:
+    """'cpu' for NumPy arrays, 'cuda' for CUDA device arrays; a TypeError for anything else."""
+    if isinstance(a, np.ndarray):
+        return "cpu"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cuda"
+    raise TypeError(
+        f"{fname}: {name} must be a NumPy array, got {type(a).__name__}; "
+        f"wrap it with np.asarray({name}, dtype=np.float32) (or the index dtype for indices)."
+    )
+
+
+def backend(fname: str, **arrays):
+    """The kernel module for the arrays' device (all must share it); None entries are skipped."""
+    devices = {name: device_of(fname, name, a) for name, a in arrays.items() if a is not None}
+    kinds = set(devices.values())
+    if len(kinds) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise TypeError(f"{fname}: all arrays must be on the same device, got {listing}; move them to one device first.")
+    device = kinds.pop() if kinds else "cpu"
+    if device not in _backends:
+        try:
+            _backends[device] = importlib.import_module(f"fanin.kernels.{device}")
+        except ImportError as exc:
+            raise NotImplementedError(
+                f"{fname}: the {device.upper()} backend is not available yet ({exc}); "
+                "copy the arrays to the host (np.asarray / .copy_to_host()) to use the CPU kernels."
+            ) from None
+    return _backends[device]
+
+
+def contiguous(a):
+    """A C-contiguous version of a NumPy array (copies only when needed); device arrays as given."""
+    return np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a
+
+
+def float_array(fname: str, name: str, a, ndim: int, what: str):
+    """Check a float32/float64 array of ``ndim`` dimensions (``what`` names them)."""
+    if a.dtype not in FLOATS:
+        raise TypeError(
+            f"{fname}: {name} has dtype {a.dtype}, but the kernels take float32 (or float64); "
+            f"convert it with {name}.astype(np.float32)."
+        )
+    if a.ndim != ndim:
+        hint = f" (reshape a single sample with {name}[None, :])" if ndim == 2 and a.ndim == 1 else ""
+        raise ValueError(f"{fname}: {name} must be {ndim}-D {what}, got shape {tuple(a.shape)}{hint}.")
+    return contiguous(a)
+
+
+def common_float(*arrays):
+    """float64 if any array is float64, else float32."""
+    return np.dtype(np.float64) if any(a is not None and a.dtype == np.float64 for a in arrays) else np.dtype(np.float32)
+
+
+def cast(a, dtype):
+    if a is None or a.dtype == dtype:
+        return a
+    return a.astype(dtype)
+
+
+def index_array(fname: str, indices):
+    """Check the (n_out, k) int16/int32 index array."""
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"{fname}: indices have dtype {indices.dtype}, but the kernels take int16 or int32; "
+            "cast them with indices.astype(fanin.kernels.index_dtype(n_in))."
+        )
+    if indices.ndim != 2:
+        raise ValueError(f"{fname}: indices must be 2-D (n_out, k), got shape {tuple(indices.shape)}.")
+    return contiguous(indices)
+
+
+def same_shape(fname: str, name: str, a, indices):
+    if tuple(a.shape) != tuple(indices.shape):
+        raise ValueError(
+            f"{fname}: {name} of shape {tuple(a.shape)} must have the shape of indices {tuple(indices.shape)} "
+            "(one value per index)."
+        )
+
+
+def per_neuron(fname: str, name: str, a, n_out: int):
+    if a is not None and tuple(a.shape) != (n_out,):
+        raise ValueError(
+            f"{fname}: {name} must have shape ({n_out},), one entry per neuron (indices have {n_out} rows), "
+            f"got {tuple(a.shape)}."
+        )
+
+
+def index_range(fname: str, be, indices, n_in: int, x_name: str, x_shape):
+    """Every index must lie in [0, n_in): one vectorised min/max scan."""
+    if indices.size == 0:
+        return
+    lo, hi = be.index_min_max(indices)
+    if lo < 0 or hi >= n_in:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{fname}: indices of shape {tuple(indices.shape)} hold {bad}, outside [0, {n_in}) for "
+            f"{x_name} of shape {tuple(x_shape)}; the layer's n_in and the input's width must agree."
+        )
