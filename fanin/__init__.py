@@ -2,11 +2,14 @@
 SRigL dynamic sparse training, and self-compression."""
 import os
 
-# Numba's OpenMP threads spin-wait after each parallel region by default; interleaved with
-# OpenBLAS's threads on a small machine that spinning steals the cores BLAS needs (measured: a
-# GEMM followed by a parallel update took 9 ms instead of 1.4 ms on 2 cores). Sleep instead,
-# unless the user chose a policy. Must happen before Numba loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Numba's OpenMP threads spin-wait ~300k iterations after each parallel region by default;
+# interleaved with OpenBLAS's threads on a small machine that spinning steals the cores BLAS
+# needs (measured on 2 cores: a GEMM followed by a parallel update took 9 ms instead of 1.4 ms),
+# while sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs ~55 us to wake the threads for every
+# kernel. A short spin keeps both fast (bench/RESULTS.md, "Threading"). Must be set before Numba
+# loads its OpenMP runtime; a user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from fanin import data, kernels, models, nn, ops, optim, sparsity  # noqa: E402
 from fanin.tensor import Tensor, no_grad  # noqa: E402
