@@ -383,6 +383,7 @@ class _FanIn(Module):
         values[~active] = 0
         self.indices, self.values.data, self.active = indices, values, active.astype(bool)
         self.values.grad = None
+        self._transposed = None
 
     def _load_own(self, state: dict, prefix: str):
         if "indices" in state:  # the fan-in may differ from this layer's: take the state's arrays
@@ -391,8 +392,19 @@ class _FanIn(Module):
             state = {k: v for k, v in state.items() if k not in ("indices", "values", "active")}
         super()._load_own(state, prefix)
 
+    def transposed(self):
+        """The CSC form of the connectivity (for the input gradient), built once per topology."""
+        from fanin import kernels
+
+        cached = getattr(self, "_transposed", None)
+        if cached is None or cached[0] is not self.indices:
+            cached = (self.indices, kernels.transpose_structure(self.indices, self.n_in, check=False))
+            self._transposed = cached
+        return cached[1]
+
     def _condensed(self, x2d: Tensor) -> Tensor:
-        return ops.fanin_linear(x2d, self.indices, self.values, self.bias, self.active, self.capture)
+        return ops.fanin_linear(x2d, self.indices, self.values, self.bias, self.active, self.capture,
+                                transposed=self.transposed)
 
 
 def random_fanin_indices(n_out: int, n_in: int, k: int, rng: np.random.Generator) -> np.ndarray:

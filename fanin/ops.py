@@ -516,11 +516,13 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
 
 
 # ------------------------------------------------------- condensed fan-in ops
-def fanin_linear(x, indices, values, bias=None, active=None, capture=None) -> Tensor:
+def fanin_linear(x, indices, values, bias=None, active=None, capture=None, transposed=None) -> Tensor:
     """Condensed constant fan-in layer: ``y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]``.
 
     ``active`` (bool per neuron) zeroes the value gradient of ablated neurons so they stay empty;
-    ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's growth scores read it).
+    ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's growth scores read it);
+    ``transposed``, ``kernels.transpose_structure(indices, n_in)`` or a callable returning it,
+    makes the input gradient a race-free gather (layers cache it per topology).
     """
     from fanin import kernels
 
@@ -534,7 +536,10 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None) -> Te
         g = np.ascontiguousarray(g)
         if capture is not None:
             capture.append((x.data, g))
-        gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False) if x.requires_grad else None
+        gx = None
+        if x.requires_grad:
+            tr = transposed() if callable(transposed) else transposed
+            gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False, transposed=tr)
         gv = None
         if values.requires_grad:
             gv = kernels.fanin_backward_values(x.data, indices, g, check=False)

@@ -118,3 +118,16 @@ def test_state_dict_roundtrip_with_different_fanin():
     b.load_state_dict(a.state_dict())
     assert b.k == a.k
     np.testing.assert_array_equal(b.to_dense(), a.to_dense())
+
+
+def test_input_gradient_follows_a_connectivity_change():
+    """The cached transposed structure must be rebuilt when the topology changes."""
+    rng = np.random.default_rng(0)
+    layer = nn.FanInLinear(30, 12, sparsity=0.7, seed=0)
+    x = rng.standard_normal((16, 30)).astype(np.float32)
+    for step in range(2):
+        xt = Tensor(x, requires_grad=True)
+        layer(xt).sum().backward()
+        np.testing.assert_allclose(xt.grad, np.ones((16, 12), np.float32) @ layer.to_dense(), rtol=1e-5, atol=1e-5)
+        new = nn.FanInLinear(30, 12, sparsity=0.5, seed=step + 1)
+        layer.set_connectivity(new.indices, new.values.data, np.ones(12, bool))

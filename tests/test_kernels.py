@@ -131,6 +131,55 @@ def test_backward_matches_dense(case):
 
 
 @settings(**SETTINGS)
+@given(layers())
+def test_transpose_structure_is_the_csc_of_indices(case):
+    indices, values, _, x, _ = case
+    n_out, k = indices.shape
+    n_in = x.shape[1]
+    colptr, rows, slots = K.transpose_structure(indices, n_in)
+    assert colptr.shape == (n_in + 1,) and rows.shape == slots.shape == (n_out * k,)
+    assert colptr[0] == 0 and colptr[-1] == n_out * k and np.all(np.diff(colptr) >= 0)
+    np.testing.assert_array_equal(np.diff(colptr), np.bincount(indices.ravel().astype(np.int64), minlength=n_in))
+    for i in range(n_in):
+        r, sl = rows[colptr[i]:colptr[i + 1]], slots[colptr[i]:colptr[i + 1]]
+        assert np.all(np.diff(r) > 0), "neurons of one input are listed in increasing order"
+        np.testing.assert_array_equal(sl // k, r)
+        np.testing.assert_array_equal(indices.ravel()[sl], i)
+    # every (neuron, slot) appears exactly once
+    np.testing.assert_array_equal(np.sort(slots), np.arange(n_out * k))
+
+
+@settings(**SETTINGS)
+@given(layers())
+def test_backward_with_cached_transpose_matches_dense(case):
+    indices, values, _, x, dy = case
+    n_in = x.shape[1]
+    dx_ref, dv_ref = ref_backward(x, indices, values, dy)
+    tr = K.transpose_structure(indices, n_in)
+    close(K.fanin_backward_input(indices, values, dy, n_in, transposed=tr), dx_ref)
+    dx, dv = K.fanin_backward(x, indices, values, dy, transposed=tr)
+    close(dx, dx_ref)
+    close(dv, dv_ref)
+    dx64 = K.fanin_backward_input(indices, values.astype(np.float64), dy, n_in, transposed=tr)
+    assert dx64.dtype == np.float64
+    np.testing.assert_allclose(dx64, dx_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_transposed_of_other_indices_is_refused():
+    rng = np.random.default_rng(7)
+    indices, values = random_layer(rng, 5, 8, 3, np.int16)
+    dy = rng.standard_normal((9, 5)).astype(np.float32)
+    other = K.transpose_structure(random_layer(rng, 5, 8, 2, np.int16)[0], 8)
+    with pytest.raises(ValueError, match="transposed must be transpose_structure"):
+        K.fanin_backward_input(indices, values, dy, 8, transposed=other)
+    with pytest.raises(ValueError, match="transposed must be transpose_structure"):
+        K.fanin_backward(rng.standard_normal((9, 8)).astype(np.float32), indices, values, dy,
+                         transposed=K.transpose_structure(indices, 9))
+    with pytest.raises(ValueError, match="outside"):
+        K.transpose_structure(indices, 4)
+
+
+@settings(**SETTINGS)
 @given(layers(), st.integers(0, 70), st.sampled_from([None, 1, 3, 64]))
 def test_growth_candidates_match_dense_topc(case, c, block):
     indices, _, _, x, dy = case

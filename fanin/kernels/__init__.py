@@ -23,7 +23,7 @@ from fanin.kernels import _validate as _v
 
 __all__ = [
     "CHECK_INDICES", "index_dtype", "validate_indices", "fanin_forward", "fanin_backward",
-    "fanin_backward_values", "fanin_backward_input", "growth_candidates", "dense_grad",
+    "fanin_backward_values", "fanin_backward_input", "transpose_structure", "growth_candidates", "dense_grad",
     "fixed_point_forward", "im2col", "col2im",
 ]
 
@@ -124,8 +124,31 @@ def fanin_backward_values(x, indices, dy, *, check=None):
     return be.fanin_backward_values(_v.cast(x, dt), indices, _v.cast(dy, dt))
 
 
-def fanin_backward_input(indices, values, dy, n_in: int, *, check=None):
-    """dx (B, n_in) = dy @ W, W the dense (n_out, n_in) matrix of (indices, values)."""
+def transpose_structure(indices, n_in: int, *, check=None):
+    """The CSC form of a layer's structure, for ``fanin_backward_input(..., transposed=...)``.
+
+    Returns ``(colptr, rows, slots)``: for input i, the entries ``e`` in ``colptr[i]:colptr[i+1]``
+    name the neurons ``rows[e]`` (increasing) that read input i and the flat positions
+    ``slots[e] = j*k + t`` of their weights in ``values``. It depends on ``indices`` only (not on
+    the values), so a layer computes it once per topology and reuses it every step.
+    """
+    fname = "transpose_structure"
+    be = _v.backend(fname, indices=indices)
+    indices = _v.index_array(fname, indices)
+    n_in = int(n_in)
+    if n_in < 1:
+        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    if _check(check):
+        _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
+    return be.transpose_structure(indices, n_in)
+
+
+def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transposed=None):
+    """dx (B, n_in) = dy @ W, W the dense (n_out, n_in) matrix of (indices, values).
+
+    ``transposed``: ``transpose_structure(indices, n_in)`` of these very indices, if the caller
+    keeps it (it is rebuilt on every call otherwise, from batch 8 on).
+    """
     fname = "fanin_backward_input"
     be = _v.backend(fname, indices=indices, values=values, dy=dy)
     indices = _v.index_array(fname, indices)
@@ -137,17 +160,22 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None):
         raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
     if _check(check):
         _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
+    _v.transposed(fname, transposed, indices, n_in)
     dt = _v.common_float(values, dy)
-    return be.fanin_backward_input(indices, _v.cast(values, dt), _v.cast(dy, dt), n_in)
+    return be.fanin_backward_input(indices, _v.cast(values, dt), _v.cast(dy, dt), n_in, transposed=transposed)
 
 
-def fanin_backward(x, indices, values, dy, *, check=None):
-    """(dx, dvalues) of fanin_forward: dx (B, n_in) = dy @ W, dvalues as fanin_backward_values."""
+def fanin_backward(x, indices, values, dy, *, check=None, transposed=None):
+    """(dx, dvalues) of fanin_forward: dx (B, n_in) = dy @ W, dvalues as fanin_backward_values.
+
+    ``transposed`` as in ``fanin_backward_input``.
+    """
     fname = "fanin_backward"
     be, x, indices, values, _ = _layer(fname, x, indices, values, None, check)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
+    _v.transposed(fname, transposed, indices, x.shape[1])
     dt = _v.common_float(x, values, dy)
-    return be.fanin_backward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(dy, dt))
+    return be.fanin_backward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(dy, dt), transposed=transposed)
 
 
 def _batches(fname, name, a):

@@ -114,3 +114,25 @@ def index_range(fname: str, be, indices, n_in: int, x_name: str, x_shape):
             f"{fname}: indices of shape {tuple(indices.shape)} hold {bad}, outside [0, {n_in}) for "
             f"{x_name} of shape {tuple(x_shape)}; the layer's n_in and the input's width must agree."
         )
+
+
+def transposed(fname: str, t, indices, n_in: int):
+    """A ``transpose_structure(indices, n_in)`` result: (colptr (n_in+1,), rows (nnz,), slots (nnz,)).
+
+    Checks shapes, dtypes and the total count (O(1)); the content is trusted: it must have been
+    made from these very indices (a layer rebuilds it whenever its indices change).
+    """
+    if t is None:
+        return
+    ok = isinstance(t, tuple) and len(t) == 3 and all(isinstance(a, np.ndarray) for a in t)
+    if ok:
+        colptr, rows, slots = t
+        nnz = indices.shape[0] * indices.shape[1]
+        ok = (colptr.shape == (n_in + 1,) and rows.shape == (nnz,) and slots.shape == (nnz,)
+              and colptr.dtype == np.int64 and rows.dtype == np.int32 and slots.dtype in (np.int32, np.int64)
+              and all(a.flags.c_contiguous for a in t) and int(colptr[-1]) == nnz)
+    if not ok:
+        raise ValueError(
+            f"{fname}: transposed must be transpose_structure(indices, n_in) of these indices "
+            f"{tuple(indices.shape)} and n_in={n_in}; rebuild it after the indices change (or pass None)."
+        )

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
+from llvmlite import ir as llvmir
 from numba.extending import intrinsic
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -44,6 +45,25 @@ def _stack_buffer(typingctx, size, dtype):
         return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=args[0])
 
     return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@intrinsic
+def _at(typingctx, arr, i):
+    """arr[i] for a 1-D unit-stride array and a signed index known to be in range: no wraparound,
+    no bounds check, and the index is sign-extended from its own width (int16/int32), so LLVM
+    can vectorise a loop of these loads into 32-bit-index gathers (vgatherdps)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer) and i.signed):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty, ity = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ix = args[1]
+        if ity.bitwidth < 64:
+            ix = builder.sext(ix, llvmir.IntType(64))
+        return builder.load(builder.gep(ary.data, [ix], inbounds=True))
+
+    return arr.dtype(arr, i), codegen
 
 
 def n_threads() -> int:
@@ -96,7 +116,7 @@ def _forward_row(x, indices, values, scale, bias, out, j):
         xr = x[b]
         acc = zero
         for t in range(ir.shape[0]):
-            acc += vr[t] * xr[np.uint32(ir[t])]
+            acc += vr[t] * _at(xr, ir[t])
         out[b, j] = bias[j] + scale[j] * acc
 
 
@@ -129,75 +149,211 @@ SERIAL_MACS = 1 << 20  # below this many multiply-adds a batch-1 forward runs on
 
 
 @njit(**_JIT)
-def _k_forward_panels(xp, indices, values, scale, bias, out):
-    """Batched forward on packed panels xp (n_panels, n_in, TB); out is (B, n_out)."""
+def _k_spmm_panels(xp, ptr, idx, vals, scale, bias, out):
+    """out[b, r] = bias[r] + scale[r] * sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (CSR rows).
+
+    xp (n_panels, n_in*TB) holds x packed batch-innermost (``pack_panels``); out is (B, n_rows).
+    One task = one panel x JB rows. Rows go four at a time: each row keeps TB = 32 accumulators
+    (two zmm) and the four rows' loads are independent streams, so the L2 latency of the
+    gathered 128-byte x rows overlaps (one row at a time was latency-bound at ~3 cycles/FMA).
+    Used for the forward (ptr = j*k) and for dx over the transposed structure.
+    """
     B = out.shape[0]
     n_panels = xp.shape[0]
-    n_out, k = indices.shape
-    n_jb = (n_out + JB - 1) // JB
-    k4 = k - k % 4
+    n_rows = ptr.shape[0] - 1
+    n_jb = (n_rows + JB - 1) // JB
+    vzero = vals.dtype.type(0)
     for task in prange(n_panels * n_jb):
         p = task // n_jb
         j0 = (task % n_jb) * JB
-        j1 = min(n_out, j0 + JB)
+        j1 = min(n_rows, j0 + JB)
         xc = xp[p]
         a0 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
         a1 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
         a2 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
         a3 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
         tile = np.empty((JB, TB), out.dtype)
-        for j in range(j0, j1):
-            ir = indices[j]
-            vr = values[j]
+        for jq in range(j0, j1, 4):
+            q0 = jq
+            q1 = min(jq + 1, j1 - 1)  # past the end: repeat the last row (same result, written twice)
+            q2 = min(jq + 2, j1 - 1)
+            q3 = min(jq + 3, j1 - 1)
+            e0 = ptr[q0]
+            e1 = ptr[q1]
+            e2 = ptr[q2]
+            e3 = ptr[q3]
+            m = min(min(ptr[q0 + 1] - e0, ptr[q1 + 1] - e1), min(ptr[q2 + 1] - e2, ptr[q3 + 1] - e3))
             for s in range(TB):
                 a0[s] = 0
                 a1[s] = 0
                 a2[s] = 0
                 a3[s] = 0
-            for t in range(0, k4, 4):
-                v0 = vr[t]
-                v1 = vr[t + 1]
-                v2 = vr[t + 2]
-                v3 = vr[t + 3]
-                r0 = xc[np.uint32(ir[t])]
-                r1 = xc[np.uint32(ir[t + 1])]
-                r2 = xc[np.uint32(ir[t + 2])]
-                r3 = xc[np.uint32(ir[t + 3])]
+            # offsets into the shared idx/vals (not four slices): fewer live registers, no spills
+            for t in range(m):
+                v0 = _at(vals, e0 + t)
+                v1 = _at(vals, e1 + t)
+                v2 = _at(vals, e2 + t)
+                v3 = _at(vals, e3 + t)
+                b0 = np.intp(_at(idx, e0 + t)) * TB
+                b1 = np.intp(_at(idx, e1 + t)) * TB
+                b2 = np.intp(_at(idx, e2 + t)) * TB
+                b3 = np.intp(_at(idx, e3 + t)) * TB
                 for s in range(TB):
-                    a0[s] += v0 * r0[s]
-                    a1[s] += v1 * r1[s]
-                    a2[s] += v2 * r2[s]
-                    a3[s] += v3 * r3[s]
-            for t in range(k4, k):
-                v0 = vr[t]
-                r0 = xc[np.uint32(ir[t])]
+                    a0[s] += v0 * _at(xc, b0 + s)
+                    a1[s] += v1 * _at(xc, b1 + s)
+                    a2[s] += v2 * _at(xc, b2 + s)
+                    a3[s] += v3 * _at(xc, b3 + s)
+            # unequal rows (transposed structure): run on to the longest of the four, with the
+            # shorter rows re-reading their last entry at weight 0 (four single-row tail loops
+            # were vectorised across entries by LLVM: one gather per sample, 30x slower)
+            l0 = ptr[q0 + 1] - e0
+            l1 = ptr[q1 + 1] - e1
+            l2 = ptr[q2 + 1] - e2
+            l3 = ptr[q3 + 1] - e3
+            z0 = max(ptr[q0 + 1] - 1, 0)
+            z1 = max(ptr[q1 + 1] - 1, 0)
+            z2 = max(ptr[q2 + 1] - 1, 0)
+            z3 = max(ptr[q3 + 1] - 1, 0)
+            for t in range(m, max(max(l0, l1), max(l2, l3))):
+                f0 = min(e0 + t, z0)
+                f1 = min(e1 + t, z1)
+                f2 = min(e2 + t, z2)
+                f3 = min(e3 + t, z3)
+                v0 = _at(vals, f0) if t < l0 else vzero
+                v1 = _at(vals, f1) if t < l1 else vzero
+                v2 = _at(vals, f2) if t < l2 else vzero
+                v3 = _at(vals, f3) if t < l3 else vzero
+                b0 = np.intp(_at(idx, f0)) * TB
+                b1 = np.intp(_at(idx, f1)) * TB
+                b2 = np.intp(_at(idx, f2)) * TB
+                b3 = np.intp(_at(idx, f3)) * TB
                 for s in range(TB):
-                    a0[s] += v0 * r0[s]
+                    a0[s] += v0 * _at(xc, b0 + s)
+                    a1[s] += v1 * _at(xc, b1 + s)
+                    a2[s] += v2 * _at(xc, b2 + s)
+                    a3[s] += v3 * _at(xc, b3 + s)
             for s in range(TB):
-                tile[j - j0, s] = bias[j] + scale[j] * ((a0[s] + a1[s]) + (a2[s] + a3[s]))
-        # write the (neurons x samples) tile row by row: whole cache lines, no set thrashing
+                tile[q0 - j0, s] = bias[q0] + scale[q0] * a0[s]
+                tile[q1 - j0, s] = bias[q1] + scale[q1] * a1[s]
+                tile[q2 - j0, s] = bias[q2] + scale[q2] * a2[s]
+                tile[q3 - j0, s] = bias[q3] + scale[q3] * a3[s]
+        # write the (rows x samples) tile row by row: whole cache lines, no set thrashing
         for s in range(min(TB, B - p * TB)):
             b = p * TB + s
             for jj in range(j1 - j0):
                 out[b, j0 + jj] = tile[jj, s]
 
 
+@njit(**_JIT)
+def _k_csr_rows(x, ptr, idx, vals, out):
+    """Small batch: out[b, r] = sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (gathered dots)."""
+    zero = out.dtype.type(0)
+    for r in prange(ptr.shape[0] - 1):
+        e0 = ptr[r]
+        e1 = ptr[r + 1]
+        ir = idx[e0:e1]
+        vr = vals[e0:e1]
+        for b in range(x.shape[0]):
+            xr = x[b]
+            acc = zero
+            for t in range(ir.shape[0]):
+                acc += vr[t] * _at(xr, ir[t])
+            out[b, r] = acc
+
+
+@njit(**_JIT_SERIAL)
+def _k_transpose_structure(indices, colptr, rows, slots):
+    """Counting sort of the (n_out, k) structure by input: the CSC form of the condensed layer.
+
+    For input i, the entries e in colptr[i]:colptr[i+1] list the neurons ``rows[e]`` that read
+    it (increasing) and the flat positions ``slots[e] = j*k + t`` of their weights.
+    """
+    n_out, k = indices.shape
+    n_in = colptr.shape[0] - 1
+    for i in range(n_in + 1):
+        colptr[i] = 0
+    for j in range(n_out):
+        for t in range(k):
+            colptr[np.intp(np.uint32(indices[j, t])) + 1] += 1
+    for i in range(n_in):
+        colptr[i + 1] += colptr[i]
+    fill = colptr[:n_in].copy()
+    for j in range(n_out):
+        for t in range(k):
+            i = np.intp(np.uint32(indices[j, t]))
+            e = fill[i]
+            fill[i] = e + 1
+            rows[e] = j
+            slots[e] = j * k + t
+
+
+@njit(**_JIT)
+def _k_take(a, slots, out):
+    """out[e] = a[slots[e]] (values in transposed order)."""
+    for e in prange(slots.shape[0]):
+        out[e] = a[slots[e]]
+
+
 # ---------------------------------------------------------------- backward
 @njit(**_JIT)
-def _k_dvalues(xt, dyt, indices, out):
-    """out[j, t] = sum_b dyt[j, b] * xt[indices[j, t], b] (batch-innermost xt, dyt)."""
+def _k_dvalues_panels(xp, dyp, indices, B, jb, out):
+    """out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] from packed panels (batch-innermost).
+
+    xp (n_panels, n_in*TB), dyp (n_panels, n_out*TB). A task owns jb neurons and walks the
+    panels in order, so the x rows it gathers come from one L2-resident panel (512 KiB for
+    4096 inputs) instead of a (n_in, B) transpose that spills to L3; each (j, t) adds one
+    32-sample dot per panel. Four t at a time keep four independent chains.
+    """
     n_out, k = indices.shape
-    B = xt.shape[1]
+    n_panels = xp.shape[0]
+    k4 = k - k % 4
+    n_tasks = (n_out + jb - 1) // jb
     zero = out.dtype.type(0)
-    for j in prange(n_out):
-        d = dyt[j]
-        ir = indices[j]
-        for t in range(k):
-            r = xt[np.uint32(ir[t])]
-            acc = zero
-            for b in range(B):
-                acc += d[b] * r[b]
-            out[j, t] = acc
+    for task in prange(n_tasks):
+        j0 = task * jb
+        j1 = min(n_out, j0 + jb)
+        for p in range(n_panels):
+            xc = xp[p]
+            dc = dyp[p]
+            first = p == 0
+            for j in range(j0, j1):
+                ir = indices[j]
+                o = out[j]
+                db = j * TB
+                for t in range(0, k4, 4):
+                    b0 = np.intp(ir[t]) * TB
+                    b1 = np.intp(ir[t + 1]) * TB
+                    b2 = np.intp(ir[t + 2]) * TB
+                    b3 = np.intp(ir[t + 3]) * TB
+                    s0 = zero
+                    s1 = zero
+                    s2 = zero
+                    s3 = zero
+                    for s in range(TB):
+                        d = _at(dc, db + s)
+                        s0 += d * _at(xc, b0 + s)
+                        s1 += d * _at(xc, b1 + s)
+                        s2 += d * _at(xc, b2 + s)
+                        s3 += d * _at(xc, b3 + s)
+                    if first:
+                        o[t] = s0
+                        o[t + 1] = s1
+                        o[t + 2] = s2
+                        o[t + 3] = s3
+                    else:
+                        o[t] += s0
+                        o[t + 1] += s1
+                        o[t + 2] += s2
+                        o[t + 3] += s3
+                for t in range(k4, k):
+                    b0 = np.intp(ir[t]) * TB
+                    s0 = zero
+                    for s in range(TB):
+                        s0 += _at(dc, db + s) * _at(xc, b0 + s)
+                    if first:
+                        o[t] = s0
+                    else:
+                        o[t] += s0
 
 
 @njit(**_JIT)
@@ -249,30 +405,6 @@ def _k_sum_parts(parts, out):
             for g in range(1, G):
                 acc += parts[g, b, i]
             out[b, i] = acc
-
-
-@njit(**_JIT)
-def _k_dx_cols(dyt, indices, values, dxt, n_tasks):
-    """Batched scatter, batch-innermost: dxt[idx, cols] += values[j, t] * dyt[j, cols].
-
-    Task q owns the batch columns [q*per, (q+1)*per) of dxt, so no two tasks write the same memory.
-    """
-    n_in, B = dxt.shape
-    n_out, k = indices.shape
-    per = (B + n_tasks - 1) // n_tasks
-    for q in prange(n_tasks):
-        c0 = min(B, q * per)
-        c1 = min(B, c0 + per)
-        dxt[:, c0:c1] = 0
-        for j in range(n_out):
-            ir = indices[j]
-            vr = values[j]
-            d = dyt[j, c0:c1]
-            for t in range(k):
-                v = vr[t]
-                r = dxt[np.uint32(ir[t]), c0:c1]
-                for s in range(c1 - c0):
-                    r[s] += v * d[s]
 
 
 # ---------------------------------------------------------------- growth scores
@@ -421,6 +553,11 @@ def _scale_bias(n_out, dtype, scale, bias):
     return scale, bias
 
 
+def _row_ptr(n_rows: int, k: int) -> np.ndarray:
+    """CSR row pointers of a constant fan-in layer: ptr[j] = j*k."""
+    return np.arange(0, (n_rows + 1) * k, k, dtype=np.int64) if k else np.zeros(n_rows + 1, np.int64)
+
+
 def fanin_forward(x, indices, values, bias=None, scale=None):
     """y (B, n_out) = bias + scale * sum_t values * x[:, indices]; path chosen by batch size."""
     B = x.shape[0]
@@ -433,7 +570,10 @@ def fanin_forward(x, indices, values, bias=None, scale=None):
         small = B * indices.shape[0] * indices.shape[1] < SERIAL_MACS and _parallel_launch_is_slow()
         (_k_forward_rows_serial if small else _k_forward_rows)(x, indices, values, scale, bias, out)
     else:
-        _k_forward_panels(pack_panels(x), indices, values, scale, bias, out)
+        xp = pack_panels(x)
+        vals = values.reshape(-1) if values.dtype == x.dtype else values.reshape(-1).astype(x.dtype)
+        _k_spmm_panels(xp.reshape(xp.shape[0], -1), _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
+                       vals, scale, bias, out)
     return out
 
 
@@ -442,45 +582,76 @@ def fixed_point_forward(x, indices, qvalues, scale, bias=None):
     return fanin_forward(x, indices, qvalues, bias, scale)
 
 
-def fanin_backward_values(x, indices, dy, xt=None, dyt=None):
-    """dvalues[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] (xt, dyt: transposes if already made)."""
+def fanin_backward_values(x, indices, dy, xp=None, dyp=None):
+    """dvalues[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] (xp, dyp: packed panels if already made)."""
     out = np.empty(indices.shape, x.dtype)
-    if x.shape[0] < SMALL_BATCH:
+    B = x.shape[0]
+    if B < SMALL_BATCH:
         _k_dvalues_rows(x, dy, indices, out)
-    else:
-        _k_dvalues(transpose(x) if xt is None else xt, transpose(dy) if dyt is None else dyt, indices, out)
+        return out
+    xp = pack_panels(x) if xp is None else xp
+    dyp = pack_panels(dy) if dyp is None else dyp
+    n_out = indices.shape[0]
+    jb = max(8, -(-n_out // (4 * n_threads())))  # ~4 tasks per thread
+    _k_dvalues_panels(xp.reshape(xp.shape[0], -1), dyp.reshape(dyp.shape[0], -1), indices, B, jb, out)
     return out
 
 
-def fanin_backward_input(indices, values, dy, n_in, dyt=None):
-    """dx (B, n_in) = dy @ W for the condensed W, as a race-free scatter."""
+def transpose_structure(indices, n_in):
+    """(colptr (n_in+1,) int64, rows (nnz,) int32, slots (nnz,) int32/int64): the CSC form of indices.
+
+    Depends on the topology only, so a layer computes it once per ``indices`` array and passes
+    it to ``fanin_backward_input(..., transposed=...)`` on every step.
+    """
+    n_out, k = indices.shape
+    nnz = n_out * k
+    colptr = np.empty(int(n_in) + 1, np.int64)
+    rows = np.empty(nnz, np.int32)
+    slots = np.empty(nnz, np.int32 if nnz < 2**31 else np.int64)
+    _k_transpose_structure(indices, colptr, rows, slots)
+    return colptr, rows, slots
+
+
+def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
+    """dx (B, n_in) = dy @ W for the condensed W, race-free.
+
+    From batch SMALL_BATCH on (or with ``transposed`` given) dx is a forward over the transposed
+    structure: each input gathers the dy of the neurons that read it, so no two threads write
+    the same dx and there is no scatter. Without ``transposed`` the structure is built here
+    (O(nnz)); layers cache it. Below SMALL_BATCH without it: scatter into per-thread buffers.
+    """
     B = dy.shape[0]
     out = np.empty((B, n_in), dy.dtype)
     if B == 0:
         return out
-    nt = n_threads()
-    if B < SMALL_BATCH:
-        groups = max(1, min(nt, indices.shape[0]))
+    if B < SMALL_BATCH and transposed is None:
+        groups = max(1, min(n_threads(), indices.shape[0]))
         parts = np.empty((groups, B, n_in), dy.dtype)
         _k_dx_rows(dy, indices, values, parts)
         if groups == 1:
             return parts[0]
         _k_sum_parts(parts, out)
         return out
-    dxt = np.empty((n_in, B), dy.dtype)
-    n_tasks = max(1, min(nt, B // 16))  # at least one 512-bit vector of samples per task
-    _k_dx_cols(transpose(dy) if dyt is None else dyt, indices, values, dxt, n_tasks)
-    _k_transpose(dxt, out)
+    colptr, rows, slots = transpose_structure(indices, n_in) if transposed is None else transposed
+    vals_t = np.empty(rows.shape[0], dy.dtype)
+    _k_take(values.reshape(-1), slots, vals_t)
+    if B < SMALL_BATCH:
+        _k_csr_rows(dy, colptr, rows, vals_t, out)
+        return out
+    dyp = pack_panels(dy) if dyp is None else dyp
+    _k_spmm_panels(dyp.reshape(dyp.shape[0], -1), colptr, rows, vals_t, np.ones(n_in, dy.dtype),
+                   np.zeros(n_in, dy.dtype), out)
     return out
 
 
-def fanin_backward(x, indices, values, dy):
-    """(dx, dvalues) of the condensed forward, sharing the batch-innermost transposes."""
+def fanin_backward(x, indices, values, dy, transposed=None):
+    """(dx, dvalues) of the condensed forward, sharing the packed dy panels."""
     if x.shape[0] < SMALL_BATCH:
-        return fanin_backward_input(indices, values, dy, x.shape[1]), fanin_backward_values(x, indices, dy)
-    dyt = transpose(dy)
-    return (fanin_backward_input(indices, values, dy, x.shape[1], dyt),
-            fanin_backward_values(x, indices, dy, transpose(x), dyt))
+        return (fanin_backward_input(indices, values, dy, x.shape[1], transposed=transposed),
+                fanin_backward_values(x, indices, dy))
+    dyp = pack_panels(dy)
+    return (fanin_backward_input(indices, values, dy, x.shape[1], dyp, transposed),
+            fanin_backward_values(x, indices, dy, pack_panels(x), dyp))
 
 
 def dense_grad(x, dy):
