@@ -410,9 +410,11 @@ def _k_sum_parts(parts, out):
 # ---------------------------------------------------------------- growth scores
 @njit(**_JIT)
 def _k_topc_free(g, indices, c, cand_idx, cand_score):
-    """Per row r of g: the c largest |g[r, i]| over i not in indices[r], descending.
+    """Per row r of g: the c largest |g[r, i]| over i not in indices[r], descending (ties: lower i first).
 
     g is overwritten (scratch). Rows with fewer than c free inputs are padded with -1 / -inf.
+    A partition finds the c-th largest free score, one pass collects what beats it, and only
+    those c entries are sorted: O(n_in + c log c) per row.
     """
     rows, n_in = g.shape
     k = indices.shape[1]
@@ -422,65 +424,31 @@ def _k_topc_free(g, indices, c, cand_idx, cand_score):
             gr[i] = abs(gr[i])
         for t in range(k):
             gr[np.uint32(indices[r, t])] = -1.0  # held: never a candidate (scores are >= 0)
-        hs = cand_score[r]  # min-heap of the best scores so far
-        hi = cand_idx[r]
-        m = 0
-        for i in range(n_in):
-            s = gr[i]
-            if s < 0:
-                continue
-            if m < c:  # push
-                pos = m
-                m += 1
-                while pos > 0:
-                    parent = (pos - 1) >> 1
-                    if hs[parent] <= s:
-                        break
-                    hs[pos] = hs[parent]
-                    hi[pos] = hi[parent]
-                    pos = parent
-                hs[pos] = s
-                hi[pos] = i
-            elif s > hs[0]:  # replace the smallest, sift down
-                pos = 0
-                while True:
-                    child = 2 * pos + 1
-                    if child >= m:
-                        break
-                    if child + 1 < m and hs[child + 1] < hs[child]:
-                        child += 1
-                    if hs[child] >= s:
-                        break
-                    hs[pos] = hs[child]
-                    hi[pos] = hi[child]
-                    pos = child
-                hs[pos] = s
-                hi[pos] = i
-        # heap sort in place: repeatedly move the minimum to the end -> descending order
-        end = m
-        while end > 1:
-            end -= 1
-            ms, mi = hs[0], hi[0]
-            s, ix = hs[end], hi[end]
-            hs[end] = ms
-            hi[end] = mi
-            pos = 0
-            while True:
-                child = 2 * pos + 1
-                if child >= end:
+        m = min(c, n_in - k)
+        if m > 0:
+            cut = np.partition(gr, n_in - m)[n_in - m]  # the m-th largest (held entries are smallest)
+            sel_i = np.empty(m, np.int64)
+            sel_s = np.empty(m, g.dtype)
+            q = 0
+            for i in range(n_in):
+                if gr[i] > cut:
+                    sel_i[q] = i
+                    sel_s[q] = gr[i]
+                    q += 1
+            for i in range(n_in):
+                if q >= m:
                     break
-                if child + 1 < end and hs[child + 1] < hs[child]:
-                    child += 1
-                if hs[child] >= s:
-                    break
-                hs[pos] = hs[child]
-                hi[pos] = hi[child]
-                pos = child
-            hs[pos] = s
-            hi[pos] = ix
-        for q in range(m, c):
-            hs[q] = -np.inf
-            hi[q] = -1
+                if gr[i] == cut:
+                    sel_i[q] = i
+                    sel_s[q] = gr[i]
+                    q += 1
+            order = np.argsort(-sel_s, kind="mergesort")  # stable: equal scores keep index order
+            for t in range(m):
+                cand_idx[r, t] = sel_i[order[t]]
+                cand_score[r, t] = sel_s[order[t]]
+        for t in range(m, c):
+            cand_score[r, t] = -np.inf
+            cand_idx[r, t] = -1
 
 
 # ---------------------------------------------------------------- im2col / col2im

@@ -85,7 +85,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     if nonzero < n_keep:
         n_keep, n_prune = nonzero, n_ones - nonzero
     # 3: grow scores, held slots and best non-held candidates per neuron
-    c = n_in - k if exact else min(n_in - k, max(2 * k0, 64))
+    c = n_in - k if exact else min(n_in - k, max(k0 + 16, 32))
     held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
     # 4: salience = among the n_keep largest |W| or among the n_prune largest |G| of the layer
     keep_sal = select.top_mask(np.where(drop > 0, drop, -np.inf), n_keep)
