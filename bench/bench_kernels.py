@@ -194,6 +194,31 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if np.isfinite(a) else "-"
 
 
+def chart(fwd_rows, path) -> bool:
+    """Speed-up over NumPy dense per layer and batch, one line per sparsity (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    layers = sorted({r[0] for r in fwd_rows}, key=lambda n: [r[0] for r in fwd_rows].index(n))
+    for ax, layer in zip(axes, layers):
+        for s in sorted({r[1] for r in fwd_rows}):
+            pts = [(r[2], float(r[8].rstrip("x"))) for r in fwd_rows if r[0] == layer and r[1] == s]
+            ax.plot([str(b) for b, _ in pts], [v for _, v in pts], "o-", label=f"{s:.0%} sparse")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{layer} (out x in)")
+        ax.set_xlabel("batch")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("speed-up vs NumPy dense (x)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="90 %% sparsity only")
@@ -272,6 +297,9 @@ def main():
     log(common.table(fwd_rows, ["layer (out x in)", "sparsity", "batch", "ours", "numpy dense", "scipy csr",
                                 "torch dense", "torch csr", "vs numpy", "vs csr", "vs torch", "vs torch csr"]))
     log()
+    if chart(fwd_rows, pathlib.Path(__file__).resolve().parent / "kernels_speedup.png"):
+        log("![forward speed-up over NumPy dense](kernels_speedup.png)")
+        log()
     log("### Forward + backward (dx and dvalues; dense: y = x W^T, dx = dy W, dW = dy^T x)")
     log()
     log("dx is a forward over the transposed (CSC) structure, `K.transpose_structure(indices, n_in)`, built once per"
