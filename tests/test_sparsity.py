@@ -228,3 +228,12 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="no FanInLinear"):
         dense = models.mlp([4, 3, 2])
         sparsity.SRigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.5, t_end=10)
+
+
+def test_output_layer_is_the_last_weight_layer_of_the_model():
+    mlp = models.mlp([20, 8, 4], sparsity=0.5, seed=0)
+    s1 = sparsity.SRigL(mlp, optim.SGD(mlp.parameters(), lr=0.1), sparsity=0.5, t_end=10)
+    assert s1.output_layer is mlp[-1]
+    cnn = models.cnn(channels=(4, 8), hidden=16, sparsity=0.5, seed=0)  # dense classifier after the sparse hidden
+    s2 = sparsity.SRigL(cnn, optim.SGD(cnn.parameters(), lr=0.1), sparsity=0.5, t_end=10)
+    assert s2.output_layer is None  # so the hidden FanInLinear may be ablated

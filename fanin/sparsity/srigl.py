@@ -14,7 +14,7 @@ import numpy as np
 
 from fanin import kernels
 from fanin.kernels import select
-from fanin.nn import FanInConv2d, FanInLinear, kaiming_normal, random_fanin_indices
+from fanin.nn import Conv2d, FanInConv2d, FanInLinear, Linear, kaiming_normal, random_fanin_indices
 from fanin.sparsity.distribution import check_sparsity, drop_fraction, layer_densities
 
 __all__ = ["SRigL", "LayerUpdate", "srigl_update", "sparse_layers", "dense_shape"]
@@ -193,7 +193,9 @@ class SRigL:
             self.k0.append(k0)
             if layer.k != k0 or not layer.active.all():
                 self._reinitialise(layer, k0, rng)
-        self.output_layer = self.layers[-1][1]
+        # the network's output layer (never ablated) is its last weight layer, if that one is condensed
+        weight_layers = [m for m in model.modules() if isinstance(m, (FanInLinear, FanInConv2d, Linear, Conv2d))]
+        self.output_layer = weight_layers[-1] if weight_layers[-1] is self.layers[-1][1] else None
         self._arm_capture()
 
     # ------------------------------------------------------------- schedule
