@@ -111,6 +111,7 @@ def main(argv=None):
                 commands.append(cmd)
     table = summarize(args.model, results)
     print(table)
+    (ROOT / "docs").mkdir(exist_ok=True)
     fig = ROOT / "docs" / f"sparse_accuracy_{args.model}.png"
     has_fig = plot(args.model, results, fig)
     sys.path.insert(0, str(ROOT / "bench"))
