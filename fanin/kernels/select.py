@@ -9,21 +9,40 @@ from numba import prange
 
 @nb.njit(parallel=True, cache=True)
 def top_per_row(scores, counts):
-    """Boolean mask choosing, in each row j, the ``counts[j]`` largest finite scores."""
+    """Boolean mask choosing, in each row j, the ``counts[j]`` largest finite scores.
+
+    O(m) per row: a partition finds the cut value, then entries above it and (in order) equal
+    to it are taken.
+    """
     n, m = scores.shape
     out = np.zeros((n, m), dtype=np.bool_)
     for j in prange(n):
-        want = counts[j]
+        row = scores[j]
+        finite = 0
+        for t in range(m):
+            if np.isfinite(row[t]):
+                finite += 1
+        want = min(counts[j], finite)
         if want <= 0:
             continue
-        order = np.argsort(-scores[j], kind="mergesort")
+        work = np.empty(finite, dtype=scores.dtype)
+        q = 0
+        for t in range(m):
+            if np.isfinite(row[t]):
+                work[q] = row[t]
+                q += 1
+        cut = np.partition(work, finite - want)[finite - want]
         taken = 0
         for t in range(m):
-            s = order[t]
-            if taken >= want or not np.isfinite(scores[j, s]):
+            if np.isfinite(row[t]) and row[t] > cut:
+                out[j, t] = True
+                taken += 1
+        for t in range(m):
+            if taken >= want:
                 break
-            out[j, s] = True
-            taken += 1
+            if row[t] == cut:
+                out[j, t] = True
+                taken += 1
     return out
 
 

@@ -51,13 +51,12 @@ class LayerUpdate:
 def _growth_pool(layer, x, dy, c, exact):
     """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates."""
     held = np.abs(kernels.fanin_backward_values(x, layer.indices, dy, check=False))
-    if exact:
+    if exact:  # every non-held position is a candidate, in index order
         g = np.abs(kernels.dense_grad(x, dy))
-        rows = np.arange(layer.n_out)[:, None]
-        g[rows, layer.indices.astype(np.int64)] = -np.inf  # held slots are scored above
-        cand = np.argsort(-g, axis=1, kind="stable")[:, :c]
-        score = np.take_along_axis(g, cand, axis=1)
-        return held, cand.astype(np.int64), score
+        free = np.ones(g.shape, bool)
+        free[np.arange(layer.n_out)[:, None], layer.indices.astype(np.int64)] = False  # scored above
+        cand = np.nonzero(free)[1].reshape(layer.n_out, layer.n_in - layer.k)
+        return held, cand.astype(np.int64), g[free].reshape(cand.shape)
     cand, score = kernels.growth_candidates(x, dy, layer.indices, c)
     score = np.where(cand < 0, np.float32(-np.inf), score)
     return held, cand.astype(np.int64), score
