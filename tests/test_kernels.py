@@ -200,6 +200,11 @@ def test_growth_candidates_match_dense_topc(case, c, block):
         assert np.all(np.diff(got[:m]) <= tol), "sorted by score, descending"
         np.testing.assert_allclose(got[:m], g[j, chosen], atol=tol, rtol=1e-5)
         np.testing.assert_allclose(got[:m], want[j, :m], atol=tol, rtol=1e-5)
+    unsorted_idx, unsorted_score = K.growth_candidates(x, dy, indices, c, block, sort=False)
+    for j in range(n_out):  # the same set, in input order
+        m = min(c, free)
+        assert np.all(np.diff(unsorted_idx[j, :m]) > 0)
+        np.testing.assert_allclose(np.sort(unsorted_score[j, :m])[::-1], score[j, :m], atol=tol, rtol=1e-5)
 
 
 @settings(**SETTINGS)

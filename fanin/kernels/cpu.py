@@ -409,13 +409,14 @@ def _k_sum_parts(parts, out):
 
 # ---------------------------------------------------------------- growth scores
 @njit(**_JIT)
-def _k_topc_free(g, indices, c, cand_idx, cand_score):
-    """Per row r of g: the c largest |g[r, i]| over i not in indices[r], descending (ties: lower i first).
+def _k_topc_free(g, indices, c, sort, cand_idx, cand_score):
+    """Per row r of g: the c largest |g[r, i]| over i not in indices[r] (ties: lower i first),
+    by score descending when ``sort``, else in input order.
 
     g is overwritten (scratch). Rows with fewer than c free inputs are padded with -1 / -inf.
-    A sorted sample of the row gives a threshold that at least c free scores likely reach; one
-    pass collects the scores at or above it and only those are sorted (exact: when fewer than c
-    reach it, the whole row is sorted instead). About O(n_in + c log c) per row.
+    A sample of the row gives a threshold that at least c free scores likely reach; one pass
+    collects the scores at or above it (when fewer than c do, every free score is collected),
+    and a partition of those finds the exact c-th largest. O(n_in) per row, plus c log c to sort.
     """
     rows, n_in = g.shape
     k = indices.shape[1]
@@ -429,21 +430,21 @@ def _k_topc_free(g, indices, c, cand_idx, cand_score):
         free = n_in - k
         m = min(c, free)
         if m > 0:
-            # threshold from a sample: the score that ~1.25x the wanted share of free entries beat
-            sample = -np.sort(-gr[::step])
+            sample = gr[::step].copy()
             n_s = 0
             for i in range(sample.size):
                 if sample[i] >= 0.0:
+                    sample[n_s] = sample[i]
                     n_s += 1
-            want = min(n_s - 1, int(n_s * (1.25 * m / free)) + 4)
-            cut = sample[want] if want >= 0 and m < free else -0.5
+            want = int(n_s * (1.25 * m / free)) + 4  # rank (from the top) of the sampled threshold
+            cut = np.partition(sample[:n_s], n_s - want)[n_s - want] if 0 < want <= n_s and m < free else 0.0
             sel = np.empty(n_in, np.int64)
             q = 0
             for i in range(n_in):
-                if gr[i] >= cut and gr[i] >= 0.0:
+                if gr[i] >= cut:
                     sel[q] = i
                     q += 1
-            if q < m:  # the sample misled us: take every free entry
+            if q < m:  # the sample misled us: collect every free entry
                 q = 0
                 for i in range(n_in):
                     if gr[i] >= 0.0:
@@ -451,11 +452,29 @@ def _k_topc_free(g, indices, c, cand_idx, cand_score):
                         q += 1
             vals = np.empty(q, g.dtype)
             for t in range(q):
-                vals[t] = -gr[sel[t]]
-            order = np.argsort(vals, kind="mergesort")  # stable: equal scores keep index order
-            for t in range(m):
-                cand_idx[r, t] = sel[order[t]]
-                cand_score[r, t] = -vals[order[t]]
+                vals[t] = gr[sel[t]]
+            exact = np.partition(vals, q - m)[q - m]  # the m-th largest collected = of the row
+            above = 0
+            for t in range(q):
+                if vals[t] > exact:
+                    above += 1
+            ties = m - above  # equal scores: the lowest inputs win
+            p = 0
+            for t in range(q):
+                v = vals[t]
+                if v > exact or (v == exact and ties > 0):
+                    if v == exact:
+                        ties -= 1
+                    cand_idx[r, p] = sel[t]
+                    cand_score[r, p] = v
+                    p += 1
+            if sort:
+                order = np.argsort(-cand_score[r, :m], kind="mergesort")
+                ids = cand_idx[r, :m].copy()
+                sc = cand_score[r, :m].copy()
+                for t in range(m):
+                    cand_idx[r, t] = ids[order[t]]
+                    cand_score[r, t] = sc[order[t]]
         for t in range(m, c):
             cand_score[r, t] = -np.inf
             cand_idx[r, t] = -1
@@ -637,7 +656,7 @@ def dense_grad(x, dy):
     return np.ascontiguousarray(dy.T @ x)
 
 
-def growth_candidates(x, dy, indices, c, block=None):
+def growth_candidates(x, dy, indices, c, block=None, sort=True):
     """Per neuron, the c largest |dy^T x| outside indices[j], descending; blockwise over neurons."""
     n_out = indices.shape[0]
     n_in = x.shape[1]
@@ -649,7 +668,7 @@ def growth_candidates(x, dy, indices, c, block=None):
     for j0 in range(0, n_out, block):
         j1 = min(n_out, j0 + block)
         g = dyt[j0:j1] @ x  # BLAS, (block, n_in)
-        _k_topc_free(g, indices[j0:j1], c, cand_idx[j0:j1], cand_score[j0:j1])
+        _k_topc_free(g, indices[j0:j1], c, sort, cand_idx[j0:j1], cand_score[j0:j1])
     return cand_idx, cand_score
 
 

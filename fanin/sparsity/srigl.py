@@ -57,7 +57,7 @@ def _growth_pool(layer, x, dy, c, exact):
         free[np.arange(layer.n_out)[:, None], layer.indices.astype(np.int64)] = False  # scored above
         cand = np.nonzero(free)[1].reshape(layer.n_out, layer.n_in - layer.k)
         return held, cand.astype(np.int64), g[free].reshape(cand.shape)
-    cand, score = kernels.growth_candidates(x, dy, layer.indices, c)
+    cand, score = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, check=False)
     score = np.where(cand < 0, np.float32(-np.inf), score)
     return held, cand.astype(np.int64), score
 
