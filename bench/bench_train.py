@@ -16,11 +16,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-try:  # torch first, so that its OpenMP keeps its own default wait policy
+import fanin  # noqa: E402  (first: it sets the OpenMP spin policy before any OpenMP runtime loads)
+
+try:
     import torch  # noqa: F401
 except ImportError:
     pass
-import fanin  # noqa: E402
 from fanin import ops  # noqa: E402
 
 SIZES = [784, 1024, 1024, 10]

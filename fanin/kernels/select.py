@@ -57,8 +57,8 @@ def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
     """
     n, k = old_idx.shape
     c = cand_idx.shape[1]
-    new_idx = np.empty((n, k_new), dtype=np.int64)
-    src = np.full((n, k_new), -1, dtype=np.int64)
+    new_idx = np.empty((n, k_new), dtype=np.int32)
+    src = np.full((n, k_new), -1, dtype=np.int32)
     filled = np.zeros(n, dtype=np.int64)
     for j in prange(n):
         if placeholder[j]:

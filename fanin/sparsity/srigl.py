@@ -56,10 +56,10 @@ def _growth_pool(layer, x, dy, c, exact):
         free = np.ones(g.shape, bool)
         free[np.arange(layer.n_out)[:, None], layer.indices.astype(np.int64)] = False  # scored above
         cand = np.nonzero(free)[1].reshape(layer.n_out, layer.n_in - layer.k)
-        return held, cand.astype(np.int64), g[free].reshape(cand.shape)
+        return held, cand.astype(np.int32), g[free].reshape(cand.shape)
     cand, score = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, check=False)
     score = np.where(cand < 0, np.float32(-np.inf), score)
-    return held, cand.astype(np.int64), score
+    return held, cand, score
 
 
 def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: float, ablation: bool,
@@ -122,7 +122,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
         pool = np.concatenate([np.where(keep, -np.inf, held_g), cand_g], axis=1)
     chosen = select.top_per_row(pool, need)
     regrown_held = chosen[:, :k]
-    old_idx = layer.indices.astype(np.int64)
+    old_idx = layer.indices.astype(np.int32)
     # grown connections are new (weight 0, state 0) even where they were just pruned (SPEC.md §2 step 9)
     new_idx, src, filled = select.assemble_rows(
         old_idx, keep, np.concatenate([old_idx, cand], axis=1), chosen, k_new, ~new_active)
