@@ -32,14 +32,21 @@ _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
 R = 4   # output rows per register tile
 L = 16  # output columns per register tile (one zmm of float32)
 T = 4   # taps per task step in backward_values
+RL = R * L
+TL = T * L
 
 
 @intrinsic
 def _scratch(typingctx, size, dtype):
-    """``size`` elements of ``dtype`` on the stack (promoted to registers when indexed by constants)."""
+    """``size`` (a compile-time constant) elements of ``dtype`` on the stack, in the entry block
+    (promoted to registers when every access has a constant index)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
 
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=args[0])
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype),
+                                   size=context.get_constant(types.intp, n))
 
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
@@ -134,7 +141,7 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
         xb = xp[b]
         offj = off[j]
         vj = values[j]
-        acc = _scratch(R * L, x.dtype)
+        acc = _scratch(RL, x.dtype)
         for rb in range(nrb):
             oy0 = rb * R
             for cb in range(ncb):
@@ -190,7 +197,7 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
     kpad = off.shape[1]
     rs = sh * Wp
     for j in prange(n_out):
-        acc = _scratch(T * L, xp.dtype)
+        acc = _scratch(TL, xp.dtype)
         offj = off[j]
         for t0 in range(0, kpad, T):
             for q in range(T * L):
@@ -221,7 +228,7 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
     return dv
 
 
-@njit(**_JIT)
+@njit(**_JIT_SERIAL)  # the padding and the reduction it calls are parallel
 def conv_backward_values(x, dy, indices, kh, kw, sh, sw, ph, pw):
     """dvalues (C_out, k): dvalues[j,t] = sum_{b,oy,ox} dy[b,j,oy,ox] * x[b, c_t, oy*sh-ph+dy_t, ox*sw-pw+dx_t]."""
     B, C, H, W = x.shape
