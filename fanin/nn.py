@@ -479,7 +479,7 @@ class FanInLinear(_FanIn):
 
 
 class FanInConv2d(_FanIn):
-    """Condensed convolution: each output channel reads ``k`` of the ``c_in*kh*kw`` taps (im2col + condensed matmul)."""
+    """Condensed convolution: each output channel reads ``k`` of the ``c_in*kh*kw`` taps (direct Numba kernels)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size, stride=1, padding=0, sparsity: float = 0.9,
                  bias: bool = True, seed=None, k=None):
@@ -513,11 +513,8 @@ class FanInConv2d(_FanIn):
                 f"FanInConv2d({self.c_in}, {self.c_out}): input has shape {x.shape}, expected "
                 f"(batch, {self.c_in}, height, width)."
             )
-        b = x.shape[0]
-        ho, wo = ops.conv_output_size(x.shape[2], x.shape[3], *self.kernel_size, self.stride, self.padding)
-        cols = ops.im2col(x, self.kernel_size, self.stride, self.padding)
-        y = self._condensed(cols)  # (B*Ho*Wo, c_out)
-        return y.reshape(b, ho, wo, self.c_out).transpose(0, 3, 1, 2)
+        return ops.fanin_conv2d(x, self.indices, self.values, self.bias, self.active, self.capture,
+                                self.transposed, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
         return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -16,7 +16,7 @@ from fanin.tensor import Tensor, as_array
 __all__ = [
     "add", "sub", "mul", "div", "pow", "neg", "matmul", "linear", "sum", "mean", "reshape",
     "transpose", "getitem", "concat", "flatten", "relu", "gelu", "exp", "log", "log_softmax",
-    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "im2col",
+    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "fanin_conv2d", "im2col",
 ]
 
 
@@ -566,3 +566,42 @@ def im2col(x, kernel_size, stride=1, padding=0) -> Tensor:
         raise ValueError(f"im2col: a {kh}x{kw} window does not fit input of shape {x.shape} with padding {padding}.")
     cols = kernels.im2col(x.data, kh, kw, stride, padding)
     return Tensor._make(cols, (x,), lambda g: (kernels.col2im(np.ascontiguousarray(g), x.shape, kh, kw, stride, padding),))
+
+
+def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, transposed=None,
+                 kernel_size=3, stride=1, padding=0) -> Tensor:
+    """Condensed convolution with direct kernels (no im2col): indices (C_out, k) into taps (c*kh+dy)*kw+dx.
+
+    ``active`` zeroes the value gradient of ablated neurons; ``capture``, a list, receives
+    ``(cols, dy2d)`` = (im2col(x), dy as (B*Ho*Wo, C_out)) in backward for SRigL's growth scores
+    (im2col is built only then); ``transposed`` as in ``fanin_linear``.
+    """
+    from fanin import kernels
+    from fanin.kernels import conv as kconv
+
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"fanin_conv2d: input must be (batch, channels, height, width), got shape {x.shape}.")
+    kh, kw = _pair(kernel_size)
+    stride, padding = _pair(stride), _pair(padding)
+    out = kconv.fanin_conv2d_forward(x.data, indices, values.data, None if bias is None else bias.data,
+                                     (kh, kw), stride, padding)
+    parents = (x, values) if bias is None else (x, values, bias)
+
+    def backward(g):
+        g = np.ascontiguousarray(g)
+        if capture is not None:
+            cols = kernels.im2col(x.data, kh, kw, stride, padding)
+            capture.append((cols, g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])))
+        tr = (transposed() if callable(transposed) else transposed) if x.requires_grad else None
+        gx, gv = kconv.fanin_conv2d_backward(x.data, indices, values.data, g, (kh, kw), stride, padding,
+                                             tr, need_dx=x.requires_grad)
+        if not values.requires_grad:
+            gv = None
+        elif active is not None and not active.all():
+            gv[~active] = 0
+        if bias is None:
+            return gx, gv
+        return gx, gv, g.sum(axis=(0, 2, 3))
+
+    return Tensor._make(out, parents, backward)

@@ -10,30 +10,30 @@ every output tile of ``R`` rows x ``L`` columns reads in bounds. Inner loops the
 branches and no border cases: a tap of output channel j at tile (oy0, ox0) reads
 ``xp[b].flat[off[j, t] + oy*sh*Wp + ox*sw]`` with ``off[j, t] = (c*Hp + dy)*Wp + dx``.
 
-- forward: one task per (b, j); an R x L tile of outputs lives in registers
-  (R*L = 64 float32 = four zmm) while the k taps stream through:
-  ``acc[r, 0:L] += v_t * xp_row(r, t)[0:L]``, R independent FMA chains per tap.
-- backward to the values: one task per j; T taps at a time share each (zero-padded) dy row.
-- backward to the input: one task per input plane (b, c); it loops over the channel's kh*kw
-  taps and, through the transposed (CSC) structure, over the (j, slot) pairs that read each
-  tap, scattering ``v * dy[b, j]`` into its own padded plane. No atomics, no races.
+- forward: one task per (b, j); an R x L = 4 x 16 tile of outputs lives in four separate
+  accumulators a0..a3 (four zmm for float32) while the k taps stream through:
+  ``a_r[0:L] += v_t * xp_row(r, t)[0:L]``: four independent FMA chains per tap. (One
+  (R*L) buffer indexed r*L+l did not vectorise: scalar FMAs, 5x slower.)
+- backward to the values: one task per j; T = 4 taps at a time share each zero-padded dy row.
+- backward to the input: each task owns input planes (b, c) (no atomics). Stride 1: a gather
+  over the transposed (CSC) structure into a zero-padded dy, register-tiled like the forward.
+  Other strides: a scatter of ``v * dy[b, j]`` into the task's own padded plane.
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir as llvmir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
 
-R = 4   # output rows per register tile
+R = 4   # output rows per register tile (four accumulators a0..a3: R is fixed at 4)
 L = 16  # output columns per register tile (one zmm of float32)
-T = 4   # taps per task step in backward_values
-RL = R * L
-TL = T * L
+T = 4   # taps per task step in backward_values (accumulators a0..a3: T is fixed at 4)
+L_ = L
 
 
 @intrinsic
@@ -123,10 +123,11 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
     y = np.empty((B, n_out, ho, wo), x.dtype)
     has_bias = bias.shape[0] == n_out
     rs = sh * Wp  # flat step between output rows
+    zero = np.zeros(1, x.dtype)[0]
     for task in prange(B * n_out):
         b = task // n_out
         j = task % n_out
-        bj = np.float64(bias[j]) if has_bias else 0.0
+        bj = bias[j] if has_bias else zero
         live = False
         for t in range(k):
             if values[j, t] != 0:
@@ -141,35 +142,50 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
         xb = xp[b]
         offj = off[j]
         vj = values[j]
-        acc = _scratch(RL, x.dtype)
+        a0 = carray(_scratch(L_, x.dtype), (L,))
+        a1 = carray(_scratch(L_, x.dtype), (L,))
+        a2 = carray(_scratch(L_, x.dtype), (L,))
+        a3 = carray(_scratch(L_, x.dtype), (L,))
         for rb in range(nrb):
             oy0 = rb * R
             for cb in range(ncb):
                 ox0 = cb * L
-                for q in range(R * L):
-                    acc[q] = bj
+                for l in range(L):
+                    a0[l] = bj
+                    a1[l] = bj
+                    a2[l] = bj
+                    a3[l] = bj
                 base = oy0 * rs + ox0 * sw
                 if sw == 1:
                     for t in range(k):
-                        v = vj[t]
-                        p = base + offj[t]
-                        for r in range(R):
-                            pr = p + r * rs
-                            for l in range(L):
-                                acc[r * L + l] += v * _ld(xb, pr + l)
+                        v = _ld(vj, t)
+                        p = base + _ld(offj, t)
+                        for l in range(L):
+                            a0[l] += v * _ld(xb, p + l)
+                            a1[l] += v * _ld(xb, p + rs + l)
+                            a2[l] += v * _ld(xb, p + 2 * rs + l)
+                            a3[l] += v * _ld(xb, p + 3 * rs + l)
                 else:
                     for t in range(k):
-                        v = vj[t]
-                        p = base + offj[t]
-                        for r in range(R):
-                            pr = p + r * rs
-                            for l in range(L):
-                                acc[r * L + l] += v * _ld(xb, pr + l * sw)
-                nr = min(R, ho - oy0)
+                        v = _ld(vj, t)
+                        p = base + _ld(offj, t)
+                        for l in range(L):
+                            a0[l] += v * _ld(xb, p + l * sw)
+                            a1[l] += v * _ld(xb, p + rs + l * sw)
+                            a2[l] += v * _ld(xb, p + 2 * rs + l * sw)
+                            a3[l] += v * _ld(xb, p + 3 * rs + l * sw)
                 nc = min(L, wo - ox0)
-                for r in range(nr):
+                for l in range(nc):
+                    yb[oy0, ox0 + l] = a0[l]
+                if oy0 + 1 < ho:
                     for l in range(nc):
-                        yb[oy0 + r, ox0 + l] = acc[r * L + l]
+                        yb[oy0 + 1, ox0 + l] = a1[l]
+                if oy0 + 2 < ho:
+                    for l in range(nc):
+                        yb[oy0 + 2, ox0 + l] = a2[l]
+                if oy0 + 3 < ho:
+                    for l in range(nc):
+                        yb[oy0 + 3, ox0 + l] = a3[l]
     return y
 
 
@@ -197,11 +213,21 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
     kpad = off.shape[1]
     rs = sh * Wp
     for j in prange(n_out):
-        acc = _scratch(TL, xp.dtype)
+        a0 = carray(_scratch(L_, xp.dtype), (L,))
+        a1 = carray(_scratch(L_, xp.dtype), (L,))
+        a2 = carray(_scratch(L_, xp.dtype), (L,))
+        a3 = carray(_scratch(L_, xp.dtype), (L,))
         offj = off[j]
         for t0 in range(0, kpad, T):
-            for q in range(T * L):
-                acc[q] = 0
+            for l in range(L):
+                a0[l] = 0
+                a1[l] = 0
+                a2[l] = 0
+                a3[l] = 0
+            o0 = offj[t0]
+            o1 = offj[t0 + 1]
+            o2 = offj[t0 + 2]
+            o3 = offj[t0 + 3]
             for b in range(B):
                 xb = xp[b]
                 db = dyp[b, j].ravel()
@@ -210,21 +236,35 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
                         dbase = oy * WoP + cb * L
                         xbase = oy * rs + cb * L * sw
                         if sw == 1:
-                            for q in range(T):
-                                p = xbase + offj[t0 + q]
-                                for l in range(L):
-                                    acc[q * L + l] += _ld(db, dbase + l) * _ld(xb, p + l)
+                            for l in range(L):
+                                d = _ld(db, dbase + l)
+                                a0[l] += d * _ld(xb, xbase + o0 + l)
+                                a1[l] += d * _ld(xb, xbase + o1 + l)
+                                a2[l] += d * _ld(xb, xbase + o2 + l)
+                                a3[l] += d * _ld(xb, xbase + o3 + l)
                         else:
-                            for q in range(T):
-                                p = xbase + offj[t0 + q]
-                                for l in range(L):
-                                    acc[q * L + l] += _ld(db, dbase + l) * _ld(xb, p + l * sw)
-            for q in range(T):
-                if t0 + q < k:
-                    s = acc[q * L]
-                    for l in range(1, L):
-                        s += acc[q * L + l]
-                    dv[j, t0 + q] = s
+                            for l in range(L):
+                                d = _ld(db, dbase + l)
+                                a0[l] += d * _ld(xb, xbase + o0 + l * sw)
+                                a1[l] += d * _ld(xb, xbase + o1 + l * sw)
+                                a2[l] += d * _ld(xb, xbase + o2 + l * sw)
+                                a3[l] += d * _ld(xb, xbase + o3 + l * sw)
+            s0 = a0[0]
+            s1 = a1[0]
+            s2 = a2[0]
+            s3 = a3[0]
+            for l in range(1, L):
+                s0 += a0[l]
+                s1 += a1[l]
+                s2 += a2[l]
+                s3 += a3[l]
+            dv[j, t0] = s0
+            if t0 + 1 < k:
+                dv[j, t0 + 1] = s1
+            if t0 + 2 < k:
+                dv[j, t0 + 2] = s2
+            if t0 + 3 < k:
+                dv[j, t0 + 3] = s3
     return dv
 
 
@@ -242,15 +282,116 @@ def conv_backward_values(x, dy, indices, kh, kw, sh, sw, ph, pw):
     return _backward_values_padded(xp, dyp, off, k, sh, sw, Wp)
 
 
-@njit(**_JIT)
-def conv_backward_input(dy, indices, values, transposed, C, H, W, kh, kw, sh, sw, ph, pw):
-    """dx (B, C, H, W) = the adjoint of conv_forward (without bias) applied to dy.
+@njit(**_JIT_SERIAL)
+def _gather_entries(values, colptr, rows, slots, C, khw, kh, kw, ph, pw, Hq, Wq):
+    """Per input channel c, the non-zero (offset, value) pairs of its taps for the stride-1 dx gather.
 
-    One task per input plane (b, c): for each of the channel's kh*kw taps i, the transposed
-    structure lists the (j, slot) pairs reading it; ``v * dy[b, j]`` is scattered into the task's
-    own padded plane, which is then cropped into dx.
+    Entry of tap (c, ddy, ddx) read by neuron j: offset ``j*Hq*Wq + (ph - ddy + kh - 1)*Wq +
+    (pw - ddx + kw - 1)`` into a padded dy sample; zero weights (ablated neurons) are dropped.
     """
-    colptr, rows, slots = transposed
+    vflat = values.ravel()
+    nnz = rows.shape[0]
+    cptr = np.zeros(C + 1, np.int64)
+    eoff = np.empty(nnz, np.int64)
+    ev = np.empty(nnz, values.dtype)
+    n = 0
+    for c in range(C):
+        for tap in range(khw):
+            i = c * khw + tap
+            ddy = tap // kw
+            ddx = tap % kw
+            for e in range(colptr[i], colptr[i + 1]):
+                v = vflat[slots[e]]
+                if v != 0:
+                    eoff[n] = np.int64(rows[e]) * Hq * Wq + (ph - ddy + kh - 1) * Wq + (pw - ddx + kw - 1)
+                    ev[n] = v
+                    n += 1
+        cptr[c + 1] = n
+    return cptr, eoff, ev
+
+
+@njit(**_JIT)
+def _pad_dy_full(dy, kh, kw, Hq, Wq):
+    """dyq (B, C_out*Hq*Wq): dy at offset (kh-1, kw-1) in zeroed planes."""
+    B, n_out, ho, wo = dy.shape
+    dyq = np.empty((B, n_out * Hq * Wq), dy.dtype)
+    for task in prange(B * n_out):
+        b = task // n_out
+        j = task % n_out
+        base = j * Hq * Wq
+        for q in range(Hq * Wq):
+            dyq[b, base + q] = 0
+        for oy in range(ho):
+            o = base + (oy + kh - 1) * Wq + kw - 1
+            for ox in range(wo):
+                dyq[b, o + ox] = dy[b, j, oy, ox]
+    return dyq
+
+
+@njit(**_JIT)
+def _backward_input_gather(dy, values, colptr, rows, slots, C, H, W, kh, kw, ph, pw):
+    """dx for stride 1 as a gather: dx[b,c,iy,ix] = sum v * dy[b, j, iy+ph-ddy, ix+pw-ddx].
+
+    One task per (b, c); R x L tiles of dx in registers, like the forward.
+    """
+    B, n_out, ho, wo = dy.shape
+    nrb = (H + R - 1) // R
+    ncb = (W + L - 1) // L
+    Hq = max(nrb * R + ph + kh - 1, ho + kh - 1)
+    Wq = max(ncb * L + pw + kw - 1, wo + kw - 1)
+    cptr, eoff, ev = _gather_entries(values, colptr, rows, slots, C, kh * kw, kh, kw, ph, pw, Hq, Wq)
+    dyq = _pad_dy_full(dy, kh, kw, Hq, Wq)
+    dx = np.empty((B, C, H, W), dy.dtype)
+    zero = np.zeros(1, dy.dtype)[0]
+    for task in prange(B * C):
+        b = task // C
+        c = task % C
+        db = dyq[b]
+        xb = dx[b, c]
+        e0 = cptr[c]
+        e1 = cptr[c + 1]
+        a0 = carray(_scratch(L_, dy.dtype), (L,))
+        a1 = carray(_scratch(L_, dy.dtype), (L,))
+        a2 = carray(_scratch(L_, dy.dtype), (L,))
+        a3 = carray(_scratch(L_, dy.dtype), (L,))
+        for rb in range(nrb):
+            iy0 = rb * R
+            for cb in range(ncb):
+                ix0 = cb * L
+                for l in range(L):
+                    a0[l] = zero
+                    a1[l] = zero
+                    a2[l] = zero
+                    a3[l] = zero
+                base = iy0 * Wq + ix0
+                for e in range(e0, e1):
+                    v = _ld(ev, e)
+                    p = base + _ld(eoff, e)
+                    for l in range(L):
+                        a0[l] += v * _ld(db, p + l)
+                        a1[l] += v * _ld(db, p + Wq + l)
+                        a2[l] += v * _ld(db, p + 2 * Wq + l)
+                        a3[l] += v * _ld(db, p + 3 * Wq + l)
+                nc = min(L, W - ix0)
+                for l in range(nc):
+                    xb[iy0, ix0 + l] = a0[l]
+                if iy0 + 1 < H:
+                    for l in range(nc):
+                        xb[iy0 + 1, ix0 + l] = a1[l]
+                if iy0 + 2 < H:
+                    for l in range(nc):
+                        xb[iy0 + 2, ix0 + l] = a2[l]
+                if iy0 + 3 < H:
+                    for l in range(nc):
+                        xb[iy0 + 3, ix0 + l] = a3[l]
+    return dx
+
+
+@njit(**_JIT)
+def _backward_input_scatter(dy, values, colptr, rows, slots, C, H, W, kh, kw, sh, sw, ph, pw):
+    """dx for any stride as a scatter: one task per input plane (b, c); for each of the channel's
+    kh*kw taps i the transposed structure lists the (j, slot) pairs reading it, and
+    ``v * dy[b, j]`` is added into the task's own padded plane, which is then cropped into dx."""
     B, n_out, ho, wo = dy.shape
     nrb, ncb, Hp, Wp = _geometry(H, W, kh, kw, sh, sw, ph, pw, ho, wo)
     vflat = values.ravel()
@@ -286,6 +427,20 @@ def conv_backward_input(dy, indices, values, transposed, C, H, W, kh, kw, sh, sw
             for ix in range(W):
                 dx[b, c, iy, ix] = plane[o + ix]
     return dx
+
+
+@njit(**_JIT_SERIAL)  # dispatches to parallel kernels
+def conv_backward_input(dy, indices, values, transposed, C, H, W, kh, kw, sh, sw, ph, pw):
+    """dx (B, C, H, W): the adjoint of conv_forward (without bias) applied to dy (B, C_out, Ho, Wo).
+
+    ``transposed`` = ``fanin.kernels.transpose_structure(indices, C*kh*kw)`` = (colptr, rows, slots).
+    Each task owns whole input planes (b, c): no atomics. Stride 1 is a register-tiled gather
+    (the forward's loop over the transposed structure); other strides scatter.
+    """
+    colptr, rows, slots = transposed
+    if sh == 1 and sw == 1:
+        return _backward_input_gather(dy, values, colptr, rows, slots, C, H, W, kh, kw, ph, pw)
+    return _backward_input_scatter(dy, values, colptr, rows, slots, C, H, W, kh, kw, sh, sw, ph, pw)
 
 
 # ================================================================ Python drivers
