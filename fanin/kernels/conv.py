@@ -22,10 +22,11 @@ branches and no border cases: a tap of output channel j at tile (oy0, ox0) reads
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir as llvmir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from fanin.kernels._intrinsics import load_unchecked as _ld
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
@@ -51,21 +52,6 @@ def _scratch(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
-@intrinsic
-def _ld(typingctx, arr, i):
-    """arr[i] for a 1-D contiguous array and an index known to be in range (no wraparound)."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        aryty, ity = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ix = args[1]
-        if ity.bitwidth < 64:
-            ix = builder.sext(ix, llvmir.IntType(64)) if ity.signed else builder.zext(ix, llvmir.IntType(64))
-        return builder.load(builder.gep(ary.data, [ix], inbounds=True))
-
-    return arr.dtype(arr, i), codegen
 
 
 @njit(**_JIT_SERIAL)

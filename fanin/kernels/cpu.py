@@ -26,8 +26,9 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from llvmlite import ir as llvmir
 from numba.extending import intrinsic
+
+from fanin.kernels._intrinsics import load_unchecked as _at
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
@@ -47,23 +48,6 @@ def _stack_buffer(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
-@intrinsic
-def _at(typingctx, arr, i):
-    """arr[i] for a 1-D unit-stride array and a signed index known to be in range: no wraparound,
-    no bounds check, and the index is sign-extended from its own width (int16/int32), so LLVM
-    can vectorise a loop of these loads into 32-bit-index gathers (vgatherdps)."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer) and i.signed):
-        return None
-
-    def codegen(context, builder, signature, args):
-        aryty, ity = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ix = args[1]
-        if ity.bitwidth < 64:
-            ix = builder.sext(ix, llvmir.IntType(64))
-        return builder.load(builder.gep(ary.data, [ix], inbounds=True))
-
-    return arr.dtype(arr, i), codegen
 
 
 def n_threads() -> int:
