@@ -237,3 +237,28 @@ def test_output_layer_is_the_last_weight_layer_of_the_model():
     cnn = models.cnn(channels=(4, 8), hidden=16, sparsity=0.5, seed=0)  # dense classifier after the sparse hidden
     s2 = sparsity.SRigL(cnn, optim.SGD(cnn.parameters(), lr=0.1), sparsity=0.5, t_end=10)
     assert s2.output_layer is None  # so the hidden FanInLinear may be ablated
+
+
+def test_srigl_trains_a_sparse_cnn():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 1, 12, 12)).astype(np.float32)
+    y = (x[:, 0, :6].mean(axis=(1, 2)) > 0).astype(np.int64)
+    model = models.cnn(channels=(4, 8), hidden=16, num_classes=2, image_size=12, dropout=0, sparsity=0.7, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    srigl = sparsity.SRigL(model, opt, sparsity=0.7, delta_t=3, t_end=20, gamma_sal=0.5)
+    conv = [m for _, m in srigl.layers if isinstance(m, nn.FanInConv2d)][0]
+    before = conv.indices.copy()
+    losses = []
+    for _ in range(21):
+        loss = ops.cross_entropy(model(Tensor(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        srigl.step()
+        losses.append(loss.item())
+    assert len(srigl.history) == 6 and losses[-1] < losses[0]
+    assert not np.array_equal(conv.indices, before) or conv.indices.shape != before.shape  # connectivity moved
+    for (name, layer), budget in zip(srigl.layers, srigl.budgets):
+        assert layer.k * int(layer.active.sum()) <= budget, name
+        rows = layer.indices[layer.active].astype(int)
+        assert np.all(np.diff(rows, axis=1) > 0)
