@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--warmup-epochs", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dropout", type=float, default=None, help="dropout before the classifier (default: cnn 0.25, mlp 0)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     t.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
     s = t.add_argument_group("sparse training (SPEC.md section 2)")
@@ -81,8 +81,8 @@ def build_model(args):
     if args.model == "mlp":
         if args.sizes[0] != 784 or args.sizes[-1] != 10:
             raise SystemExit(f"fanin: --sizes must start with 784 and end with 10 for Fashion-MNIST, got {args.sizes}")
-        return models.mlp(args.sizes, sparsity=sparsity, dropout=args.dropout or 0.0, seed=args.seed)
-    return models.cnn(sparsity=sparsity, dropout=0.25 if args.dropout is None else args.dropout, seed=args.seed)
+        return models.mlp(args.sizes, sparsity=sparsity, dropout=args.dropout, seed=args.seed)
+    return models.cnn(sparsity=sparsity, dropout=args.dropout, seed=args.seed)
 
 
 def build_updater(args, model, opt, total_steps):

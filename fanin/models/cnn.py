@@ -7,7 +7,7 @@ from fanin import nn
 
 
 def cnn(in_channels: int = 1, channels=(32, 64), hidden: int = 128, num_classes: int = 10,
-        image_size: int = 28, dropout: float = 0.25, sparsity=None, seed=0) -> nn.Sequential:
+        image_size: int = 28, dropout: float = 0.0, sparsity=None, seed=0) -> nn.Sequential:
     """Conv blocks with ``channels`` filters (3x3, padding 1, 2x2 pooling), then hidden -> classes.
 
     ``sparsity``: None for dense; a number makes every conv after the first and the hidden
