@@ -38,6 +38,8 @@ test: venv data
 bench: $(VENV)/.installed-bench
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_kernels.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_train.py --out bench/RESULTS.md
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_conv.py --out bench/RESULTS.md
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_srigl.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
