@@ -122,7 +122,8 @@ def main(argv=None):
     import common
 
     body = (common.header(f".venv/bin/python bench/sparse_table.py {' '.join(argv or sys.argv[1:])}")
-            + f"\n{args.epochs} epochs, SGD + Nesterov momentum 0.9, lr 0.05 cosine, batch 128, weight decay 5e-4; "
+            + f"\n{args.epochs} epochs, " + ("`" + " ".join(args.extra) + "`, " if args.extra else "SGD + Nesterov momentum 0.9, lr 0.05 ")
+            + "cosine schedule, batch 128, weight decay 5e-4; "
             "SRigL/RigL: ERK, delta_t 100, alpha 0.3, t_end 75 %, gamma_sal 0.3.\n\n" + table + "\n"
             + (f"\n![accuracy vs sparsity](sparse_accuracy_{args.model}.png)\n" if has_fig else "")
             + "\n<details><summary>commands</summary>\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n</details>\n")
