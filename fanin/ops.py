@@ -16,7 +16,7 @@ from fanin.tensor import Tensor, as_array
 __all__ = [
     "add", "sub", "mul", "div", "pow", "neg", "matmul", "linear", "sum", "mean", "reshape",
     "transpose", "getitem", "concat", "flatten", "relu", "gelu", "exp", "log", "log_softmax",
-    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "fanin_conv2d", "im2col",
+    "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "fanin_conv2d",
 ]
 
 
@@ -550,22 +550,6 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
         return gx, gv, g.sum(axis=0)
 
     return Tensor._make(out, parents, backward)
-
-
-def im2col(x, kernel_size, stride=1, padding=0) -> Tensor:
-    """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, i, j)."""
-    from fanin import kernels
-
-    x = _t(x)
-    if x.ndim != 4:
-        raise ValueError(f"im2col: input must be (batch, channels, height, width), got shape {x.shape}.")
-    kh, kw = _pair(kernel_size)
-    stride, padding = _pair(stride), _pair(padding)
-    ho, wo = conv_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"im2col: a {kh}x{kw} window does not fit input of shape {x.shape} with padding {padding}.")
-    cols = kernels.im2col(x.data, kh, kw, stride, padding)
-    return Tensor._make(cols, (x,), lambda g: (kernels.col2im(np.ascontiguousarray(g), x.shape, kh, kw, stride, padding),))
 
 
 def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, transposed=None,

@@ -36,37 +36,36 @@ def ref_scores(x, dy, indices):
     return g
 
 
+def patch_pairs(x_shape, kh, kw, stride, padding):
+    """Every (im2col row, column, input position) pair that lies inside the input, by plain loops."""
+    (sh, sw), (ph, pw) = stride, padding
+    b, c, h, w = x_shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    for n in range(b):
+        for oy in range(ho):
+            for ox in range(wo):
+                for ch in range(c):
+                    for dy in range(kh):
+                        for dx in range(kw):
+                            iy, ix = oy * sh - ph + dy, ox * sw - pw + dx
+                            if 0 <= iy < h and 0 <= ix < w:
+                                yield (n * ho + oy) * wo + ox, (ch * kh + dy) * kw + dx, (n, ch, iy, ix)
+
+
 def ref_im2col(x, kh, kw, stride, padding):
     (sh, sw), (ph, pw) = stride, padding
     b, c, h, w = x.shape
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     cols = np.zeros((b * ho * wo, c * kh * kw), x.dtype)
-    for n in range(b):
-        for oy in range(ho):
-            for ox in range(wo):
-                for ch in range(c):
-                    for dy in range(kh):
-                        for dx in range(kw):
-                            iy, ix = oy * sh - ph + dy, ox * sw - pw + dx
-                            if 0 <= iy < h and 0 <= ix < w:
-                                cols[(n * ho + oy) * wo + ox, (ch * kh + dy) * kw + dx] = x[n, ch, iy, ix]
+    for row, col, pos in patch_pairs(x.shape, kh, kw, stride, padding):
+        cols[row, col] = x[pos]
     return cols
 
 
 def ref_col2im(cols, x_shape, kh, kw, stride, padding):
-    (sh, sw), (ph, pw) = stride, padding
-    b, c, h, w = x_shape
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     out = np.zeros(x_shape, np.float64)
-    for n in range(b):
-        for oy in range(ho):
-            for ox in range(wo):
-                for ch in range(c):
-                    for dy in range(kh):
-                        for dx in range(kw):
-                            iy, ix = oy * sh - ph + dy, ox * sw - pw + dx
-                            if 0 <= iy < h and 0 <= ix < w:
-                                out[n, ch, iy, ix] += cols[(n * ho + oy) * wo + ox, (ch * kh + dy) * kw + dx]
+    for row, col, pos in patch_pairs(x_shape, kh, kw, stride, padding):
+        out[pos] += cols[row, col]
     return out
 
 

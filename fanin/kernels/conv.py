@@ -54,6 +54,22 @@ def _scratch(typingctx, size, dtype):
 
 
 
+@njit(inline="always")
+def _store_tile(out, r0, c0, n_rows, n_cols, a0, a1, a2, a3):
+    """Write a 4-row register tile (rows a0..a3, ``n_cols`` wide) at out[r0:r0+4, c0:], clipped to ``n_rows``."""
+    for l in range(n_cols):
+        out[r0, c0 + l] = a0[l]
+    if r0 + 1 < n_rows:
+        for l in range(n_cols):
+            out[r0 + 1, c0 + l] = a1[l]
+    if r0 + 2 < n_rows:
+        for l in range(n_cols):
+            out[r0 + 2, c0 + l] = a2[l]
+    if r0 + 3 < n_rows:
+        for l in range(n_cols):
+            out[r0 + 3, c0 + l] = a3[l]
+
+
 @njit(**_JIT_SERIAL)
 def _geometry(H, W, kh, kw, sh, sw, ph, pw, ho, wo):
     """(nrb, ncb, Hp, Wp): row/column tiles and the padded plane size."""
@@ -160,18 +176,7 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
                             a1[l] += v * _ld(xb, p + rs + l * sw)
                             a2[l] += v * _ld(xb, p + 2 * rs + l * sw)
                             a3[l] += v * _ld(xb, p + 3 * rs + l * sw)
-                nc = min(L, wo - ox0)
-                for l in range(nc):
-                    yb[oy0, ox0 + l] = a0[l]
-                if oy0 + 1 < ho:
-                    for l in range(nc):
-                        yb[oy0 + 1, ox0 + l] = a1[l]
-                if oy0 + 2 < ho:
-                    for l in range(nc):
-                        yb[oy0 + 2, ox0 + l] = a2[l]
-                if oy0 + 3 < ho:
-                    for l in range(nc):
-                        yb[oy0 + 3, ox0 + l] = a3[l]
+                _store_tile(yb, oy0, ox0, ho, min(L, wo - ox0), a0, a1, a2, a3)
     return y
 
 
@@ -358,18 +363,7 @@ def _backward_input_gather(dy, values, colptr, rows, slots, C, H, W, kh, kw, ph,
                         a1[l] += v * _ld(db, p + Wq + l)
                         a2[l] += v * _ld(db, p + 2 * Wq + l)
                         a3[l] += v * _ld(db, p + 3 * Wq + l)
-                nc = min(L, W - ix0)
-                for l in range(nc):
-                    xb[iy0, ix0 + l] = a0[l]
-                if iy0 + 1 < H:
-                    for l in range(nc):
-                        xb[iy0 + 1, ix0 + l] = a1[l]
-                if iy0 + 2 < H:
-                    for l in range(nc):
-                        xb[iy0 + 2, ix0 + l] = a2[l]
-                if iy0 + 3 < H:
-                    for l in range(nc):
-                        xb[iy0 + 3, ix0 + l] = a3[l]
+                _store_tile(xb, iy0, ix0, H, min(L, W - ix0), a0, a1, a2, a3)
     return dx
 
 
