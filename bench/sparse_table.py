@@ -29,6 +29,8 @@ METHODS = {
 
 def run_one(model, method, sparsity, seed, epochs, extra, cached_only=False):
     name = f"{model}-{method}-{'dense' if method == 'dense' else sparsity}-s{seed}-e{epochs}"
+    if extra:  # runs with other training arguments are cached under their own names
+        name += "-" + "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in extra))
     out = RUNS / f"{name}.json"
     cmd = [sys.executable, "-m", "fanin.cli", "train", "--model", model, "--epochs", str(epochs), "--seed", str(seed),
            "--no-progress", "--json", str(out), *METHODS[method], *extra]
