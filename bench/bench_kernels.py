@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 
+import fanin  # noqa: F401  (first: it sets the OpenMP and OpenBLAS thread-wait policies before they load)
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -284,7 +285,8 @@ def main():
         f"{__import__('numba').get_num_threads()} threads; torch {torch.__version__ if torch else 'not installed'}"
         f"{f' ({torch.get_num_threads()} threads)' if torch else ''}")
     log(f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (set by fanin/__init__.py unless given), "
-        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, "
+        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
     log(f"- load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f}")
     if max(load0, os.getloadavg()[0]) > 0.7:
         log("- WARNING: another process was using the CPUs during this run. OpenBLAS's threads sched_yield() to it while"

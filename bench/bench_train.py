@@ -11,12 +11,12 @@ import argparse
 import pathlib
 import sys
 
+import fanin  # noqa: F401  (first: it sets the OpenMP and OpenBLAS thread-wait policies before they load)
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import fanin  # noqa: E402  (first: it sets the OpenMP spin policy before any OpenMP runtime loads)
 
 try:
     import torch  # noqa: F401

@@ -10,6 +10,11 @@ import os
 # loads its OpenMP runtime; a user's own setting wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "3000"
+# The converse: OpenBLAS's idle threads busy-wait (with sched_yield) for 2**28 cycles by default after
+# each GEMM, and starve the Numba kernels that follow (measured: an SRigL step whose classifier runs on
+# BLAS took 11.9 ms instead of 6.3 ms). 2**16 cycles (~20 us) keeps back-to-back GEMMs fast. Read
+# when NumPy loads OpenBLAS, so it only applies if fanin is imported before NumPy.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 from fanin import data, kernels, models, nn, ops, optim, sparsity  # noqa: E402
 from fanin.tensor import Tensor, no_grad  # noqa: E402

@@ -281,9 +281,11 @@ def concat(tensors, axis=0) -> Tensor:
 
 # ---------------------------------------------------------------- activations
 def relu(a) -> Tensor:
+    from fanin.kernels import activation
+
     a = _t(a)
-    out = np.maximum(a.data, 0)
-    return Tensor._make(out, (a,), lambda g: (g * (out > 0),))
+    out = activation.relu(a.data)
+    return Tensor._make(out, (a,), lambda g: (activation.relu_grad(g, out),))
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -516,33 +518,54 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
 
 
 # ------------------------------------------------------- condensed fan-in ops
-def fanin_linear(x, indices, values, bias=None, active=None, capture=None, transposed=None) -> Tensor:
+def fanin_linear(x, indices, values, bias=None, active=None, capture=None, transposed=None, dense=False) -> Tensor:
     """Condensed constant fan-in layer: ``y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]``.
 
     ``active`` (bool per neuron) zeroes the value gradient of ablated neurons so they stay empty;
     ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's growth scores read it);
     ``transposed``, ``kernels.transpose_structure(indices, n_in)`` or a callable returning it,
-    makes the input gradient a race-free gather (layers cache it per topology).
+    makes the input gradient a race-free gather (layers cache it per topology);
+    ``dense=True`` says every row of indices is ``0..n_in-1`` (a layer at full fan-in, e.g. the
+    classifier ERK keeps dense): ``values`` is then the dense weight and BLAS does the work.
     """
     from fanin import kernels
 
     x = _t(x)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
-    out = kernels.fanin_forward(x.data, indices, values.data, None if bias is None else bias.data, check=False)
+    xd = np.ascontiguousarray(x.data)
+    if dense and indices.shape[1] != x.shape[1]:
+        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {indices.shape} for input "
+                         f"{x.shape}.")
+    xp = None
+    if dense:
+        out = xd @ values.data.T if xd.dtype == values.data.dtype else xd @ values.data.T.astype(xd.dtype)
+        if bias is not None:
+            out += bias.data
+    else:  # pack x once: the forward reads the panels and the value gradient reads them again
+        xp = kernels.pack_panels(xd) if xd.dtype == values.data.dtype else None
+        out = kernels.fanin_forward(xd, indices, values.data, None if bias is None else bias.data, check=False, xp=xp)
     parents = (x, values) if bias is None else (x, values, bias)
 
     def backward(g):
         g = np.ascontiguousarray(g)
         if capture is not None:
-            capture.append((x.data, g))
+            capture.append((xd, g))
+        gp = None if dense or g.dtype != values.data.dtype else kernels.pack_panels(g)
         gx = None
         if x.requires_grad:
-            tr = transposed() if callable(transposed) else transposed
-            gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False, transposed=tr)
+            if dense:
+                gx = g @ values.data
+            else:
+                tr = transposed() if callable(transposed) else transposed
+                gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False, transposed=tr,
+                                                  dyp=gp)
         gv = None
         if values.requires_grad:
-            gv = kernels.fanin_backward_values(x.data, indices, g, check=False)
+            if dense:
+                gv = g.T @ xd
+            else:
+                gv = kernels.fanin_backward_values(xd, indices, g, check=False, xp=xp, dyp=gp)
             if active is not None and not active.all():
                 gv[~active] = 0
         if bias is None:

@@ -21,7 +21,7 @@ def random_constant_fanin(rng, n_out, n_in, k, inactive=()):
 @given(n_out=st.integers(1, 12), n_in=st.integers(1, 40), b=st.integers(1, 9), seed=st.integers(0, 9999),
        data=st.data())
 def test_fanin_linear_matches_dense_linear_forward_and_grads(n_out, n_in, b, seed, data):
-    k = data.draw(st.integers(1, n_in))
+    k = data.draw(st.one_of(st.just(n_in), st.integers(1, n_in)))  # k == n_in: the layer's BLAS path
     rng = np.random.default_rng(seed)
     inactive = set(data.draw(st.lists(st.integers(0, n_out - 1), max_size=n_out - 1)))
     w = random_constant_fanin(rng, n_out, n_in, k, inactive)
@@ -45,6 +45,26 @@ def test_fanin_linear_matches_dense_linear_forward_and_grads(n_out, n_in, b, see
     expected_dv = np.take_along_axis(wt.grad, layer.indices.astype(np.int64), axis=1)
     np.testing.assert_allclose(layer.values.grad[active], expected_dv[active], rtol=1e-4, atol=1e-4)
     assert np.all(layer.values.grad[~active] == 0)  # ablated neurons stay empty
+
+
+def test_full_fanin_blas_path_equals_the_condensed_kernels():
+    rng = np.random.default_rng(3)
+    layer = nn.FanInLinear(50, 7, sparsity=None, k=50, seed=0)
+    layer.values.data[2] = 0
+    layer.active[2] = False
+    x = Tensor(rng.standard_normal((40, 50)).astype(np.float32), requires_grad=True)
+    dy = Tensor(rng.standard_normal((40, 7)).astype(np.float32))
+    grads = []
+    for dense in (True, False):
+        x.grad = layer.values.grad = layer.bias.grad = None
+        y = ops.fanin_linear(x, layer.indices, layer.values, layer.bias, layer.active, dense=dense)
+        (y * dy).sum().backward()
+        grads.append((y.data, x.grad, layer.values.grad, layer.bias.grad))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.all(grads[0][2][2] == 0)
+    with pytest.raises(ValueError, match="dense=True needs fan-in == n_in"):
+        ops.fanin_linear(x, layer.indices[:, :10], layer.values, dense=True)
 
 
 @settings(max_examples=12, deadline=None)

@@ -131,6 +131,36 @@ def test_backward_matches_dense(case):
 
 @settings(**SETTINGS)
 @given(layers())
+def test_prepacked_panels_give_the_same_results(case):
+    indices, values, bias, x, dy = case
+    xp, dyp = K.pack_panels(x), K.pack_panels(dy)
+    if x.shape[0] < 8:
+        assert xp is None and dyp is None  # the small-batch kernels read x directly
+    else:  # panel p, input i, lane s holds x[32p + s, i]; zero past the batch
+        want = np.zeros((-(-x.shape[0] // 32) * 32, x.shape[1]), np.float32)
+        want[:x.shape[0]] = x
+        np.testing.assert_array_equal(xp, want.reshape(-1, 32, x.shape[1]).transpose(0, 2, 1))
+    np.testing.assert_array_equal(K.fanin_forward(x, indices, values, bias, xp=xp),
+                                  K.fanin_forward(x, indices, values, bias))
+    dx, dv = K.fanin_backward(x, indices, values, dy)
+    for got, want in zip(K.fanin_backward(x, indices, values, dy, xp=xp, dyp=dyp), (dx, dv)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(K.fanin_backward_values(x, indices, dy, xp=xp, dyp=dyp), dv)
+    np.testing.assert_array_equal(K.fanin_backward_input(indices, values, dy, x.shape[1], dyp=dyp), dx)
+
+
+def test_panels_of_another_shape_are_refused():
+    rng = np.random.default_rng(0)
+    indices, values = random_layer(rng, 6, 40, 5, np.int16)
+    x = rng.standard_normal((40, 40)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"xp must be pack_panels\(x\).*\(2, 40, 32\)"):
+        K.fanin_forward(x, indices, values, xp=K.pack_panels(x[:33, :39].copy()))
+    with pytest.raises(ValueError, match=r"dyp must be pack_panels\(dy\)"):
+        K.fanin_backward_values(x, indices, np.ones((40, 6), np.float32), dyp=K.pack_panels(x))
+
+
+@settings(**SETTINGS)
+@given(layers())
 def test_transpose_structure_is_the_csc_of_indices(case):
     indices, values, _, x, _ = case
     n_out, k = indices.shape
@@ -419,3 +449,19 @@ def test_device_arrays_say_cuda_is_not_available(small):
         dev = FakeDeviceArray()
         with pytest.raises(NotImplementedError, match="CUDA backend is not available yet"):
             K.fanin_forward(dev, dev, dev)
+
+
+@settings(**SETTINGS)
+@given(size=st.sampled_from([0, 1, 7, 1000, 20000]), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_relu_kernels_match_numpy(size, dtype, seed):
+    from fanin.kernels import activation
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(size).astype(dtype)
+    x[rng.random(size) < 0.1] = 0
+    g = rng.standard_normal(size).astype(dtype)
+    out = activation.relu(x.reshape(-1, 1))
+    assert out.shape == (size, 1) and out.dtype == dtype
+    np.testing.assert_array_equal(out[:, 0], np.maximum(x, 0))
+    np.testing.assert_array_equal(activation.relu_grad(g.reshape(-1, 1), out)[:, 0], g * (x > 0))

@@ -22,7 +22,7 @@ import numpy as np
 from fanin.kernels import _validate as _v
 
 __all__ = [
-    "CHECK_INDICES", "index_dtype", "validate_indices", "fanin_forward", "fanin_backward",
+    "CHECK_INDICES", "index_dtype", "validate_indices", "pack_panels", "fanin_forward", "fanin_backward",
     "fanin_backward_values", "fanin_backward_input", "transpose_structure", "growth_candidates", "dense_grad",
     "fixed_point_forward", "im2col", "col2im",
 ]
@@ -76,12 +76,30 @@ def _layer(fname, x, indices, values, bias, check, values_kind="float"):
     return be, x, indices, _v.contiguous(values), bias
 
 
-def fanin_forward(x, indices, values, bias=None, *, check=None):
-    """y (B, n_out) with y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]."""
+def pack_panels(x):
+    """x (batch, n) in the batch-innermost panel layout the batched kernels read, or None when the
+    batch is small enough that they read x directly.
+
+    The forward and both backward kernels pack their (batch, n) operands themselves; a caller that
+    uses the same x (or dy) in several calls packs it once and passes it as ``xp=`` / ``dyp=``
+    (``fanin.ops.fanin_linear`` keeps the forward's packed input for the backward).
+    """
+    fname = "pack_panels"
+    be = _v.backend(fname, x=x)
+    return be.pack_panels(_v.float_array(fname, "x", x, 2, "(batch, n)"))
+
+
+def fanin_forward(x, indices, values, bias=None, *, check=None, xp=None):
+    """y (B, n_out) with y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]].
+
+    ``xp``: ``pack_panels(x)``, if the caller keeps it for several calls.
+    """
     fname = "fanin_forward"
     be, x, indices, values, bias = _layer(fname, x, indices, values, bias, check)
     dt = _v.common_float(x, values, bias)
-    return be.fanin_forward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(bias, dt))
+    x = _v.cast(x, dt)
+    xp = _v.panels(fname, "xp", xp, x, "x", be)
+    return be.fanin_forward(x, indices, _v.cast(values, dt), _v.cast(bias, dt), xp=xp)
 
 
 def fixed_point_forward(x, indices, qvalues, scale, bias=None, *, check=None):
@@ -111,8 +129,11 @@ def _dy(fname, dy, batch: int, n_out: int, x_shape=None):
     return dy
 
 
-def fanin_backward_values(x, indices, dy, *, check=None):
-    """dvalues (n_out, k): dvalues[j, t] = sum_b dy[b, j] * x[b, indices[j, t]]."""
+def fanin_backward_values(x, indices, dy, *, check=None, xp=None, dyp=None):
+    """dvalues (n_out, k): dvalues[j, t] = sum_b dy[b, j] * x[b, indices[j, t]].
+
+    ``xp``, ``dyp``: ``pack_panels(x)``, ``pack_panels(dy)`` if the caller has them.
+    """
     fname = "fanin_backward_values"
     be = _v.backend(fname, x=x, indices=indices, dy=dy)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
@@ -121,7 +142,9 @@ def fanin_backward_values(x, indices, dy, *, check=None):
     if _check(check):
         _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
     dt = _v.common_float(x, dy)
-    return be.fanin_backward_values(_v.cast(x, dt), indices, _v.cast(dy, dt))
+    x, dy = _v.cast(x, dt), _v.cast(dy, dt)
+    xp, dyp = _v.panels(fname, "xp", xp, x, "x", be), _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    return be.fanin_backward_values(x, indices, dy, xp=xp, dyp=dyp)
 
 
 def transpose_structure(indices, n_in: int, *, check=None):
@@ -143,11 +166,11 @@ def transpose_structure(indices, n_in: int, *, check=None):
     return be.transpose_structure(indices, n_in)
 
 
-def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transposed=None):
+def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transposed=None, dyp=None):
     """dx (B, n_in) = dy @ W, W the dense (n_out, n_in) matrix of (indices, values).
 
     ``transposed``: ``transpose_structure(indices, n_in)`` of these very indices, if the caller
-    keeps it (it is rebuilt on every call otherwise, from batch 8 on).
+    keeps it (it is rebuilt on every call otherwise, from batch 8 on); ``dyp``: ``pack_panels(dy)``.
     """
     fname = "fanin_backward_input"
     be = _v.backend(fname, indices=indices, values=values, dy=dy)
@@ -162,20 +185,24 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
         _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
     _v.transposed(fname, transposed, indices, n_in)
     dt = _v.common_float(values, dy)
-    return be.fanin_backward_input(indices, _v.cast(values, dt), _v.cast(dy, dt), n_in, transposed=transposed)
+    dy = _v.cast(dy, dt)
+    dyp = _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    return be.fanin_backward_input(indices, _v.cast(values, dt), dy, n_in, dyp=dyp, transposed=transposed)
 
 
-def fanin_backward(x, indices, values, dy, *, check=None, transposed=None):
+def fanin_backward(x, indices, values, dy, *, check=None, transposed=None, xp=None, dyp=None):
     """(dx, dvalues) of fanin_forward: dx (B, n_in) = dy @ W, dvalues as fanin_backward_values.
 
-    ``transposed`` as in ``fanin_backward_input``.
+    ``transposed`` as in ``fanin_backward_input``; ``xp``, ``dyp``: ``pack_panels`` of x and dy.
     """
     fname = "fanin_backward"
     be, x, indices, values, _ = _layer(fname, x, indices, values, None, check)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
     _v.transposed(fname, transposed, indices, x.shape[1])
     dt = _v.common_float(x, values, dy)
-    return be.fanin_backward(_v.cast(x, dt), indices, _v.cast(values, dt), _v.cast(dy, dt), transposed=transposed)
+    x, dy = _v.cast(x, dt), _v.cast(dy, dt)
+    xp, dyp = _v.panels(fname, "xp", xp, x, "x", be), _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    return be.fanin_backward(x, indices, _v.cast(values, dt), dy, transposed=transposed, xp=xp, dyp=dyp)
 
 
 def _batches(fname, name, a):

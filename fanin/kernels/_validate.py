@@ -136,3 +136,19 @@ def transposed(fname: str, t, indices, n_in: int):
             f"{fname}: transposed must be transpose_structure(indices, n_in) of these indices "
             f"{tuple(indices.shape)} and n_in={n_in}; rebuild it after the indices change (or pass None)."
         )
+
+
+def panels(fname: str, name: str, packed, a, a_name: str, be):
+    """A ``pack_panels(a)`` result passed back in (``xp=``/``dyp=``): None, or an array of the packed
+    shape and of a's dtype. Checked in O(1); the content is trusted to be ``pack_panels(a)``.
+    A packed array whose dtype differs from the computation's (mixed float32/float64) is not used."""
+    if packed is None:
+        return None
+    want = be.panels_shape(*a.shape)
+    if not isinstance(packed, np.ndarray) or tuple(packed.shape) != tuple(want) or not packed.flags.c_contiguous:
+        got = tuple(packed.shape) if hasattr(packed, "shape") else type(packed).__name__
+        raise ValueError(
+            f"{fname}: {name} must be pack_panels({a_name}) for {a_name} of shape {tuple(a.shape)}, i.e. a "
+            f"C-contiguous array of shape {tuple(want)}; got {got}. Pass None to let the kernel pack it."
+        )
+    return packed if packed.dtype == a.dtype else None

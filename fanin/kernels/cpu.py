@@ -57,22 +57,27 @@ def n_threads() -> int:
 # ---------------------------------------------------------------- layouts
 @njit(**_JIT)
 def _k_pack(x, xp):
-    """xp[p, i, s] = x[p*TB + s, i] (zero past the batch): batch-innermost panels."""
+    """xp[p, i, s] = x[p*TB + s, i] (zero past the batch): batch-innermost panels.
+
+    Per panel, 16 inputs at a time: read 16 contiguous floats of each of the TB rows and store
+    them TB apart; the 16 x TB tile (2 KiB) stays in L1. Flat unsigned offsets keep the stores
+    free of wraparound checks (2-3x faster than indexing xp[p, i, s]).
+    """
     B, n = x.shape
-    n_panels = xp.shape[0]
-    n_tiles = (n + 127) // 128
-    for task in prange(n_panels * n_tiles):
-        p = task // n_tiles
-        i0 = (task % n_tiles) * 128
-        i1 = min(n, i0 + 128)
-        for s in range(TB):
-            b = p * TB + s
-            if b < B:
-                for i in range(i0, i1):
-                    xp[p, i, s] = x[b, i]
-            else:
-                for i in range(i0, i1):
-                    xp[p, i, s] = 0
+    xf = x.reshape(-1)
+    for p in prange(xp.shape[0]):
+        xo = xp[p].reshape(-1)
+        nb = min(TB, B - p * TB)
+        for i0 in range(0, n, 16):
+            w = min(16, n - i0)
+            for s in range(TB):
+                if s < nb:
+                    base = (p * TB + s) * n + i0
+                    for ii in range(w):
+                        xo[np.uint64((i0 + ii) * TB + s)] = _at(xf, base + ii)
+                else:
+                    for ii in range(w):
+                        xo[np.uint64((i0 + ii) * TB + s)] = 0
 
 
 @njit(**_JIT)
@@ -392,57 +397,56 @@ def _k_sum_parts(parts, out):
 
 
 # ---------------------------------------------------------------- growth scores
-@njit(**_JIT)
+@njit(**dict(_JIT, fastmath=False))  # NaN marks held inputs: no fastmath (it assumes no NaN)
 def _k_topc_free(g, indices, c, sort, cand_idx, cand_score):
     """Per row r of g: the c largest |g[r, i]| over i not in indices[r] (ties: lower i first),
     by score descending when ``sort``, else in input order.
 
-    g is overwritten (scratch). Rows with fewer than c free inputs are padded with -1 / -inf.
-    A sample of the row gives a threshold that at least c free scores likely reach; one pass
-    collects the scores at or above it (when fewer than c do, every free score is collected),
-    and a partition of those finds the exact c-th largest. O(n_in) per row, plus c log c to sort.
+    g is overwritten (scratch: held positions become NaN, which no comparison selects). Rows with
+    fewer than c free inputs are padded with -1 / -inf. A sample of the row gives a threshold that
+    at least c free scores likely reach; one branch-free pass collects the inputs at or above it
+    (when fewer than c do, every free input is collected), and a partition of those finds the
+    exact c-th largest. O(n_in) per row, plus c log c to sort.
     """
     rows, n_in = g.shape
     k = indices.shape[1]
     step = max(1, n_in // 256)
+    nan = g.dtype.type(np.nan)
     for r in prange(rows):
         gr = g[r]
-        for i in range(n_in):
-            gr[i] = abs(gr[i])
         for t in range(k):
-            gr[np.uint32(indices[r, t])] = -1.0  # held: never a candidate (scores are >= 0)
+            gr[np.uint32(indices[r, t])] = nan  # held: never a candidate
         free = n_in - k
         m = min(c, free)
         if m > 0:
-            sample = gr[::step].copy()
+            ns_max = (n_in + step - 1) // step
+            sample = np.empty(ns_max, g.dtype)
             n_s = 0
-            for i in range(sample.size):
-                if sample[i] >= 0.0:
-                    sample[n_s] = sample[i]
+            for i in range(0, n_in, step):
+                a = abs(gr[i])
+                if a == a:
+                    sample[n_s] = a
                     n_s += 1
-            want = int(n_s * (1.25 * m / free)) + 4  # rank (from the top) of the sampled threshold
-            cut = np.partition(sample[:n_s], n_s - want)[n_s - want] if 0 < want <= n_s and m < free else 0.0
-            sel = np.empty(n_in, np.int64)
+            want = int(n_s * (1.25 * m / free)) + 4
+            cut = np.partition(sample[:n_s], n_s - want)[n_s - want] if 0 < want <= n_s and m < free else g.dtype.type(0)
+            sel = np.empty(n_in, np.int32)
             q = 0
             for i in range(n_in):
-                if gr[i] >= cut:
-                    sel[q] = i
-                    q += 1
-            if q < m:  # the sample misled us: collect every free entry
+                sel[q] = i
+                q += abs(gr[i]) >= cut
+            if q < m:
                 q = 0
                 for i in range(n_in):
-                    if gr[i] >= 0.0:
-                        sel[q] = i
-                        q += 1
+                    sel[q] = i
+                    q += gr[i] == gr[i]
             vals = np.empty(q, g.dtype)
             for t in range(q):
-                vals[t] = gr[sel[t]]
-            exact = np.partition(vals, q - m)[q - m]  # the m-th largest collected = of the row
+                vals[t] = abs(gr[sel[t]])
+            exact = np.partition(vals, q - m)[q - m]
             above = 0
             for t in range(q):
-                if vals[t] > exact:
-                    above += 1
-            ties = m - above  # equal scores: the lowest inputs win
+                above += vals[t] > exact
+            ties = m - above
             p = 0
             for t in range(q):
                 v = vals[t]
@@ -514,9 +518,17 @@ def _panels(B: int) -> int:
     return (B + TB - 1) // TB
 
 
-def pack_panels(x: np.ndarray) -> np.ndarray:
-    """x (B, n) -> batch-innermost panels (ceil(B/TB), n, TB), zero-padded."""
-    xp = np.empty((_panels(x.shape[0]), x.shape[1], TB), x.dtype)
+def panels_shape(B: int, n: int) -> tuple:
+    """The shape of ``pack_panels`` of a (B, n) array."""
+    return (_panels(B), n, TB)
+
+
+def pack_panels(x: np.ndarray):
+    """x (B, n) -> batch-innermost panels (ceil(B/TB), n, TB), zero-padded; None below SMALL_BATCH
+    (the small-batch kernels read x as it is)."""
+    if x.shape[0] < SMALL_BATCH:
+        return None
+    xp = np.empty(panels_shape(*x.shape), x.dtype)
     _k_pack(x, xp)
     return xp
 
@@ -539,8 +551,11 @@ def _row_ptr(n_rows: int, k: int) -> np.ndarray:
     return np.arange(0, (n_rows + 1) * k, k, dtype=np.int64) if k else np.zeros(n_rows + 1, np.int64)
 
 
-def fanin_forward(x, indices, values, bias=None, scale=None):
-    """y (B, n_out) = bias + scale * sum_t values * x[:, indices]; path chosen by batch size."""
+def fanin_forward(x, indices, values, bias=None, scale=None, xp=None):
+    """y (B, n_out) = bias + scale * sum_t values * x[:, indices]; path chosen by batch size.
+
+    ``xp``: ``pack_panels(x)`` if the caller already has it (it is used from batch SMALL_BATCH on).
+    """
     B = x.shape[0]
     n_out = indices.shape[0]
     scale, bias = _scale_bias(n_out, x.dtype, scale, bias)
@@ -551,7 +566,7 @@ def fanin_forward(x, indices, values, bias=None, scale=None):
         small = B * indices.shape[0] * indices.shape[1] < SERIAL_MACS and _parallel_launch_is_slow()
         (_k_forward_rows_serial if small else _k_forward_rows)(x, indices, values, scale, bias, out)
     else:
-        xp = pack_panels(x)
+        xp = pack_panels(x) if xp is None else xp
         vals = values.reshape(-1) if values.dtype == x.dtype else values.reshape(-1).astype(x.dtype)
         _k_spmm_panels(xp.reshape(xp.shape[0], -1), _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
                        vals, scale, bias, out)
@@ -625,14 +640,14 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
     return out
 
 
-def fanin_backward(x, indices, values, dy, transposed=None):
+def fanin_backward(x, indices, values, dy, transposed=None, xp=None, dyp=None):
     """(dx, dvalues) of the condensed forward, sharing the packed dy panels."""
     if x.shape[0] < SMALL_BATCH:
         return (fanin_backward_input(indices, values, dy, x.shape[1], transposed=transposed),
                 fanin_backward_values(x, indices, dy))
-    dyp = pack_panels(dy)
+    dyp = pack_panels(dy) if dyp is None else dyp
     return (fanin_backward_input(indices, values, dy, x.shape[1], dyp, transposed),
-            fanin_backward_values(x, indices, dy, pack_panels(x), dyp))
+            fanin_backward_values(x, indices, dy, pack_panels(x) if xp is None else xp, dyp))
 
 
 def dense_grad(x, dy):

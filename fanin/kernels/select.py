@@ -54,6 +54,9 @@ def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
     rows where ``placeholder[j]`` get indices 0..k_new-1 with no source (ablated neurons).
     ``src[j, t]`` is the old slot a new connection comes from, or -1 for a new one;
     ``filled[j]`` counts the connections row j received (the caller checks it equals ``k_new``).
+    Rows of ``old_idx`` are increasing (a layer's invariant); the chosen candidates are sorted
+    if they are not already (the growth kernels list them in input order), then the two
+    increasing lists are merged: O(k + c) per row.
     """
     n, k = old_idx.shape
     c = cand_idx.shape[1]
@@ -66,25 +69,39 @@ def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
                 new_idx[j, t] = t
             filled[j] = k_new
             continue
-        vals = np.empty(k + c, dtype=np.int64)
-        srcs = np.empty(k + c, dtype=np.int64)
+        grown = np.empty(c, dtype=np.int64)
         m = 0
-        for t in range(k):
-            if keep[j, t]:
-                vals[m] = old_idx[j, t]
-                srcs[m] = t
-                m += 1
+        ordered = True
         for t in range(c):
             if grow_cand[j, t]:
-                vals[m] = cand_idx[j, t]
-                srcs[m] = -1
+                grown[m] = cand_idx[j, t]
+                if m > 0 and grown[m] < grown[m - 1]:
+                    ordered = False
                 m += 1
-        filled[j] = m
-        order = np.argsort(vals[:m])
-        for t in range(min(m, k_new)):
-            new_idx[j, t] = vals[order[t]]
-            src[j, t] = srcs[order[t]]
-        for t in range(m, k_new):
+        if not ordered:
+            grown[:m] = np.sort(grown[:m])
+        q = 0  # next output slot
+        a = 0  # next old slot
+        b = 0  # next grown candidate
+        while True:
+            while a < k and not keep[j, a]:
+                a += 1
+            if a >= k and b >= m:
+                break
+            take_old = b >= m or (a < k and old_idx[j, a] < grown[b])
+            if q < k_new:
+                if take_old:
+                    new_idx[j, q] = old_idx[j, a]
+                    src[j, q] = a
+                else:
+                    new_idx[j, q] = grown[b]
+            q += 1
+            if take_old:
+                a += 1
+            else:
+                b += 1
+        filled[j] = q
+        for t in range(q, k_new):
             new_idx[j, t] = -1
     return new_idx, src, filled
 
@@ -102,22 +119,86 @@ def gather_rows(a, src):
     return out
 
 
+_BITS = 12  # histogram buckets: sign, exponent and 3 mantissa bits of float32 (8 per octave)
+
+
+@nb.njit(cache=True)
+def _bucket(v):
+    """The top _BITS of an order-preserving key of float32(v): a > b implies bucket(a) >= bucket(b)."""
+    b = np.uint32(np.float32(v).view(np.uint32))
+    key = b ^ np.uint32(0xFFFFFFFF) if b >> np.uint32(31) else b | np.uint32(0x80000000)
+    return np.intp(key >> np.uint32(32 - _BITS))
+
+
+@nb.njit(parallel=True, cache=True)
+def _top_mask_flat(flat, n, mask):
+    """mask[i] = flat[i] is among the n largest finite entries (ties: earlier first); 0 < n <= #finite.
+
+    Radix select: a parallel histogram of bucket keys finds the bucket holding the n-th largest
+    value; a partition of that bucket's values gives it exactly; then one parallel pass marks
+    everything above it and an ordered pass over chunks marks the first ties.
+    """
+    size = flat.size
+    n_chunks = min(size, 32)
+    per = (size + n_chunks - 1) // n_chunks
+    hist = np.zeros((n_chunks, 1 << _BITS), np.int64)
+    for ch in prange(n_chunks):
+        for i in range(ch * per, min(size, ch * per + per)):
+            v = flat[i]
+            if np.isfinite(v):
+                hist[ch, _bucket(v)] += 1
+    total = hist.sum(axis=0)
+    above = 0
+    bucket = (1 << _BITS) - 1
+    while above + total[bucket] < n:
+        above += total[bucket]
+        bucket -= 1
+    start = np.zeros(n_chunks + 1, np.int64)
+    for ch in range(n_chunks):
+        start[ch + 1] = start[ch] + hist[ch, bucket]
+    inside = np.empty(start[n_chunks], flat.dtype)
+    for ch in prange(n_chunks):
+        q = start[ch]
+        for i in range(ch * per, min(size, ch * per + per)):
+            v = flat[i]
+            if np.isfinite(v) and _bucket(v) == bucket:
+                inside[q] = v
+                q += 1
+    q = inside.size
+    want = n - above  # the want-th largest of the bucket is the cut
+    cut = np.partition(inside, q - want)[q - want]
+    greater = np.zeros(n_chunks, np.int64)
+    ties = np.zeros(n_chunks, np.int64)
+    for ch in prange(n_chunks):
+        for i in range(ch * per, min(size, ch * per + per)):
+            v = flat[i]
+            if np.isfinite(v) and v > cut:
+                mask[i] = True
+                greater[ch] += 1
+            elif v == cut:
+                ties[ch] += 1
+    rest = n - greater.sum()
+    for ch in range(n_chunks):
+        if rest <= 0:
+            break
+        if ties[ch] == 0:
+            continue
+        for i in range(ch * per, min(size, ch * per + per)):
+            if rest <= 0:
+                break
+            if flat[i] == cut:
+                mask[i] = True
+                rest -= 1
+
+
 def top_mask(scores: np.ndarray, n: int) -> np.ndarray:
     """Boolean mask (same shape) of the ``n`` largest finite entries; ties go to the earlier position.
 
-    O(size): a partition finds the n-th largest value, then equal values are taken in order.
+    O(size), parallel (radix select on the float bits, ``_top_mask_flat``).
     """
     flat = np.ascontiguousarray(scores).ravel()
     mask = np.zeros(flat.shape, bool)
-    finite = np.isfinite(flat)
-    n = min(int(n), int(finite.sum()))
-    if n <= 0:
-        return mask.reshape(scores.shape)
-    work = np.where(finite, flat, -np.inf) if not finite.all() else flat
-    cut = np.partition(work, work.size - n)[work.size - n]  # the n-th largest value
-    above = work > cut
-    mask[above] = True
-    rest = n - int(above.sum())
-    if rest > 0:
-        mask[np.flatnonzero(work == cut)[:rest]] = True
+    n = min(int(n), int(np.count_nonzero(np.isfinite(flat))))
+    if n > 0:
+        _top_mask_flat(flat, n, mask)
     return mask.reshape(scores.shape)

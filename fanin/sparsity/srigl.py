@@ -49,14 +49,10 @@ class LayerUpdate:
 
 
 def _growth_pool(layer, x, dy, c, exact):
-    """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates."""
+    """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates
+    (``exact``: every non-held input, in input order), from blockwise ``dy^T x``."""
     held = np.abs(kernels.fanin_backward_values(x, layer.indices, dy, check=False))
-    if exact:  # every non-held position is a candidate, in index order
-        g = np.abs(kernels.dense_grad(x, dy))
-        free = np.ones(g.shape, bool)
-        free[np.arange(layer.n_out)[:, None], layer.indices.astype(np.int64)] = False  # scored above
-        cand = np.nonzero(free)[1].reshape(layer.n_out, layer.n_in - layer.k)
-        return held, cand.astype(np.int32), g[free].reshape(cand.shape)
+    c = layer.n_in - layer.k if exact else c
     cand, score = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, check=False)
     score = np.where(cand < 0, np.float32(-np.inf), score)
     return held, cand, score
