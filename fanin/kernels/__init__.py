@@ -233,7 +233,7 @@ def dense_grad(x, dy):
     return be.dense_grad(_v.cast(x, dt), _v.cast(dy, dt))
 
 
-def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, check=None):
+def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, held=False, check=None):
     """Per neuron j, the c inputs not in indices[j] with the largest |G[j, i]|, G = dy^T x.
 
     Returns ``cand_idx`` (n_out, c) int32 and ``cand_score`` (n_out, c) = |G| (float32, or float64
@@ -243,6 +243,8 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, check=No
     neurons at a time (default: about 4 MiB of scores), never as a dense n_out x n_in array.
     Ties between equal scores go to the lower input index. ``sort=False`` returns each row's
     candidates in input order instead (the same set, cheaper; SRigL needs only the set).
+    ``held=True`` also returns ``held_score`` (n_out, k) = |G[j, indices[j, t]]|, the gradient
+    magnitudes of the existing connections, read from the same blocks.
     """
     fname = "growth_candidates"
     x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
@@ -258,7 +260,7 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, check=No
         _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
     dt = _v.common_float(x, dy)
     return be.growth_candidates(_v.cast(x, dt), _v.cast(dy, dt), indices, int(c), None if block is None else int(block),
-                                bool(sort))
+                                bool(sort), bool(held))
 
 
 def _pair(fname, name, v):

@@ -398,9 +398,9 @@ def _k_sum_parts(parts, out):
 
 # ---------------------------------------------------------------- growth scores
 @njit(**dict(_JIT, fastmath=False))  # NaN marks held inputs: no fastmath (it assumes no NaN)
-def _k_topc_free(g, indices, c, sort, cand_idx, cand_score):
+def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
     """Per row r of g: the c largest |g[r, i]| over i not in indices[r] (ties: lower i first),
-    by score descending when ``sort``, else in input order.
+    by score descending when ``sort``, else in input order; held_score[r, t] = |g[r, indices[r, t]]|.
 
     g is overwritten (scratch: held positions become NaN, which no comparison selects). Rows with
     fewer than c free inputs are padded with -1 / -inf. A sample of the row gives a threshold that
@@ -415,7 +415,9 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score):
     for r in prange(rows):
         gr = g[r]
         for t in range(k):
-            gr[np.uint32(indices[r, t])] = nan  # held: never a candidate
+            i = np.uint32(indices[r, t])
+            held_score[r, t] = abs(gr[i])
+            gr[i] = nan  # held: never a candidate
         free = n_in - k
         m = min(c, free)
         if m > 0:
@@ -655,20 +657,22 @@ def dense_grad(x, dy):
     return np.ascontiguousarray(dy.T @ x)
 
 
-def growth_candidates(x, dy, indices, c, block=None, sort=True):
-    """Per neuron, the c largest |dy^T x| outside indices[j], descending; blockwise over neurons."""
+def growth_candidates(x, dy, indices, c, block=None, sort=True, held=False):
+    """Per neuron, the c largest |dy^T x| outside indices[j], descending; blockwise over neurons
+    (and |dy^T x| at indices[j] when ``held``)."""
     n_out = indices.shape[0]
     n_in = x.shape[1]
     cand_idx = np.empty((n_out, c), np.int32)
     cand_score = np.empty((n_out, c), x.dtype)
+    held_score = np.empty(indices.shape, x.dtype)
     if block is None:  # ~4 MiB of scores per block, at least 64 rows
         block = max(64, min(n_out, (1 << 20) // max(1, n_in)))
     dyt = np.ascontiguousarray(dy.T)
     for j0 in range(0, n_out, block):
         j1 = min(n_out, j0 + block)
         g = dyt[j0:j1] @ x  # BLAS, (block, n_in)
-        _k_topc_free(g, indices[j0:j1], c, sort, cand_idx[j0:j1], cand_score[j0:j1])
-    return cand_idx, cand_score
+        _k_topc_free(g, indices[j0:j1], c, sort, cand_idx[j0:j1], cand_score[j0:j1], held_score[j0:j1])
+    return (cand_idx, cand_score, held_score) if held else (cand_idx, cand_score)
 
 
 def im2col(x, kh, kw, stride, padding, ho, wo):

@@ -51,9 +51,8 @@ class LayerUpdate:
 def _growth_pool(layer, x, dy, c, exact):
     """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates
     (``exact``: every non-held input, in input order), from blockwise ``dy^T x``."""
-    held = np.abs(kernels.fanin_backward_values(x, layer.indices, dy, check=False))
     c = layer.n_in - layer.k if exact else c
-    cand, score = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, check=False)
+    cand, score, held = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, held=True, check=False)
     score = np.where(cand < 0, np.float32(-np.inf), score)
     return held, cand, score
 
