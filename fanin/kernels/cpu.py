@@ -444,7 +444,8 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
             vals = np.empty(q, g.dtype)
             for t in range(q):
                 vals[t] = abs(gr[sel[t]])
-            exact = np.partition(vals, q - m)[q - m]
+            # q == m (every free input wanted): all are taken, no partition needed
+            exact = np.partition(vals, q - m)[q - m] if q > m else -np.inf
             above = 0
             for t in range(q):
                 above += vals[t] > exact

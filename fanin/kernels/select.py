@@ -11,32 +11,35 @@ from numba import prange
 def top_per_row(scores, counts):
     """Boolean mask choosing, in each row j, the ``counts[j]`` largest finite scores.
 
-    O(m) per row: a partition finds the cut value, then entries above it and (in order) equal
-    to it are taken.
+    O(m) per row: the finite entries are gathered (branch-free), a partition finds the cut
+    value, then entries above it and (in order) equal to it are taken.
     """
     n, m = scores.shape
     out = np.zeros((n, m), dtype=np.bool_)
     for j in prange(n):
+        if counts[j] <= 0:
+            continue
         row = scores[j]
+        work = np.empty(m, dtype=scores.dtype)
         finite = 0
         for t in range(m):
-            if np.isfinite(row[t]):
-                finite += 1
+            v = row[t]
+            work[finite] = v
+            finite += np.isfinite(v)
         want = min(counts[j], finite)
         if want <= 0:
             continue
-        work = np.empty(finite, dtype=scores.dtype)
-        q = 0
-        for t in range(m):
-            if np.isfinite(row[t]):
-                work[q] = row[t]
-                q += 1
-        cut = np.partition(work, finite - want)[finite - want]
+        if want == finite:
+            for t in range(m):
+                out[j, t] = np.isfinite(row[t])
+            continue
+        cut = np.partition(work[:finite], finite - want)[finite - want]
         taken = 0
         for t in range(m):
-            if np.isfinite(row[t]) and row[t] > cut:
-                out[j, t] = True
-                taken += 1
+            v = row[t]
+            hit = np.isfinite(v) and v > cut
+            out[j, t] = hit
+            taken += hit
         for t in range(m):
             if taken >= want:
                 break

@@ -82,8 +82,10 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     c = n_in - k if exact else min(n_in - k, max(k0 + 16, 32))
     held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
     # 4: salience = among the n_keep largest |W| or among the n_prune largest |G| of the layer
-    keep_sal = select.top_mask(np.where(drop > 0, drop, -np.inf), n_keep)
-    grow_sal = select.top_mask(np.concatenate([held_g, cand_g], axis=1), n_prune)
+    magnitude = np.where(drop > 0, drop, -np.inf)
+    keep_sal = select.top_mask(magnitude, n_keep)
+    scores = np.concatenate([held_g, cand_g], axis=1)  # (n_out, k + c): held slots, then candidates
+    grow_sal = select.top_mask(scores, n_prune)
     salient = (keep_sal | grow_sal[:, :k]).sum(axis=1) + grow_sal[:, k:].sum(axis=1)
     # 5: ablation with the minimum-active guard
     new_active = np.ones(n_out, bool)
@@ -102,16 +104,20 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
             f"neurons (it must be in [1, {n_in}]); lower the sparsity or gamma_sal."
         )
     # 7: prune — the n_keep largest |W| of the layer (ablated neurons keep nothing), at most k_new per neuron
-    drop_now = np.where(new_active[:, None] & (drop > 0), drop, -np.inf)
-    keep = select.top_mask(drop_now, n_keep)
+    if np.all(new_active | ~np.isfinite(magnitude).any(axis=1)):
+        drop_now, keep = magnitude, keep_sal  # no neuron with weights was ablated: the same selection
+    else:
+        drop_now = np.where(new_active[:, None], magnitude, -np.inf)
+        keep = select.top_mask(drop_now, n_keep)
     over = keep.sum(axis=1) > k_new
     if over.any():
         keep[over] = select.top_per_row(np.where(keep[over], drop_now[over], -np.inf),
                                         np.full(int(over.sum()), k_new, np.int64))
     # 8: grow each active neuron back to exactly k_new by grow score (held-but-pruned slots compete too)
     need = np.where(new_active, k_new - keep.sum(axis=1), 0).astype(np.int64)
-    pool = np.concatenate([np.where(keep, -np.inf, held_g), cand_g], axis=1)
-    if exact is False and np.any(need > np.isfinite(pool).sum(axis=1)):
+    pool = scores
+    pool[:, :k][keep] = -np.inf  # kept slots are not regrown; pruned held slots compete with the candidates
+    if exact is False and np.any(need > (k - keep.sum(axis=1)) + (cand >= 0).sum(axis=1)):
         # a neuron needs more candidates than were kept: score it again with a wider list
         held_g, cand, cand_g = _growth_pool(layer, x, dy, min(n_in - k, int(need.max()) + k), exact)
         pool = np.concatenate([np.where(keep, -np.inf, held_g), cand_g], axis=1)
