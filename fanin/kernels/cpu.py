@@ -9,13 +9,14 @@ Layouts (SPEC.md §1): ``indices (n_out, k)`` int16/int32, ``values (n_out, k)``
 
 - batch < ``SMALL_BATCH``: each neuron is a gathered dot product of its ``k`` inputs
   (parallel over neurons). Reads indices+values once: bandwidth-bound, the batch-1 path.
-- batch >= ``SMALL_BATCH``: x is packed batch-innermost in panels of ``TB`` = 32 samples,
-  ``xp (n_panels, n_in, TB)``. For one neuron and one panel the inner step is
-  ``acc[0:32] += v * xp[p, idx, 0:32]``: two AVX-512 FMAs on one contiguous 128-byte row;
-  the 32 accumulators (four independent chains) stay in registers for the whole row of
-  ``k``. A panel of a 4096-input layer is 512 KiB, so it stays in L2 while every neuron
-  streams through it; packing per panel (rather than one ``(n_in, B)`` transpose) keeps
-  the touched pages few (TLB) and the rows contiguous.
+- batch >= ``SMALL_BATCH``: x is packed transposed, ``xt (n_in, Bp)``, the batch zero-padded
+  to whole panels of ``TB`` = 32 samples (``pack_panels``). For one neuron and one panel p the
+  forward's inner step is ``acc[0:32] += v * xt[idx, 32p:32p+32]``: two AVX-512 FMAs on one
+  contiguous 128-byte segment; the 32 accumulators (four independent chains) stay in registers
+  for the whole row of ``k``. The value gradient reads the same array as whole rows: each
+  ``dvalues[j, t]`` is one dot product ``dyt[j] . xt[idx]`` over the padded batch. A task of
+  the forward touches only its panel's segments (n_in lines of 128 B: 512 KiB for 4096 inputs,
+  L2-resident).
 - dx is a scatter; there are no atomics: with a batch, each thread owns a range of batch
   columns of ``dx^T (n_in, B)``; at small batch each thread scatters its neurons into a
   private buffer and the buffers are summed afterwards.
@@ -56,28 +57,30 @@ def n_threads() -> int:
 
 # ---------------------------------------------------------------- layouts
 @njit(**_JIT)
-def _k_pack(x, xp):
-    """xp[p, i, s] = x[p*TB + s, i] (zero past the batch): batch-innermost panels.
+def _k_pack(x, xt):
+    """xt[i, b] = x[b, i], zero for b past the batch: x transposed, batch padded to whole panels.
 
-    Per panel, 16 inputs at a time: read 16 contiguous floats of each of the TB rows and store
-    them TB apart; the 16 x TB tile (2 KiB) stays in L1. Flat unsigned offsets keep the stores
-    free of wraparound checks (2-3x faster than indexing xp[p, i, s]).
+    Per panel of TB samples, 16 inputs at a time: read 16 contiguous floats of each of the TB
+    rows and store them along the transposed rows; the tile stays in L1. Flat unsigned offsets
+    keep the stores free of wraparound checks (2-3x faster than 2-D indexing).
     """
     B, n = x.shape
+    Bp = xt.shape[1]
     xf = x.reshape(-1)
-    for p in prange(xp.shape[0]):
-        xo = xp[p].reshape(-1)
+    xo = xt.reshape(-1)
+    for p in prange(Bp // TB):
         nb = min(TB, B - p * TB)
         for i0 in range(0, n, 16):
             w = min(16, n - i0)
             for s in range(TB):
+                b = p * TB + s
                 if s < nb:
-                    base = (p * TB + s) * n + i0
+                    base = b * n + i0
                     for ii in range(w):
-                        xo[np.uint64((i0 + ii) * TB + s)] = _at(xf, base + ii)
+                        xo[np.uint64((i0 + ii) * Bp + b)] = _at(xf, base + ii)
                 else:
                     for ii in range(w):
-                        xo[np.uint64((i0 + ii) * TB + s)] = 0
+                        xo[np.uint64((i0 + ii) * Bp + b)] = 0
 
 
 @njit(**_JIT)
@@ -138,17 +141,19 @@ SERIAL_MACS = 1 << 20  # below this many multiply-adds a batch-1 forward runs on
 
 
 @njit(**_JIT)
-def _k_spmm_panels(xp, ptr, idx, vals, scale, bias, out):
+def _k_spmm_panels(xt, ptr, idx, vals, scale, bias, out):
     """out[b, r] = bias[r] + scale[r] * sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (CSR rows).
 
-    xp (n_panels, n_in*TB) holds x packed batch-innermost (``pack_panels``); out is (B, n_rows).
+    xt (n_in, Bp) holds x transposed with the batch padded to panels of TB (``pack_panels``); out is (B, n_rows).
     One task = one panel x JB rows. Rows go four at a time: each row keeps TB = 32 accumulators
     (two zmm) and the four rows' loads are independent streams, so the L2 latency of the
     gathered 128-byte x rows overlaps (one row at a time was latency-bound at ~3 cycles/FMA).
     Used for the forward (ptr = j*k) and for dx over the transposed structure.
     """
     B = out.shape[0]
-    n_panels = xp.shape[0]
+    Bp = xt.shape[1]
+    n_panels = Bp // TB
+    xc = xt.reshape(-1)
     n_rows = ptr.shape[0] - 1
     n_jb = (n_rows + JB - 1) // JB
     vzero = vals.dtype.type(0)
@@ -156,11 +161,11 @@ def _k_spmm_panels(xp, ptr, idx, vals, scale, bias, out):
         p = task // n_jb
         j0 = (task % n_jb) * JB
         j1 = min(n_rows, j0 + JB)
-        xc = xp[p]
-        a0 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
-        a1 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
-        a2 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
-        a3 = numba.carray(_stack_buffer(TB, xp.dtype), (TB,))
+        col = p * TB  # this panel's samples: columns col .. col+TB of xt
+        a0 = numba.carray(_stack_buffer(TB, xt.dtype), (TB,))
+        a1 = numba.carray(_stack_buffer(TB, xt.dtype), (TB,))
+        a2 = numba.carray(_stack_buffer(TB, xt.dtype), (TB,))
+        a3 = numba.carray(_stack_buffer(TB, xt.dtype), (TB,))
         tile = np.empty((JB, TB), out.dtype)
         for jq in range(j0, j1, 4):
             q0 = jq
@@ -183,10 +188,10 @@ def _k_spmm_panels(xp, ptr, idx, vals, scale, bias, out):
                 v1 = _at(vals, e1 + t)
                 v2 = _at(vals, e2 + t)
                 v3 = _at(vals, e3 + t)
-                b0 = np.intp(_at(idx, e0 + t)) * TB
-                b1 = np.intp(_at(idx, e1 + t)) * TB
-                b2 = np.intp(_at(idx, e2 + t)) * TB
-                b3 = np.intp(_at(idx, e3 + t)) * TB
+                b0 = np.intp(_at(idx, e0 + t)) * Bp + col
+                b1 = np.intp(_at(idx, e1 + t)) * Bp + col
+                b2 = np.intp(_at(idx, e2 + t)) * Bp + col
+                b3 = np.intp(_at(idx, e3 + t)) * Bp + col
                 for s in range(TB):
                     a0[s] += v0 * _at(xc, b0 + s)
                     a1[s] += v1 * _at(xc, b1 + s)
@@ -212,10 +217,10 @@ def _k_spmm_panels(xp, ptr, idx, vals, scale, bias, out):
                 v1 = _at(vals, f1) if t < l1 else vzero
                 v2 = _at(vals, f2) if t < l2 else vzero
                 v3 = _at(vals, f3) if t < l3 else vzero
-                b0 = np.intp(_at(idx, f0)) * TB
-                b1 = np.intp(_at(idx, f1)) * TB
-                b2 = np.intp(_at(idx, f2)) * TB
-                b3 = np.intp(_at(idx, f3)) * TB
+                b0 = np.intp(_at(idx, f0)) * Bp + col
+                b1 = np.intp(_at(idx, f1)) * Bp + col
+                b2 = np.intp(_at(idx, f2)) * Bp + col
+                b3 = np.intp(_at(idx, f3)) * Bp + col
                 for s in range(TB):
                     a0[s] += v0 * _at(xc, b0 + s)
                     a1[s] += v1 * _at(xc, b1 + s)
@@ -285,64 +290,50 @@ def _k_take(a, slots, out):
 
 # ---------------------------------------------------------------- backward
 @njit(**_JIT)
-def _k_dvalues_panels(xp, dyp, indices, B, jb, out):
-    """out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] from packed panels (batch-innermost).
+def _k_dvalues_panels(xt, dyt, indices, jb, out):
+    """out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] = dot(dyt[j], xt[indices[j, t]]).
 
-    xp (n_panels, n_in*TB), dyp (n_panels, n_out*TB). A task owns jb neurons and walks the
-    panels in order, so the x rows it gathers come from one L2-resident panel (512 KiB for
-    4096 inputs) instead of a (n_in, B) transpose that spills to L3; each (j, t) adds one
-    32-sample dot per panel. Four t at a time keep four independent chains.
+    xt (n_in, Bp), dyt (n_out, Bp): both transposed and zero-padded to the same Bp
+    (``pack_panels``). A task owns jb neurons; each output is one dot product over the whole
+    padded batch, four at a time (four independent chains sharing the loads of dyt[j]), so there
+    is one horizontal sum per output (per-panel dots made one per panel and ran 1.5x slower).
     """
     n_out, k = indices.shape
-    n_panels = xp.shape[0]
+    Bp = xt.shape[1]
+    xf = xt.reshape(-1)
     k4 = k - k % 4
     n_tasks = (n_out + jb - 1) // jb
     zero = out.dtype.type(0)
     for task in prange(n_tasks):
-        j0 = task * jb
-        j1 = min(n_out, j0 + jb)
-        for p in range(n_panels):
-            xc = xp[p]
-            dc = dyp[p]
-            first = p == 0
-            for j in range(j0, j1):
-                ir = indices[j]
-                o = out[j]
-                db = j * TB
-                for t in range(0, k4, 4):
-                    b0 = np.intp(ir[t]) * TB
-                    b1 = np.intp(ir[t + 1]) * TB
-                    b2 = np.intp(ir[t + 2]) * TB
-                    b3 = np.intp(ir[t + 3]) * TB
-                    s0 = zero
-                    s1 = zero
-                    s2 = zero
-                    s3 = zero
-                    for s in range(TB):
-                        d = _at(dc, db + s)
-                        s0 += d * _at(xc, b0 + s)
-                        s1 += d * _at(xc, b1 + s)
-                        s2 += d * _at(xc, b2 + s)
-                        s3 += d * _at(xc, b3 + s)
-                    if first:
-                        o[t] = s0
-                        o[t + 1] = s1
-                        o[t + 2] = s2
-                        o[t + 3] = s3
-                    else:
-                        o[t] += s0
-                        o[t + 1] += s1
-                        o[t + 2] += s2
-                        o[t + 3] += s3
-                for t in range(k4, k):
-                    b0 = np.intp(ir[t]) * TB
-                    s0 = zero
-                    for s in range(TB):
-                        s0 += _at(dc, db + s) * _at(xc, b0 + s)
-                    if first:
-                        o[t] = s0
-                    else:
-                        o[t] += s0
+        for j in range(task * jb, min(n_out, task * jb + jb)):
+            d = dyt[j]
+            ir = indices[j]
+            o = out[j]
+            for t in range(0, k4, 4):
+                b0 = np.intp(ir[t]) * Bp
+                b1 = np.intp(ir[t + 1]) * Bp
+                b2 = np.intp(ir[t + 2]) * Bp
+                b3 = np.intp(ir[t + 3]) * Bp
+                s0 = zero
+                s1 = zero
+                s2 = zero
+                s3 = zero
+                for s in range(Bp):
+                    ds = d[s]
+                    s0 += ds * _at(xf, b0 + s)
+                    s1 += ds * _at(xf, b1 + s)
+                    s2 += ds * _at(xf, b2 + s)
+                    s3 += ds * _at(xf, b3 + s)
+                o[t] = s0
+                o[t + 1] = s1
+                o[t + 2] = s2
+                o[t + 3] = s3
+            for t in range(k4, k):
+                b0 = np.intp(ir[t]) * Bp
+                s0 = zero
+                for s in range(Bp):
+                    s0 += d[s] * _at(xf, b0 + s)
+                o[t] = s0
 
 
 @njit(**_JIT)
@@ -522,13 +513,13 @@ def _panels(B: int) -> int:
 
 
 def panels_shape(B: int, n: int) -> tuple:
-    """The shape of ``pack_panels`` of a (B, n) array."""
-    return (_panels(B), n, TB)
+    """The shape of ``pack_panels`` of a (B, n) array: (n, B rounded up to whole panels of TB)."""
+    return (n, _panels(B) * TB)
 
 
 def pack_panels(x: np.ndarray):
-    """x (B, n) -> batch-innermost panels (ceil(B/TB), n, TB), zero-padded; None below SMALL_BATCH
-    (the small-batch kernels read x as it is)."""
+    """x (B, n) -> x transposed, (n, ceil(B/TB)*TB), zero-padded; None below SMALL_BATCH (the
+    small-batch kernels read x as it is)."""
     if x.shape[0] < SMALL_BATCH:
         return None
     xp = np.empty(panels_shape(*x.shape), x.dtype)
@@ -571,7 +562,7 @@ def fanin_forward(x, indices, values, bias=None, scale=None, xp=None):
     else:
         xp = pack_panels(x) if xp is None else xp
         vals = values.reshape(-1) if values.dtype == x.dtype else values.reshape(-1).astype(x.dtype)
-        _k_spmm_panels(xp.reshape(xp.shape[0], -1), _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
+        _k_spmm_panels(xp, _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
                        vals, scale, bias, out)
     return out
 
@@ -592,7 +583,7 @@ def fanin_backward_values(x, indices, dy, xp=None, dyp=None):
     dyp = pack_panels(dy) if dyp is None else dyp
     n_out = indices.shape[0]
     jb = max(8, -(-n_out // (4 * n_threads())))  # ~4 tasks per thread
-    _k_dvalues_panels(xp.reshape(xp.shape[0], -1), dyp.reshape(dyp.shape[0], -1), indices, B, jb, out)
+    _k_dvalues_panels(xp, dyp, indices, jb, out)
     return out
 
 
@@ -638,7 +629,7 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
         _k_csr_rows(dy, colptr, rows, vals_t, out)
         return out
     dyp = pack_panels(dy) if dyp is None else dyp
-    _k_spmm_panels(dyp.reshape(dyp.shape[0], -1), colptr, rows, vals_t, np.ones(n_in, dy.dtype),
+    _k_spmm_panels(dyp, colptr, rows, vals_t, np.ones(n_in, dy.dtype),
                    np.zeros(n_in, dy.dtype), out)
     return out
 
