@@ -53,8 +53,7 @@ def _growth_pool(layer, x, dy, c, exact):
     (``exact``: every non-held input, in input order), from blockwise ``dy^T x``."""
     c = layer.n_in - layer.k if exact else c
     cand, score, held = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, held=True, check=False)
-    score = np.where(cand < 0, np.float32(-np.inf), score)
-    return held, cand, score
+    return held, cand, score  # rows with fewer free inputs than c are padded with -1 / -inf
 
 
 def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: float, ablation: bool,
@@ -117,7 +116,8 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     need = np.where(new_active, k_new - keep.sum(axis=1), 0).astype(np.int64)
     pool = scores
     pool[:, :k][keep] = -np.inf  # kept slots are not regrown; pruned held slots compete with the candidates
-    if exact is False and np.any(need > (k - keep.sum(axis=1)) + (cand >= 0).sum(axis=1)):
+    # every row lists min(c, n_in - k) candidates (all rows have n_in - k free inputs)
+    if exact is False and np.any(need > (k - keep.sum(axis=1)) + min(c, n_in - k)):
         # a neuron needs more candidates than were kept: score it again with a wider list
         held_g, cand, cand_g = _growth_pool(layer, x, dy, min(n_in - k, int(need.max()) + k), exact)
         pool = np.concatenate([np.where(keep, -np.inf, held_g), cand_g], axis=1)
