@@ -138,3 +138,12 @@ def test_adam_matches_textbook(n, seed, decoupled, steps):
         mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
         w = w - 0.01 * mhat / (np.sqrt(vhat) + 1e-8)
     np.testing.assert_allclose(p.data, w, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 600), seed=seeds, ties=st.booleans(), data=st.data())
+def test_kth_smallest_matches_numpy_partition(size, seed, ties, data):
+    rng = np.random.default_rng(seed)
+    a = (rng.integers(0, 4, size) if ties else rng.standard_normal(size)).astype(np.float32)
+    kth = data.draw(st.integers(0, size - 1))
+    assert select.kth_smallest(a.copy(), kth) == np.partition(a, kth)[kth]

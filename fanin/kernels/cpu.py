@@ -30,6 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import load_unchecked as _at
+from fanin.kernels.select import kth_smallest
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
@@ -421,7 +422,7 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
                     sample[n_s] = a
                     n_s += 1
             want = int(n_s * (1.25 * m / free)) + 4
-            cut = np.partition(sample[:n_s], n_s - want)[n_s - want] if 0 < want <= n_s and m < free else g.dtype.type(0)
+            cut = kth_smallest(sample[:n_s], n_s - want) if 0 < want <= n_s and m < free else g.dtype.type(0)
             sel = np.empty(n_in, np.int32)
             q = 0
             for i in range(n_in):
@@ -436,7 +437,7 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
             for t in range(q):
                 vals[t] = abs(gr[sel[t]])
             # q == m (every free input wanted): all are taken, no partition needed
-            exact = np.partition(vals, q - m)[q - m] if q > m else -np.inf
+            exact = kth_smallest(vals.copy(), q - m) if q > m else -np.inf  # vals stays aligned with sel
             above = 0
             for t in range(q):
                 above += vals[t] > exact
