@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ METHODS = {
 
 
 def run_one(model, method, sparsity, seed, epochs, extra, cached_only=False):
+    """One `fanin train` run (or its cached JSON); ``method`` is a key of METHODS."""
     name = f"{model}-{method}-{'dense' if method == 'dense' else sparsity}-s{seed}-e{epochs}"
     if extra:  # runs with other training arguments are cached under their own names
         name += "-" + "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in extra))
@@ -60,8 +62,8 @@ def summarize(model, results):
         rows.append([method, "-" if sparsity is None else f"{sparsity:.0%}",
                      f"{100 * sum(accs) / len(accs):.2f}", " / ".join(f"{100 * a:.2f}" for a in accs),
                      last.get("ablated", "-"), last.get("fan_in", "-"), f"{sum(times) / len(times):.1f}"])
-    head = ["method", "sparsity", "test acc % (mean)", "per seed", "ablated neurons / layer",
-            "final fan-ins", "s / epoch"]
+    head = ["method", "sparsity", "test acc % (mean)", "per seed", "ablated neurons / layer (seed 0)",
+            "final fan-ins (seed 0)", "s / epoch (shared machine: not a benchmark)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
@@ -105,31 +107,38 @@ def main(argv=None):
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `fanin train` arguments")
     ap.add_argument("--out", default=str(ROOT / "docs" / "RESULTS.md"))
     ap.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new ones")
+    ap.add_argument("--tag", default=None, help="a side study: its own section of --out (title + tag), no figure")
+    ap.add_argument("--gamma-sal", type=float, nargs="+", default=[],
+                    help="also run SRigL with these gamma_sal values (rows 'srigl, gamma_sal G')")
     args = ap.parse_args(argv)
     RUNS.mkdir(parents=True, exist_ok=True)
     results, commands = {}, []
+    variants = [(m, m, args.extra) for m in args.methods]  # (row label, method, extra arguments)
+    variants += [(f"srigl, gamma_sal {g}", "srigl", ["--gamma-sal", str(g), *args.extra]) for g in args.gamma_sal]
     for seed in args.seeds:
-        for method in args.methods:
+        for label, method, extra in variants:
             for s in ([None] if method == "dense" else args.sparsities):
-                res, cmd = run_one(args.model, method, s, seed, args.epochs, args.extra, args.cached_only)
+                res, cmd = run_one(args.model, method, s, seed, args.epochs, extra, args.cached_only)
                 if res is not None:
-                    results.setdefault((method, s), []).append(res)
+                    results.setdefault((label, s), []).append(res)
                     commands.append(cmd)
     table = summarize(args.model, results)
     print(table)
     (ROOT / "docs").mkdir(exist_ok=True)
     fig = ROOT / "docs" / f"sparse_accuracy_{args.model}.png"
-    has_fig = plot(args.model, results, fig)
+    has_fig = plot(args.model, results, fig) if args.tag is None else False
     sys.path.insert(0, str(ROOT / "bench"))
     import common
 
-    body = (common.header(f".venv/bin/python bench/sparse_table.py {' '.join(argv or sys.argv[1:])}")
+    shown_args = [a for a in (argv or sys.argv[1:]) if a != "--cached-only"]  # the command that makes the runs
+    body = (common.header(f".venv/bin/python bench/sparse_table.py {shlex.join(shown_args)}")
             + f"\n{args.epochs} epochs, " + ("`" + " ".join(args.extra) + "`, " if args.extra else "SGD + Nesterov momentum 0.9, lr 0.05 ")
             + "cosine schedule, batch 128, weight decay 5e-4; "
             "SRigL/RigL: ERK, delta_t 100, alpha 0.3, t_end 75 %, gamma_sal 0.3.\n\n" + table + "\n"
             + (f"\n![accuracy vs sparsity](sparse_accuracy_{args.model}.png)\n" if has_fig else "")
             + "\n<details><summary>commands</summary>\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n</details>\n")
-    common.write_section(args.out, f"Sparse training on Fashion-MNIST ({args.model})", body)
+    title = f"Sparse training on Fashion-MNIST ({args.model})" + (f": {args.tag}" if args.tag else "")
+    common.write_section(args.out, title, body)
 
 
 if __name__ == "__main__":

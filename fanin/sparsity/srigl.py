@@ -115,7 +115,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     # 8: grow each active neuron back to exactly k_new by grow score (held-but-pruned slots compete too)
     need = np.where(new_active, k_new - keep.sum(axis=1), 0).astype(np.int64)
     pool = scores
-    pool[:, :k][keep] = -np.inf  # kept slots are not regrown; pruned held slots compete with the candidates
+    np.copyto(pool[:, :k], -np.inf, where=keep)  # kept slots are not regrown; pruned held slots compete
     # every row lists min(c, n_in - k) candidates (all rows have n_in - k free inputs)
     if exact is False and np.any(need > (k - keep.sum(axis=1)) + min(c, n_in - k)):
         # a neuron needs more candidates than were kept: score it again with a wider list
@@ -131,9 +131,11 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
         bad = int(np.nonzero(filled != k_new)[0][0])
         raise RuntimeError(f"SRigL: neuron {bad} received {filled[bad]} connections instead of {k_new} (a bug).")
     new_values = select.gather_rows(values, src)
+    # keep and regrown_held are disjoint; every chosen connection is new (src -1), need[j] of them per row
+    kept = keep.sum(axis=1)
     info = LayerUpdate(
-        k_old=k, k_new=k_new, n_prune=int(((~keep) & ~regrown_held & active[:, None]).sum()),
-        n_grow=int(((src < 0) & new_active[:, None]).sum()),
+        k_old=k, k_new=k_new, n_prune=int((k - kept - regrown_held.sum(axis=1))[active].sum()),
+        n_grow=int(need.sum()),
         ablated=int((~new_active).sum()), reactivated=int((new_active & ~active).sum()), exact=bool(exact))
     return new_idx, new_values, new_active, src, info
 
