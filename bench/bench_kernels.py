@@ -287,8 +287,9 @@ def main():
     log(f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (set by fanin/__init__.py unless given), "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, "
         f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
-    log(f"- load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f}")
-    if max(load0, os.getloadavg()[0]) > 0.7:
+    log(f"- load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f} (the end value includes "
+        "this benchmark's own two threads)")
+    if load0 > 0.7:
         log("- WARNING: another process was using the CPUs during this run. OpenBLAS's threads sched_yield() to it while"
             " waiting (even to a nice-19 process), so the NumPy dense baselines (and so the 'vs numpy' ratios and target"
             " checks) can be wildly off (seen: 8 ms for a 0.07 ms gemv); re-run on a quiet machine before trusting them")
