@@ -1,6 +1,7 @@
 """Low-level Numba intrinsics shared by the CPU kernels."""
 from llvmlite import ir as llvmir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -21,3 +22,20 @@ def load_unchecked(typingctx, arr, i):
         return builder.load(builder.gep(ary.data, [ix], inbounds=True))
 
     return arr.dtype(arr, i), codegen
+
+
+@intrinsic
+def stack_buffer(typingctx, size, dtype):
+    """A pointer to ``size`` (a compile-time constant, e.g. a module-level int) elements of ``dtype``
+    on the stack, allocated in the entry block: wrapped with ``numba.carray`` it is a small
+    accumulator array that LLVM promotes to registers when every access has a constant index or
+    sits in a fully unrolled loop."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype),
+                                   size=context.get_constant(types.intp, n))
+
+    return types.CPointer(dtype.dtype)(size, dtype), codegen

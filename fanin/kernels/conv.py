@@ -22,11 +22,10 @@ branches and no border cases: a tap of output channel j at tile (oy0, ox0) reads
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import carray, njit, prange
 
 from fanin.kernels._intrinsics import load_unchecked as _ld
+from fanin.kernels._intrinsics import stack_buffer
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
@@ -35,23 +34,6 @@ R = 4   # output rows per register tile (four accumulators a0..a3: R is fixed at
 L = 16  # output columns per register tile (one zmm of float32)
 T = 4   # taps per task step in backward_values (accumulators a0..a3: T is fixed at 4)
 L_ = L
-
-
-@intrinsic
-def _scratch(typingctx, size, dtype):
-    """``size`` (a compile-time constant) elements of ``dtype`` on the stack, in the entry block
-    (promoted to registers when every access has a constant index)."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    n = size.literal_value
-
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype),
-                                   size=context.get_constant(types.intp, n))
-
-    return types.CPointer(dtype.dtype)(size, dtype), codegen
-
-
 
 
 @njit(inline="always")
@@ -144,10 +126,10 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
         xb = xp[b]
         offj = off[j]
         vj = values[j]
-        a0 = carray(_scratch(L_, x.dtype), (L,))
-        a1 = carray(_scratch(L_, x.dtype), (L,))
-        a2 = carray(_scratch(L_, x.dtype), (L,))
-        a3 = carray(_scratch(L_, x.dtype), (L,))
+        a0 = carray(stack_buffer(L_, x.dtype), (L,))
+        a1 = carray(stack_buffer(L_, x.dtype), (L,))
+        a2 = carray(stack_buffer(L_, x.dtype), (L,))
+        a3 = carray(stack_buffer(L_, x.dtype), (L,))
         for rb in range(nrb):
             oy0 = rb * R
             for cb in range(ncb):
@@ -204,10 +186,10 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
     kpad = off.shape[1]
     rs = sh * Wp
     for j in prange(n_out):
-        a0 = carray(_scratch(L_, xp.dtype), (L,))
-        a1 = carray(_scratch(L_, xp.dtype), (L,))
-        a2 = carray(_scratch(L_, xp.dtype), (L,))
-        a3 = carray(_scratch(L_, xp.dtype), (L,))
+        a0 = carray(stack_buffer(L_, xp.dtype), (L,))
+        a1 = carray(stack_buffer(L_, xp.dtype), (L,))
+        a2 = carray(stack_buffer(L_, xp.dtype), (L,))
+        a3 = carray(stack_buffer(L_, xp.dtype), (L,))
         offj = off[j]
         for t0 in range(0, kpad, T):
             for l in range(L):
@@ -341,10 +323,10 @@ def _backward_input_gather(dy, values, colptr, rows, slots, C, H, W, kh, kw, ph,
         xb = dx[b, c]
         e0 = cptr[c]
         e1 = cptr[c + 1]
-        a0 = carray(_scratch(L_, dy.dtype), (L,))
-        a1 = carray(_scratch(L_, dy.dtype), (L,))
-        a2 = carray(_scratch(L_, dy.dtype), (L,))
-        a3 = carray(_scratch(L_, dy.dtype), (L,))
+        a0 = carray(stack_buffer(L_, dy.dtype), (L,))
+        a1 = carray(stack_buffer(L_, dy.dtype), (L,))
+        a2 = carray(stack_buffer(L_, dy.dtype), (L,))
+        a3 = carray(stack_buffer(L_, dy.dtype), (L,))
         for rb in range(nrb):
             iy0 = rb * R
             for cb in range(ncb):

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from fanin.kernels._intrinsics import load_unchecked as _at
+from fanin.kernels._intrinsics import stack_buffer
 from fanin.kernels.select import kth_smallest
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -38,18 +37,6 @@ _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
 TB = 32  # samples per batch panel (two 512-bit vectors of float32)
 SMALL_BATCH = 8  # below this batch size the forward uses gathered dots per neuron
 JB = 32  # neurons per task in the panel kernels
-
-
-@intrinsic
-def _stack_buffer(typingctx, size, dtype):
-    """A pointer to ``size`` elements on the stack (LLVM can keep them in registers)."""
-
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=args[0])
-
-    return types.CPointer(dtype.dtype)(size, dtype), codegen
-
-
 
 
 def n_threads() -> int:
@@ -164,10 +151,10 @@ def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out):
         j0 = (task % n_jb) * JB
         j1 = min(n_rows, j0 + JB)
         col = p * ps  # this panel's samples start here in each input's row
-        a0 = numba.carray(_stack_buffer(TB, xc.dtype), (TB,))
-        a1 = numba.carray(_stack_buffer(TB, xc.dtype), (TB,))
-        a2 = numba.carray(_stack_buffer(TB, xc.dtype), (TB,))
-        a3 = numba.carray(_stack_buffer(TB, xc.dtype), (TB,))
+        a0 = numba.carray(stack_buffer(TB, xc.dtype), (TB,))
+        a1 = numba.carray(stack_buffer(TB, xc.dtype), (TB,))
+        a2 = numba.carray(stack_buffer(TB, xc.dtype), (TB,))
+        a3 = numba.carray(stack_buffer(TB, xc.dtype), (TB,))
         tile = np.empty((JB, TB), out.dtype)
         for jq in range(j0, j1, 4):
             q0 = jq
@@ -292,7 +279,7 @@ def _k_take(a, slots, out):
 
 # ---------------------------------------------------------------- backward
 @njit(**_JIT)
-def _k_dvalues_panels(xt, dyt, indices, jb, out):
+def _k_dvalues_transposed(xt, dyt, indices, jb, out):
     """out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] = dot(dyt[j], xt[indices[j, t]]).
 
     xt (n_in, Bp), dyt (n_out, Bp): both transposed and zero-padded to the same Bp
@@ -596,7 +583,7 @@ def fanin_backward_values(x, indices, dy, xp=None, dyp=None):
     dyp = pack_panels(dy) if dyp is None else dyp
     n_out = indices.shape[0]
     jb = max(8, -(-n_out // (4 * n_threads())))  # ~4 tasks per thread
-    _k_dvalues_panels(xp, dyp, indices, jb, out)
+    _k_dvalues_transposed(xp, dyp, indices, jb, out)
     return out
 
 

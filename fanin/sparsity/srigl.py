@@ -74,14 +74,15 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     n_prune = int(n_ones * frac)
     n_keep = n_ones - n_prune
     drop = np.where(active[:, None], np.abs(values), np.float32(-np.inf))
-    nonzero = int(np.count_nonzero(drop > 0))
+    positive = drop > 0
+    nonzero = int(np.count_nonzero(positive))
     if nonzero < n_keep:
         n_keep, n_prune = nonzero, n_ones - nonzero
     # 3: grow scores, held slots and best non-held candidates per neuron
     c = n_in - k if exact else min(n_in - k, max(k0 + 16, 32))
     held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
     # 4: salience = among the n_keep largest |W| or among the n_prune largest |G| of the layer
-    magnitude = np.where(drop > 0, drop, -np.inf)
+    magnitude = np.where(positive, drop, -np.inf)
     keep_sal = select.top_mask(magnitude, n_keep)
     scores = np.concatenate([held_g, cand_g], axis=1)  # (n_out, k + c): held slots, then candidates
     grow_sal = select.top_mask(scores, n_prune)
@@ -103,7 +104,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
             f"neurons (it must be in [1, {n_in}]); lower the sparsity or gamma_sal."
         )
     # 7: prune — the n_keep largest |W| of the layer (ablated neurons keep nothing), at most k_new per neuron
-    if np.all(new_active | ~np.isfinite(magnitude).any(axis=1)):
+    if np.all(new_active | ~positive.any(axis=1)):
         drop_now, keep = magnitude, keep_sal  # no neuron with weights was ablated: the same selection
     else:
         drop_now = np.where(new_active[:, None], magnitude, -np.inf)
@@ -113,14 +114,15 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
         keep[over] = select.top_per_row(np.where(keep[over], drop_now[over], -np.inf),
                                         np.full(int(over.sum()), k_new, np.int64))
     # 8: grow each active neuron back to exactly k_new by grow score (held-but-pruned slots compete too)
-    need = np.where(new_active, k_new - keep.sum(axis=1), 0).astype(np.int64)
-    pool = scores
-    np.copyto(pool[:, :k], -np.inf, where=keep)  # kept slots are not regrown; pruned held slots compete
+    kept = keep.sum(axis=1)
+    need = np.where(new_active, k_new - kept, 0).astype(np.int64)
     # every row lists min(c, n_in - k) candidates (all rows have n_in - k free inputs)
-    if exact is False and np.any(need > (k - keep.sum(axis=1)) + min(c, n_in - k)):
+    if exact is False and np.any(need > (k - kept) + min(c, n_in - k)):
         # a neuron needs more candidates than were kept: score it again with a wider list
         held_g, cand, cand_g = _growth_pool(layer, x, dy, min(n_in - k, int(need.max()) + k), exact)
-        pool = np.concatenate([np.where(keep, -np.inf, held_g), cand_g], axis=1)
+        scores = np.concatenate([held_g, cand_g], axis=1)
+    pool = scores
+    np.copyto(pool[:, :k], -np.inf, where=keep)  # kept slots are not regrown; pruned held slots compete
     chosen = select.top_per_row(pool, need)
     regrown_held = chosen[:, :k]
     old_idx = layer.indices.astype(np.int32)
@@ -132,7 +134,6 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
         raise RuntimeError(f"SRigL: neuron {bad} received {filled[bad]} connections instead of {k_new} (a bug).")
     new_values = select.gather_rows(values, src)
     # keep and regrown_held are disjoint; every chosen connection is new (src -1), need[j] of them per row
-    kept = keep.sum(axis=1)
     info = LayerUpdate(
         k_old=k, k_new=k_new, n_prune=int((k - kept - regrown_held.sum(axis=1))[active].sum()),
         n_grow=int(need.sum()),
