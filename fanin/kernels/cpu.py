@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from fanin.kernels import memory
 from fanin.kernels._intrinsics import load_unchecked as _at
 from fanin.kernels._intrinsics import stack_buffer
 from fanin.kernels.select import kth_smallest
@@ -511,7 +512,7 @@ def pack_panels(x: np.ndarray):
     small-batch kernels read x as it is)."""
     if x.shape[0] < SMALL_BATCH:
         return None
-    xp = np.empty(panels_shape(*x.shape), x.dtype)
+    xp = memory.empty(panels_shape(*x.shape), x.dtype)  # read at random rows: huge pages
     _k_pack(x, xp.reshape(-1), xp.shape[1], TB)
     return xp
 
@@ -522,7 +523,7 @@ def _panel_operand(x, xp):
     if xp is not None:
         return xp.reshape(-1), xp.shape[1], TB
     n = x.shape[1]
-    flat = np.empty(_panels(x.shape[0]) * n * TB, x.dtype)
+    flat = memory.empty(_panels(x.shape[0]) * n * TB, x.dtype)
     _k_pack(x, flat, TB, n * TB)
     return flat, TB, n * TB
 
