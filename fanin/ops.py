@@ -283,7 +283,24 @@ def concat(tensors, axis=0) -> Tensor:
 def relu(a) -> Tensor:
     from fanin.kernels import activation
 
+    from fanin import kernels
+    from fanin.kernels import memory
+    from fanin.tensor import Panels, make_panels, panels_of
+
     a = _t(a)
+    ap = panels_of(a)
+    if ap is not None:  # a packed activation stays packed (ReLU(0) = 0 keeps the padding zero)
+        outp = activation.relu(ap, memory.empty(ap.shape, ap.dtype))  # read at random rows next: huge pages
+
+        batch = a.shape[0]
+
+        def backward(g):  # (refers to outp, never to the output Tensor: no reference cycle holding the buffers)
+            if isinstance(g, Panels):
+                return (Panels(activation.relu_grad(g.array, outp, memory.empty(outp.shape, outp.dtype)), batch),)
+            return (activation.relu_grad(g, kernels.unpack_panels(outp, batch)),)
+
+        backward.takes_panels = True
+        return make_panels(outp, batch, (a,), backward)
     out = activation.relu(a.data)
     return Tensor._make(out, (a,), lambda g: (activation.relu_grad(g, out),))
 
@@ -527,52 +544,96 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
     makes the input gradient a race-free gather (layers cache it per topology);
     ``dense=True`` says every row of indices is ``0..n_in-1`` (a layer at full fan-in, e.g. the
     classifier ERK keeps dense): ``values`` is then the dense weight and BLAS does the work.
+
+    From batch ``kernels.cpu.SMALL_BATCH`` on, a sparse layer's output and its input gradient stay
+    in the packed panel layout (``tensor.Panels``): the next sparse layer, a ReLU, or a dense layer
+    reads them without packing, and ``.data`` unpacks only if something else asks.
     """
     from fanin import kernels
+    from fanin.kernels import memory
+    from fanin.kernels.cpu import SMALL_BATCH
+    from fanin.tensor import Panels, make_panels, panels_of
 
     x = _t(x)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
-    xd = np.ascontiguousarray(x.data)
-    if dense and indices.shape[1] != x.shape[1]:
+    B, n_in = x.shape
+    if dense and indices.shape[1] != n_in:
         raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {indices.shape} for input "
                          f"{x.shape}.")
-    xp = None
-    if dense:
-        out = xd @ values.data.T if xd.dtype == values.data.dtype else xd @ values.data.T.astype(xd.dtype)
-        if bias is not None:
-            out += bias.data
-    else:  # pack x once: the forward reads the panels and the value gradient reads them again
-        xp = kernels.pack_panels(xd) if xd.dtype == values.data.dtype else None
-        out = kernels.fanin_forward(xd, indices, values.data, None if bias is None else bias.data, check=False, xp=xp)
+    w = values.data
+    xp = panels_of(x)
+    if xp is not None and (xp.dtype != w.dtype or B < SMALL_BATCH):
+        xp = None
     parents = (x, values) if bias is None else (x, values, bias)
+    bias_d = None if bias is None else bias.data
+
+    if dense:  # BLAS, reading a packed input in place (xp[:, :B] is x^T)
+        xd = xp[:, :B].T if xp is not None else np.ascontiguousarray(x.data)
+        out = xd @ (w.T if xd.dtype == w.dtype else w.T.astype(xd.dtype))
+        if bias_d is not None:
+            out += bias_d
+
+        def backward(g):
+            g = np.ascontiguousarray(g)
+            if capture is not None:
+                capture.append((np.ascontiguousarray(xd), g))
+            gx = None
+            if x.requires_grad:
+                if xp is not None:  # hand the packed producer its gradient packed: gx^T = W^T g^T
+                    gxp = memory.empty(xp.shape, g.dtype)  # the producer's kernels gather its rows
+                    gxp[:, B:] = 0
+                    np.matmul(w.T, g.T, out=gxp[:, :B])
+                    gx = Panels(gxp, B)
+                else:
+                    gx = g @ w
+            gv = g.T @ xd if values.requires_grad else None
+            if gv is not None and active is not None and not active.all():
+                gv[~active] = 0
+            return (gx, gv) if bias is None else (gx, gv, g.sum(axis=0))
+
+        return Tensor._make(out, parents, backward)
+
+    packed = B >= SMALL_BATCH and x.dtype == w.dtype
+    if not packed:  # small batches (or mixed dtypes): the row kernels
+        xd = np.ascontiguousarray(x.data)
+        out = kernels.fanin_forward(xd, indices, w, bias_d, check=False)
+
+        def backward(g):
+            g = np.ascontiguousarray(g)
+            if capture is not None:
+                capture.append((xd, g))
+            gx = None
+            if x.requires_grad:
+                tr = transposed() if callable(transposed) else transposed
+                gx = kernels.fanin_backward_input(indices, w, g, n_in, check=False, transposed=tr)
+            gv = kernels.fanin_backward_values(xd, indices, g, check=False) if values.requires_grad else None
+            if gv is not None and active is not None and not active.all():
+                gv[~active] = 0
+            return (gx, gv) if bias is None else (gx, gv, g.sum(axis=0))
+
+        return Tensor._make(out, parents, backward)
+
+    if xp is None:  # pack once: the forward and the value gradient both read it
+        xp = kernels.pack_panels(np.ascontiguousarray(x.data))
+    outp = kernels.fanin_forward_panels(xp, B, indices, w, bias_d, check=False)
 
     def backward(g):
-        g = np.ascontiguousarray(g)
+        gp = g.array if isinstance(g, Panels) else kernels.pack_panels(np.ascontiguousarray(g, dtype=w.dtype))
         if capture is not None:
-            capture.append((xd, g))
-        gp = None if dense or g.dtype != values.data.dtype else kernels.pack_panels(g)
-        gx = None
-        if x.requires_grad:
-            if dense:
-                gx = g @ values.data
-            else:
-                tr = transposed() if callable(transposed) else transposed
-                gx = kernels.fanin_backward_input(indices, values.data, g, x.shape[1], check=False, transposed=tr,
-                                                  dyp=gp)
-        gv = None
-        if values.requires_grad:
-            if dense:
-                gv = g.T @ xd
-            else:
-                gv = kernels.fanin_backward_values(xd, indices, g, check=False, xp=xp, dyp=gp)
-            if active is not None and not active.all():
-                gv[~active] = 0
-        if bias is None:
-            return gx, gv
-        return gx, gv, g.sum(axis=0)
+            capture.append((kernels.unpack_panels(xp, B), g.rows() if isinstance(g, Panels) else np.ascontiguousarray(g)))
+        tr = (transposed() if callable(transposed) else transposed) if x.requires_grad else None
+        gxp, gv = kernels.fanin_backward_panels(xp, indices, w, gp, B, need_dx=x.requires_grad, check=False,
+                                                transposed=tr)
+        gx = Panels(gxp, B) if gxp is not None else None
+        if not values.requires_grad:
+            gv = None
+        elif active is not None and not active.all():
+            gv[~active] = 0
+        return (gx, gv) if bias is None else (gx, gv, gp.sum(axis=1))  # the padding is zero
 
-    return Tensor._make(out, parents, backward)
+    backward.takes_panels = True
+    return make_panels(outp, B, parents, backward)
 
 
 def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, transposed=None,

@@ -10,7 +10,7 @@ import contextlib
 
 import numpy as np
 
-__all__ = ["Tensor", "no_grad", "is_grad_enabled", "as_array"]
+__all__ = ["Tensor", "Panels", "no_grad", "is_grad_enabled", "as_array"]
 
 _GRAD_ENABLED = True
 
@@ -138,6 +138,8 @@ class Tensor:
             if g is None:
                 continue
             if node._backward is None:  # a leaf
+                if isinstance(g, Panels):
+                    g = g.rows()
                 if node.grad is None:
                     # keep a fresh array as it is; copy views, broadcasts and foreign dtypes
                     owned = g.flags.owndata and g.flags.writeable and g.dtype == node.data.dtype
@@ -145,6 +147,8 @@ class Tensor:
                 else:
                     node.grad += g
                 continue
+            if isinstance(g, Panels) and not getattr(node._backward, "takes_panels", False):
+                g = g.rows()
             parent_grads = node._backward(g)
             for parent, pg in zip(node._parents, parent_grads):
                 if pg is None or not parent.requires_grad:
@@ -229,6 +233,96 @@ class Tensor:
 
     def log(self):
         return _ops.log(self)
+
+
+class Panels:
+    """A (batch, n) gradient held in the kernels' packed layout: ``array`` (n, Bp) is its transpose
+    with the batch zero-padded to whole panels (``fanin.kernels.pack_panels``).
+
+    Ops whose backward is marked ``takes_panels`` (the condensed layers, ReLU) receive and return
+    gradients in this form, so a sparse network's backward never packs between layers; the tape
+    hands every other op (and every leaf) ``rows()``, the ordinary array.
+    """
+
+    __slots__ = ("array", "batch")
+    __array_ufunc__ = None  # ndarray + Panels -> Panels.__radd__
+
+    def __init__(self, array: np.ndarray, batch: int):
+        self.array, self.batch = array, int(batch)
+
+    @property
+    def shape(self):
+        return (self.batch, self.array.shape[0])
+
+    def rows(self) -> np.ndarray:
+        from fanin import kernels
+
+        return kernels.unpack_panels(self.array, self.batch)
+
+    def __add__(self, other):
+        if isinstance(other, Panels):
+            return Panels(self.array + other.array, self.batch)
+        return self.rows() + other
+
+    __radd__ = __add__
+
+
+class _PanelTensor(Tensor):
+    """An op's output kept in the packed layout (``panels`` (n, Bp) for ``batch`` rows).
+
+    Panel-aware ops (``fanin_linear``, ``relu``) read ``panels``; ``data``, the ordinary (batch, n)
+    array, is made from it the first time anything asks (then kept).
+    """
+
+    __slots__ = ("panels", "batch", "_rows")
+
+    @property
+    def data(self):
+        if self._rows is None:
+            from fanin import kernels
+
+            self._rows = kernels.unpack_panels(self.panels, self.batch)
+        return self._rows
+
+    @data.setter
+    def data(self, value):  # replacing the data drops the packed copy
+        self._rows, self.panels = value, None
+
+    @property
+    def shape(self):
+        return (self.batch, self.panels.shape[0]) if self.panels is not None else self._rows.shape
+
+    @property
+    def ndim(self):
+        return 2
+
+    @property
+    def dtype(self):
+        return self.panels.dtype if self.panels is not None else self._rows.dtype
+
+    @property
+    def size(self):
+        return self.shape[0] * self.shape[1]
+
+    def __len__(self):
+        return self.shape[0]
+
+
+def make_panels(panels: np.ndarray, batch: int, parents, backward) -> Tensor:
+    """Like ``Tensor._make`` for an output held in the packed layout (see ``_PanelTensor``)."""
+    out = _PanelTensor.__new__(_PanelTensor)
+    out.panels, out.batch, out._rows = panels, int(batch), None
+    out.grad = None
+    needs = _GRAD_ENABLED and any(p.requires_grad for p in parents)
+    out.requires_grad = needs
+    out._parents = tuple(parents) if needs else ()
+    out._backward = backward if needs else None
+    return out
+
+
+def panels_of(t) -> np.ndarray | None:
+    """The packed array of a Tensor kept in the panel layout, else None."""
+    return getattr(t, "panels", None)
 
 
 def _topological_order(root):

@@ -151,3 +151,74 @@ def test_input_gradient_follows_a_connectivity_change():
         np.testing.assert_allclose(xt.grad, np.ones((16, 12), np.float32) @ layer.to_dense(), rtol=1e-5, atol=1e-5)
         new = nn.FanInLinear(30, 12, sparsity=0.5, seed=step + 1)
         layer.set_connectivity(new.indices, new.values.data, np.ones(12, bool))
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.sampled_from([3, 8, 9, 31, 32, 33, 70]), seed=st.integers(0, 9999), extra=st.booleans())
+def test_packed_activations_give_the_dense_network_s_grads(b, seed, extra):
+    """Sparse -> ReLU -> sparse -> ReLU -> dense classifier: from batch 8 on activations and their gradients
+    stay packed between layers (tensor.Panels); outputs and every gradient equal the dense network's."""
+    from fanin.tensor import panels_of
+
+    rng = np.random.default_rng(seed)
+    ws = [random_constant_fanin(rng, 12, 20, 5), random_constant_fanin(rng, 9, 12, 4, inactive={2}),
+          random_constant_fanin(rng, 4, 9, 9)]
+    bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    layers = [nn.FanInLinear.from_dense(w, bias) for w, bias in zip(ws, bs)]
+    x = rng.standard_normal((b, 20)).astype(np.float32)
+    dy = rng.standard_normal((b, 4)).astype(np.float32)
+    c = rng.standard_normal((b, 12)).astype(np.float32)
+
+    xt = Tensor(x, requires_grad=True)
+    h1 = ops.relu(layers[0](xt))
+    assert (panels_of(h1) is not None) == (b >= 8)
+    out = layers[2](ops.relu(layers[1](h1)))
+    loss = (out * Tensor(dy)).sum()
+    if extra:  # a second, ordinary consumer of the packed h1: its gradient is summed with the packed one
+        loss = loss + (h1 * Tensor(c)).sum()
+    loss.backward()
+
+    dense = [(Tensor(w, requires_grad=True), Tensor(bias, requires_grad=True)) for w, bias in zip(ws, bs)]
+    xd = Tensor(x, requires_grad=True)
+    g1 = ops.relu(ops.linear(xd, *dense[0]))
+    ref = ops.linear(ops.relu(ops.linear(g1, *dense[1])), *dense[2])
+    ref_loss = (ref * Tensor(dy)).sum()
+    if extra:
+        ref_loss = ref_loss + (g1 * Tensor(c)).sum()
+    ref_loss.backward()
+
+    np.testing.assert_allclose(out.data, ref.data, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(h1.data, g1.data, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(xt.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    assert isinstance(xt.grad, np.ndarray) and xt.grad.shape == x.shape  # leaves get ordinary arrays
+    for layer, (wt, bt) in zip(layers, dense):
+        expected = np.take_along_axis(wt.grad, layer.indices.astype(np.int64), axis=1)
+        active = layer.active
+        np.testing.assert_allclose(layer.values.grad[active], expected[active], rtol=1e-4, atol=1e-4)
+        assert np.all(layer.values.grad[~active] == 0)
+        np.testing.assert_allclose(layer.bias.grad, bt.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_training_step_returns_its_packed_buffers_without_the_garbage_collector():
+    """Packed activations live in the huge-page pool; a step's buffers must be freed by reference counting
+    alone (a reference cycle would keep them until a GC pass and grow the pool every step)."""
+    import gc
+
+    from fanin.kernels import memory
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.FanInLinear(300, 256, sparsity=0.8, seed=0), nn.ReLU(),
+                          nn.FanInLinear(256, 256, sparsity=0.8, seed=1), nn.ReLU(),
+                          nn.FanInLinear(256, 10, sparsity=None, k=256, seed=2))
+    x = rng.standard_normal((128, 300)).astype(np.float32)
+    labels = rng.integers(0, 10, 128)
+    gc.disable()
+    try:
+        before = memory.stats()["in_use"]
+        for _ in range(3):
+            loss = ops.cross_entropy(model(Tensor(x)), labels)
+            loss.backward()
+            del loss
+            assert memory.stats()["in_use"] == before
+    finally:
+        gc.enable()

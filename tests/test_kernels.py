@@ -160,6 +160,50 @@ def test_panels_of_another_shape_are_refused():
 
 
 @settings(**SETTINGS)
+@given(layers(), st.booleans())
+def test_panel_layout_kernels_match_dense(case, transposed):
+    """Packed in, packed out (training's layout): the same numbers as the dense twin, zero past the batch."""
+    indices, values, bias, x, dy = case
+    B, n_in = x.shape
+    def packed(a):  # by hand: the panel kernels take any batch (pack_panels leaves small ones unpacked)
+        p = np.zeros((a.shape[1], -(-B // 32) * 32), a.dtype)
+        p[:, :B] = a.T
+        return p
+
+    xp, dyp = packed(x), packed(dy)
+    yp = K.fanin_forward_panels(xp, B, indices, values, bias)
+    assert yp.shape == (indices.shape[0], xp.shape[1]) and yp.dtype == np.float32
+    assert np.all(yp[:, B:] == 0)
+    close(K.unpack_panels(yp, B), ref_forward(x, indices, values, bias, n_in))
+    tr = K.transpose_structure(indices, n_in) if transposed else None
+    dxp, dv = K.fanin_backward_panels(xp, indices, values, dyp, B, transposed=tr)
+    dx_ref, dv_ref = ref_backward(x, indices, values, dy)
+    assert dxp.shape == xp.shape and np.all(dxp[:, B:] == 0)
+    close(K.unpack_panels(dxp, B), dx_ref)
+    close(dv, dv_ref)
+    none, dv2 = K.fanin_backward_panels(xp, indices, values, dyp, B, need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(dv2, dv)
+    np.testing.assert_array_equal(K.unpack_panels(xp, B), x)
+
+
+def test_panel_layout_arguments_are_checked():
+    rng = np.random.default_rng(0)
+    indices, values = random_layer(rng, 6, 40, 5, np.int16)
+    xp = K.pack_panels(rng.standard_normal((40, 40)).astype(np.float32))  # (40, 64)
+    with pytest.raises(ValueError, match=r"not the panel layout of a batch of 70.*\(40, 96\)"):
+        K.fanin_forward_panels(xp, 70, indices, values)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        K.unpack_panels(xp, 0)
+    with pytest.raises(ValueError, match="dyp has 40 rows but indices has 6 neurons"):
+        K.fanin_backward_panels(xp, indices, values, xp, 40)
+    with pytest.raises(TypeError, match="share one float dtype"):
+        K.fanin_forward_panels(xp, 40, indices, values.astype(np.float64))
+    with pytest.raises(ValueError, match=r"hold 39, outside \[0, 30\) for xp of shape \(30, 64\)"):
+        K.fanin_forward_panels(xp[:30].copy(), 40, indices, values)
+
+
+@settings(**SETTINGS)
 @given(layers())
 def test_transpose_structure_is_the_csc_of_indices(case):
     indices, values, _, x, _ = case

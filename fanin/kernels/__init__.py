@@ -24,7 +24,7 @@ from fanin.kernels import _validate as _v
 __all__ = [
     "CHECK_INDICES", "index_dtype", "validate_indices", "pack_panels", "fanin_forward", "fanin_backward",
     "fanin_backward_values", "fanin_backward_input", "transpose_structure", "growth_candidates", "dense_grad",
-    "fixed_point_forward", "im2col", "col2im",
+    "fixed_point_forward", "im2col", "col2im", "unpack_panels", "fanin_forward_panels", "fanin_backward_panels",
 ]
 
 CHECK_INDICES = True
@@ -203,6 +203,56 @@ def fanin_backward(x, indices, values, dy, *, check=None, transposed=None, xp=No
     x, dy = _v.cast(x, dt), _v.cast(dy, dt)
     xp, dyp = _v.panels(fname, "xp", xp, x, "x", be), _v.panels(fname, "dyp", dyp, dy, "dy", be)
     return be.fanin_backward(x, indices, _v.cast(values, dt), dy, transposed=transposed, xp=xp, dyp=dyp)
+
+
+# ------------------------------------------------------------- panel layout end to end
+# Training keeps a sparse layer's activations and their gradients in the packed layout (x^T, the
+# batch zero-padded to whole panels): the forward writes the next layer's packed input and dx the
+# previous layer's packed dy, so nothing is packed or unpacked between layers.
+def unpack_panels(xp, batch: int):
+    """The (batch, n) rows of a packed array (the inverse of ``pack_panels``)."""
+    fname = "unpack_panels"
+    be = _v.backend(fname, xp=xp)
+    return be.unpack_panels(_v.packed(fname, "xp", xp, batch, be), int(batch))
+
+
+def fanin_forward_panels(xp, batch: int, indices, values, bias=None, *, check=None):
+    """``fanin_forward`` from packed input to packed output: xp (n_in, Bp) -> (n_out, Bp), zero past ``batch``."""
+    fname = "fanin_forward_panels"
+    be = _v.backend(fname, xp=xp, indices=indices, values=values, bias=bias)
+    xp = _v.packed(fname, "xp", xp, batch, be)
+    indices = _v.index_array(fname, indices)
+    _v.same_shape(fname, "values", values, indices)
+    _v.per_neuron(fname, "bias", bias, indices.shape[0])
+    values = _v.contiguous(_v.float_array(fname, "values", values, 2, "(n_out, k)"))
+    if bias is not None:
+        bias = _v.float_array(fname, "bias", bias, 1, "(n_out,)")
+    if _check(check):
+        _v.index_range(fname, be, indices, xp.shape[0], "xp", xp.shape)
+    _v.same_dtype(fname, xp=xp, values=values, bias=bias)
+    return be.forward_panels(xp, int(batch), indices, values, bias)
+
+
+def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True, check=None, transposed=None):
+    """(dx packed (n_in, Bp) or None, dvalues (n_out, k)) from packed x and dy (``fanin_backward``'s layout twin).
+
+    ``transposed`` as in ``fanin_backward_input``; ``need_dx=False`` skips dx (a first layer).
+    """
+    fname = "fanin_backward_panels"
+    be = _v.backend(fname, xp=xp, indices=indices, values=values, dyp=dyp)
+    xp, dyp = _v.packed(fname, "xp", xp, batch, be), _v.packed(fname, "dyp", dyp, batch, be)
+    indices = _v.index_array(fname, indices)
+    _v.same_shape(fname, "values", values, indices)
+    values = _v.contiguous(_v.float_array(fname, "values", values, 2, "(n_out, k)"))
+    if dyp.shape[0] != indices.shape[0]:
+        raise ValueError(f"{fname}: dyp has {dyp.shape[0]} rows but indices has {indices.shape[0]} neurons; they must agree.")
+    n_in = xp.shape[0]
+    if _check(check):
+        _v.index_range(fname, be, indices, n_in, "xp", xp.shape)
+    _v.transposed(fname, transposed, indices, n_in)
+    _v.same_dtype(fname, xp=xp, values=values, dyp=dyp)
+    dx = be.backward_input_panels(indices, values, dyp, int(batch), n_in, transposed) if need_dx else None
+    return dx, be.backward_values_panels(xp, indices, dyp)
 
 
 def _batches(fname, name, a):

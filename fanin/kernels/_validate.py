@@ -152,3 +152,25 @@ def panels(fname: str, name: str, packed, a, a_name: str, be):
             f"C-contiguous array of shape {tuple(want)}; got {got}. Pass None to let the kernel pack it."
         )
     return packed if packed.dtype == a.dtype else None
+
+
+def packed(fname: str, name: str, xp, batch: int, be):
+    """A transposed panel array (n, Bp) holding ``batch`` samples (``pack_panels`` or a panel kernel's output)."""
+    if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"{fname}: batch must be a positive integer, got {batch!r}.")
+    xp = float_array(fname, name, xp, 2, "(n, padded batch)")
+    want = be.panels_shape(int(batch), xp.shape[0])
+    if tuple(xp.shape) != tuple(want) or not xp.flags.c_contiguous:
+        raise ValueError(
+            f"{fname}: {name} of shape {tuple(xp.shape)} is not the panel layout of a batch of {batch}; it must be "
+            f"a C-contiguous {tuple(want)} array, as pack_panels(x) of a ({batch}, {xp.shape[0]}) x returns."
+        )
+    return xp
+
+
+def same_dtype(fname: str, **arrays):
+    """The panel kernels do not convert: every float array must share one dtype."""
+    dts = {n: a.dtype for n, a in arrays.items() if a is not None}
+    if len(set(dts.values())) > 1:
+        listing = ", ".join(f"{n} {d}" for n, d in dts.items())
+        raise TypeError(f"{fname}: the arrays must share one float dtype, got {listing}; cast them with .astype().")

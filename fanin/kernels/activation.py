@@ -37,17 +37,18 @@ def _relu_grad_ser(g, out, gx):
         gx[i] = g[i] if out[i] > 0 else 0
 
 
-def relu(x: np.ndarray) -> np.ndarray:
-    """max(x, 0) elementwise, any shape (NaN gives 0, as NaN > 0 is false)."""
+def relu(x: np.ndarray, out=None) -> np.ndarray:
+    """max(x, 0) elementwise, any shape (NaN gives 0, as NaN > 0 is false); ``out``: a C-contiguous
+    array of x's shape and dtype to write to."""
     x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
+    out = np.empty_like(x) if out is None else out
     (_relu_par if x.size >= PARALLEL_MIN else _relu_ser)(x.reshape(-1), out.reshape(-1))
     return out
 
 
-def relu_grad(g: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """g where the ReLU's output is positive, else 0."""
+def relu_grad(g: np.ndarray, out: np.ndarray, gx=None) -> np.ndarray:
+    """g where the ReLU's output is positive, else 0 (written to ``gx`` if given, as in ``relu``)."""
     g = np.ascontiguousarray(g, dtype=out.dtype) if g.dtype != out.dtype else np.ascontiguousarray(g)
-    gx = np.empty_like(g)
+    gx = np.empty_like(g) if gx is None else gx
     (_relu_grad_par if g.size >= PARALLEL_MIN else _relu_grad_ser)(g.reshape(-1), out.reshape(-1), gx.reshape(-1))
     return gx

@@ -131,22 +131,25 @@ SERIAL_MACS = 1 << 20  # below this many multiply-adds a batch-1 forward runs on
 
 
 @njit(**_JIT)
-def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out):
+def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out, B, panel_out):
     """out[b, r] = bias[r] + scale[r] * sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (CSR rows).
 
     xc (flat) holds x in panels of TB samples: x[p*TB + s, i] at i*rs + p*ps + s (``_k_pack``: the
     transposed layout when shared with the value gradient, the blocked one -- each task's panel
-    contiguous, ~10-25 % faster here -- otherwise); out is (B, n_rows).
+    contiguous, ~10-25 % faster here -- otherwise). out is (B, n_rows) row-major, or with
+    ``panel_out`` the transposed layout (n_rows, Bp) itself -- zero past the batch -- which the
+    next layer reads as its packed input without a pack pass (training keeps activations so).
     One task = one panel x JB rows. Rows go four at a time: each row keeps TB = 32 accumulators
     (two zmm) and the four rows' loads are independent streams, so the L2 latency of the
     gathered 128-byte x rows overlaps (one row at a time was latency-bound at ~3 cycles/FMA).
     Used for the forward (ptr = j*k) and for dx over the transposed structure.
     """
-    B = out.shape[0]
     n_panels = (B + TB - 1) // TB
     n_rows = ptr.shape[0] - 1
     n_jb = (n_rows + JB - 1) // JB
     vzero = vals.dtype.type(0)
+    outf = out.reshape(-1)
+    ors = out.shape[1]  # row stride of the panel output (Bp)
     for task in prange(n_panels * n_jb):
         p = task // n_jb
         j0 = (task % n_jb) * JB
@@ -216,16 +219,32 @@ def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out):
                     a1[s] += v1 * _at(xc, b1 + s)
                     a2[s] += v2 * _at(xc, b2 + s)
                     a3[s] += v3 * _at(xc, b3 + s)
-            for s in range(TB):
-                tile[q0 - j0, s] = bias[q0] + scale[q0] * a0[s]
-                tile[q1 - j0, s] = bias[q1] + scale[q1] * a1[s]
-                tile[q2 - j0, s] = bias[q2] + scale[q2] * a2[s]
-                tile[q3 - j0, s] = bias[q3] + scale[q3] * a3[s]
-        # write the (rows x samples) tile row by row: whole cache lines, no set thrashing
-        for s in range(min(TB, B - p * TB)):
-            b = p * TB + s
-            for jj in range(j1 - j0):
-                out[b, j0 + jj] = tile[jj, s]
+            if panel_out:  # each row's TB samples are one contiguous 128-byte run of the output
+                o0 = np.uint64(q0 * ors + p * TB)
+                o1 = np.uint64(q1 * ors + p * TB)
+                o2 = np.uint64(q2 * ors + p * TB)
+                o3 = np.uint64(q3 * ors + p * TB)
+                for s in range(TB):
+                    outf[o0 + s] = bias[q0] + scale[q0] * a0[s]
+                    outf[o1 + s] = bias[q1] + scale[q1] * a1[s]
+                    outf[o2 + s] = bias[q2] + scale[q2] * a2[s]
+                    outf[o3 + s] = bias[q3] + scale[q3] * a3[s]
+            else:
+                for s in range(TB):
+                    tile[q0 - j0, s] = bias[q0] + scale[q0] * a0[s]
+                    tile[q1 - j0, s] = bias[q1] + scale[q1] * a1[s]
+                    tile[q2 - j0, s] = bias[q2] + scale[q2] * a2[s]
+                    tile[q3 - j0, s] = bias[q3] + scale[q3] * a3[s]
+        nb = min(TB, B - p * TB)
+        if panel_out:  # samples past the batch are zero in the panel layout
+            for jj in range(j0, j1):
+                for s in range(nb, TB):
+                    outf[np.uint64(jj * ors + p * TB + s)] = 0
+        else:  # write the (rows x samples) tile sample by sample: whole cache lines, no set thrashing
+            for s in range(nb):
+                b = p * TB + s
+                for jj in range(j1 - j0):
+                    out[b, j0 + jj] = tile[jj, s]
 
 
 @njit(**_JIT)
@@ -564,7 +583,7 @@ def fanin_forward(x, indices, values, bias=None, scale=None, xp=None):
         xc, rs, ps = _panel_operand(x, xp)
         vals = values.reshape(-1) if values.dtype == x.dtype else values.reshape(-1).astype(x.dtype)
         _k_spmm_panels(xc, rs, ps, _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
-                       vals, scale, bias, out)
+                       vals, scale, bias, out, B, False)
     return out
 
 
@@ -580,12 +599,8 @@ def fanin_backward_values(x, indices, dy, xp=None, dyp=None):
     if B < SMALL_BATCH:
         _k_dvalues_rows(x, dy, indices, out)
         return out
-    xp = pack_panels(x) if xp is None else xp
-    dyp = pack_panels(dy) if dyp is None else dyp
-    n_out = indices.shape[0]
-    jb = max(8, -(-n_out // (4 * n_threads())))  # ~4 tasks per thread
-    _k_dvalues_transposed(xp, dyp, indices, jb, out)
-    return out
+    return backward_values_panels(pack_panels(x) if xp is None else xp, indices,
+                                  pack_panels(dy) if dyp is None else dyp)
 
 
 def transpose_structure(indices, n_in):
@@ -631,7 +646,46 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
         return out
     dc, rs, ps = _panel_operand(dy, dyp)
     _k_spmm_panels(dc, rs, ps, colptr, rows, vals_t, np.ones(n_in, dy.dtype),
-                   np.zeros(n_in, dy.dtype), out)
+                   np.zeros(n_in, dy.dtype), out, B, False)
+    return out
+
+
+# ------------------------------------------------ panel-layout drivers (training)
+# Activations and their gradients kept in the transposed panel layout from one layer to the next:
+# the forward writes the next layer's packed input, dx writes the previous layer's packed dy, so a
+# training step packs only the network's input (and unpacks only what is read as rows).
+def unpack_panels(xp, B):
+    """(B, n) rows of a transposed panel array xp (n, Bp)."""
+    return transpose(xp)[:B]
+
+
+def forward_panels(xp, B, indices, values, bias=None):
+    """fanin_forward on a packed input xp (n_in, Bp) of batch B; the output packed, (n_out, Bp)."""
+    n_out = indices.shape[0]
+    out = memory.empty((n_out, xp.shape[1]), xp.dtype)  # the next layer gathers its rows
+    scale, bias = _scale_bias(n_out, xp.dtype, None, bias)
+    _k_spmm_panels(xp.reshape(-1), xp.shape[1], TB, _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
+                   values.reshape(-1), scale, bias, out, B, True)
+    return out
+
+
+def backward_input_panels(indices, values, dyp, B, n_in, transposed=None):
+    """fanin_backward_input on a packed dy (n_out, Bp); dx packed, (n_in, Bp)."""
+    colptr, rows, slots = transpose_structure(indices, n_in) if transposed is None else transposed
+    vals_t = np.empty(rows.shape[0], dyp.dtype)
+    _k_take(values.reshape(-1), slots, vals_t)
+    out = memory.empty((n_in, dyp.shape[1]), dyp.dtype)
+    _k_spmm_panels(dyp.reshape(-1), dyp.shape[1], TB, colptr, rows, vals_t, np.ones(n_in, dyp.dtype),
+                   np.zeros(n_in, dyp.dtype), out, B, True)
+    return out
+
+
+def backward_values_panels(xp, indices, dyp):
+    """fanin_backward_values from packed x (n_in, Bp) and dy (n_out, Bp)."""
+    out = np.empty(indices.shape, xp.dtype)
+    n_out = indices.shape[0]
+    jb = max(8, -(-n_out // (4 * n_threads())))  # ~4 tasks per thread
+    _k_dvalues_transposed(xp, dyp, indices, jb, out)
     return out
 
 
