@@ -57,6 +57,22 @@ def test_top_per_row_matches_twin(r, c, seed, ties):
         np.testing.assert_array_equal(got[j], top_mask_twin(s[j:j + 1], counts[j])[0])
 
 
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(60, 400), seed=seeds, ties=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_top_per_row_wide_rows_both_cut_methods(c, seed, ties, dtype):
+    """Wide rows as in a regrowth (~1000 scores): counts on both sides of SMALL_WANT (buffer / partition)."""
+    rng = np.random.default_rng(seed)
+    r = 8
+    s = (rng.integers(0, 5, (r, c)) if ties else rng.standard_normal((r, c))).astype(dtype)
+    s[rng.random((r, c)) < 0.3] = -np.inf
+    counts = np.array([1, 2, select.SMALL_WANT - 1, select.SMALL_WANT, select.SMALL_WANT + 1,
+                       c // 2, c - 1, c + 5], np.int64)
+    rng.shuffle(counts)
+    got = select.top_per_row(s, counts)
+    for j in range(r):
+        np.testing.assert_array_equal(got[j], top_mask_twin(s[j:j + 1], counts[j])[0])
+
+
 @settings(max_examples=40, deadline=None)
 @given(r=st.integers(1, 6), n_in=st.integers(4, 20), seed=seeds, in_order=st.booleans())
 def test_assemble_and_gather_rows(r, n_in, seed, in_order):
