@@ -1,0 +1,80 @@
+"""Huge pages for the kernels' gathered operands: the same training step with the pool on and off.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_hugepages.py [--out bench/RESULTS.md]
+
+One process, two identical SRigL-90 % MLPs (784-1024-1024-10, ERK, batch 128, no connectivity updates);
+chunks of training steps alternate between "4 KiB pages" (``fanin.kernels.memory`` off: plain np.empty)
+and "huge pages" (the pool), so a slow spell of the shared machine hits both. Reports the median step
+time of each and the median of the per-chunk-pair ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import fanin  # noqa: F401  (first: thread-wait policies)
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_srigl import SIZES, epoch_data  # noqa: E402
+
+from fanin import ops  # noqa: E402
+from fanin.kernels import memory  # noqa: E402
+
+
+def make():
+    model = fanin.models.mlp(SIZES, sparsity=0.9, seed=0)
+    opt = fanin.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    fanin.sparsity.SRigL(model, opt, 0.9, "erk", total_steps=4690)  # ERK fan-ins, as in bench_srigl (its step() is not called)
+    return model, opt
+
+
+def steps(model, opt, x, y, n, start, batch=128):
+    t0 = time.perf_counter()
+    for i in range(n):
+        s = (start + i) * batch % (len(x) - batch)
+        loss = ops.cross_entropy(model(fanin.Tensor(x[s:s + batch])), y[s:s + batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--chunk", type=int, default=40, help="steps per chunk")
+    args = ap.parse_args(argv)
+    if not memory.enabled():
+        sys.exit("huge pages are not available here (FANIN_HUGEPAGES=0 or no MADV_HUGEPAGE): nothing to compare.")
+    x, y, source = epoch_data()
+    small, huge = make(), make()
+    for on, (model, opt) in ((False, small), (True, huge)):  # warm-up: compile, fill the pool
+        memory._ENABLED = on
+        steps(model, opt, x, y, 10, 0)
+    t_small, t_huge = [], []
+    for r in range(args.rounds):
+        memory._ENABLED = False
+        t_small.append(steps(*small, x, y, args.chunk, r * args.chunk))
+        memory._ENABLED = True
+        t_huge.append(steps(*huge, x, y, args.chunk, r * args.chunk))
+    ratio = np.array(t_small) / np.array(t_huge)
+    body = common.header("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_hugepages.py")
+    body += (f"\n\nSRigL-90 % MLP training step ({source}, batch 128), {args.rounds} alternating chunks of "
+             f"{args.chunk} steps:\n\n")
+    body += common.table([
+        ["4 KiB pages (pool off)", f"{np.median(t_small) * 1e3:.3f}", "1.00"],
+        ["huge pages (pool on)", f"{np.median(t_huge) * 1e3:.3f}",
+         f"{np.median(ratio):.2f}x (interquartile {np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})"],
+    ], ["operands", "ms / step", "speed-up, median of chunk pairs"])
+    print(body)
+    if args.out:
+        common.write_section(args.out, "Huge pages: training step A/B", body)
+
+
+if __name__ == "__main__":
+    main()
