@@ -28,7 +28,8 @@ from fanin.kernels import memory  # noqa: E402
 def make():
     model = fanin.models.mlp(SIZES, sparsity=0.9, seed=0)
     opt = fanin.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    fanin.sparsity.SRigL(model, opt, 0.9, "erk", total_steps=4690)  # ERK fan-ins, as in bench_srigl (its step() is not called)
+    # ERK fan-ins, as in bench_srigl (its step() is never called: no connectivity updates)
+    fanin.sparsity.SRigL(model, opt, 0.9, "erk", total_steps=4690)
     return model, opt
 
 

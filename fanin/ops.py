@@ -281,10 +281,8 @@ def concat(tensors, axis=0) -> Tensor:
 
 # ---------------------------------------------------------------- activations
 def relu(a) -> Tensor:
-    from fanin.kernels import activation
-
     from fanin import kernels
-    from fanin.kernels import memory
+    from fanin.kernels import activation, memory
     from fanin.tensor import Panels, make_panels, panels_of
 
     a = _t(a)
@@ -568,6 +566,12 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
     parents = (x, values) if bias is None else (x, values, bias)
     bias_d = None if bias is None else bias.data
 
+    def grads(gx, gv, g_sum):
+        """The backward's result: ablated neurons get no value gradient; the bias one is ``g_sum()``."""
+        if gv is not None and active is not None and not active.all():
+            gv[~active] = 0
+        return (gx, gv) if bias is None else (gx, gv, g_sum())
+
     if dense:  # BLAS, reading a packed input in place (xp[:, :B] is x^T)
         xd = xp[:, :B].T if xp is not None else np.ascontiguousarray(x.data)
         out = xd @ (w.T if xd.dtype == w.dtype else w.T.astype(xd.dtype))
@@ -587,10 +591,7 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
                     gx = Panels(gxp, B)
                 else:
                     gx = g @ w
-            gv = g.T @ xd if values.requires_grad else None
-            if gv is not None and active is not None and not active.all():
-                gv[~active] = 0
-            return (gx, gv) if bias is None else (gx, gv, g.sum(axis=0))
+            return grads(gx, g.T @ xd if values.requires_grad else None, lambda: g.sum(axis=0))
 
         return Tensor._make(out, parents, backward)
 
@@ -608,9 +609,7 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
                 tr = transposed() if callable(transposed) else transposed
                 gx = kernels.fanin_backward_input(indices, w, g, n_in, check=False, transposed=tr)
             gv = kernels.fanin_backward_values(xd, indices, g, check=False) if values.requires_grad else None
-            if gv is not None and active is not None and not active.all():
-                gv[~active] = 0
-            return (gx, gv) if bias is None else (gx, gv, g.sum(axis=0))
+            return grads(gx, gv, lambda: g.sum(axis=0))
 
         return Tensor._make(out, parents, backward)
 
@@ -620,17 +619,14 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
 
     def backward(g):
         gp = g.array if isinstance(g, Panels) else kernels.pack_panels(np.ascontiguousarray(g, dtype=w.dtype))
-        if capture is not None:
-            capture.append((kernels.unpack_panels(xp, B), g.rows() if isinstance(g, Panels) else np.ascontiguousarray(g)))
+        if capture is not None:  # SRigL's growth scores read rows (every delta_t steps)
+            rows = g.rows() if isinstance(g, Panels) else np.ascontiguousarray(g)
+            capture.append((kernels.unpack_panels(xp, B), rows))
         tr = (transposed() if callable(transposed) else transposed) if x.requires_grad else None
         gxp, gv = kernels.fanin_backward_panels(xp, indices, w, gp, B, need_dx=x.requires_grad, check=False,
                                                 transposed=tr)
         gx = Panels(gxp, B) if gxp is not None else None
-        if not values.requires_grad:
-            gv = None
-        elif active is not None and not active.all():
-            gv[~active] = 0
-        return (gx, gv) if bias is None else (gx, gv, gp.sum(axis=1))  # the padding is zero
+        return grads(gx, gv if values.requires_grad else None, lambda: gp.sum(axis=1))  # the padding is zero
 
     backward.takes_panels = True
     return make_panels(outp, B, parents, backward)

@@ -245,7 +245,8 @@ def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True,
     _v.same_shape(fname, "values", values, indices)
     values = _v.contiguous(_v.float_array(fname, "values", values, 2, "(n_out, k)"))
     if dyp.shape[0] != indices.shape[0]:
-        raise ValueError(f"{fname}: dyp has {dyp.shape[0]} rows but indices has {indices.shape[0]} neurons; they must agree.")
+        raise ValueError(f"{fname}: dyp has {dyp.shape[0]} rows but indices has {indices.shape[0]} neurons; "
+                         "they must agree.")
     n_in = xp.shape[0]
     if _check(check):
         _v.index_range(fname, be, indices, n_in, "xp", xp.shape)
