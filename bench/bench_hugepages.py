@@ -19,17 +19,14 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_srigl import SIZES, epoch_data  # noqa: E402
+from bench_srigl import _model, epoch_data  # noqa: E402
 
 from fanin import ops  # noqa: E402
 from fanin.kernels import memory  # noqa: E402
 
 
 def make():
-    model = fanin.models.mlp(SIZES, sparsity=0.9, seed=0)
-    opt = fanin.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    # ERK fan-ins, as in bench_srigl (its step() is never called: no connectivity updates)
-    fanin.sparsity.SRigL(model, opt, 0.9, "erk", total_steps=4690)
+    model, opt, _ = _model("srigl", delta_t=100, total_steps=4690)  # bench_srigl's ERK MLP; no updates run here
     return model, opt
 
 

@@ -560,8 +560,8 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
         raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {indices.shape} for input "
                          f"{x.shape}.")
     w = values.data
-    xp = panels_of(x)
-    if xp is not None and (xp.dtype != w.dtype or B < SMALL_BATCH):
+    xp = panels_of(x)  # packed activations exist only from batch SMALL_BATCH on
+    if xp is not None and xp.dtype != w.dtype:
         xp = None
     parents = (x, values) if bias is None else (x, values, bias)
     bias_d = None if bias is None else bias.data

@@ -67,12 +67,7 @@ class Tensor:
         """Output of an op: recorded on the tape when grad mode is on and a parent needs grad."""
         out = Tensor.__new__(Tensor)
         out.data = data
-        out.grad = None
-        needs = _GRAD_ENABLED and any(p.requires_grad for p in parents)
-        out.requires_grad = needs
-        out._parents = tuple(parents) if needs else ()
-        out._backward = backward if needs else None
-        return out
+        return _record(out, parents, backward)
 
     # ----------------------------------------------------------------- basics
     @property
@@ -312,6 +307,11 @@ def make_panels(panels: np.ndarray, batch: int, parents, backward) -> Tensor:
     """Like ``Tensor._make`` for an output held in the packed layout (see ``_PanelTensor``)."""
     out = _PanelTensor.__new__(_PanelTensor)
     out.panels, out.batch, out._rows = panels, int(batch), None
+    return _record(out, parents, backward)
+
+
+def _record(out, parents, backward):
+    """Put a new op output on the tape when grad mode is on and a parent needs grad."""
     out.grad = None
     needs = _GRAD_ENABLED and any(p.requires_grad for p in parents)
     out.requires_grad = needs

@@ -618,6 +618,13 @@ def transpose_structure(indices, n_in):
     return colptr, rows, slots
 
 
+def _values_transposed(values, slots, dtype):
+    """The layer's values in the transposed structure's order (dx reads them as CSR rows)."""
+    vals_t = np.empty(slots.shape[0], dtype)
+    _k_take(values.reshape(-1), slots, vals_t)
+    return vals_t
+
+
 def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
     """dx (B, n_in) = dy @ W for the condensed W, race-free.
 
@@ -639,8 +646,7 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
         _k_sum_parts(parts, out)
         return out
     colptr, rows, slots = transpose_structure(indices, n_in) if transposed is None else transposed
-    vals_t = np.empty(rows.shape[0], dy.dtype)
-    _k_take(values.reshape(-1), slots, vals_t)
+    vals_t = _values_transposed(values, slots, dy.dtype)
     if B < SMALL_BATCH:
         _k_csr_rows(dy, colptr, rows, vals_t, out)
         return out
@@ -672,8 +678,7 @@ def forward_panels(xp, B, indices, values, bias=None):
 def backward_input_panels(indices, values, dyp, B, n_in, transposed=None):
     """fanin_backward_input on a packed dy (n_out, Bp); dx packed, (n_in, Bp)."""
     colptr, rows, slots = transpose_structure(indices, n_in) if transposed is None else transposed
-    vals_t = np.empty(rows.shape[0], dyp.dtype)
-    _k_take(values.reshape(-1), slots, vals_t)
+    vals_t = _values_transposed(values, slots, dyp.dtype)
     out = memory.empty((n_in, dyp.shape[1]), dyp.dtype)
     _k_spmm_panels(dyp.reshape(-1), dyp.shape[1], TB, colptr, rows, vals_t, np.ones(n_in, dyp.dtype),
                    np.zeros(n_in, dyp.dtype), out, B, True)
