@@ -20,12 +20,14 @@ __all__ = [
 
 
 class Parameter(Tensor):
-    """A Tensor that a module owns and an optimizer updates."""
+    """A Tensor that a module owns and an optimizer updates; ``name`` is its name in the model (set by
+    ``named_parameters``/``parameters``, for error messages)."""
 
-    __slots__ = ()
+    __slots__ = ("name",)
 
-    def __init__(self, data, requires_grad: bool = True):
+    def __init__(self, data, requires_grad: bool = True, name: str | None = None):
         super().__init__(data, requires_grad=requires_grad)
+        self.name = name
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype})"
@@ -77,6 +79,8 @@ class Module:
     def named_parameters(self, prefix=""):
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
+                if value.name is None:
+                    value.name = prefix + name
                 yield prefix + name, value
         for name, child in self.named_children():
             yield from child.named_parameters(f"{prefix}{name}.")
@@ -319,7 +323,13 @@ class Dropout(Module):
 
 # ------------------------------------------------------------ condensed layers
 class _FanIn(Module):
-    """Shared state of condensed constant fan-in layers: (indices, values, bias, active)."""
+    """Shared state of condensed constant fan-in layers: a ``Topology`` (indices, active), values, bias.
+
+    The connectivity is an immutable value (``fanin.kernels.Topology``): ``layer.indices`` and
+    ``layer.active`` are read-only arrays, and the only way to change them is
+    ``set_connectivity(...)`` (or SRigL's update and channel removal, which call it), which
+    validates the new arrays and makes a new topology with a new ``version``.
+    """
 
     _buffers = ("indices", "active")
 
@@ -344,12 +354,33 @@ class _FanIn(Module):
             raise ValueError(f"{type(self).__name__}: fan-in k must be in [1, {n_in}], got {k}.")
         rng = _rng(seed)
         self.n_in, self.n_out = n_in, n_out
-        self.indices = random_fanin_indices(n_out, n_in, k, rng)
+        self.topology = kernels.Topology(random_fanin_indices(n_out, n_in, k, rng), n_in)
         self.values = Parameter(kaiming_normal((n_out, k), k, rng))
         self.bias = Parameter(np.zeros(n_out, np.float32)) if bias else None
-        self.active = np.ones(n_out, dtype=bool)
         self.capture = None  # a list while SRigL wants (x, dy) pairs for growth scores
-        kernels.validate_indices(self.indices, n_in)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(n_out, k) input index of every weight, read-only (change it with ``set_connectivity``)."""
+        return self.topology.indices
+
+    @indices.setter
+    def indices(self, value):
+        raise AttributeError(
+            f"{type(self).__name__}.indices is read-only; change the connectivity with "
+            "layer.set_connectivity(indices, values, active), which validates it."
+        )
+
+    @property
+    def active(self) -> np.ndarray:
+        """(n_out,) bool, False for ablated neurons; read-only (change it with ``set_connectivity``)."""
+        return self.topology.active
+
+    @active.setter
+    def active(self, value):
+        raise AttributeError(
+            f"{type(self).__name__}.active is read-only; change it with layer.set_connectivity(indices, values, active)."
+        )
 
     @property
     def k(self) -> int:
@@ -359,7 +390,7 @@ class _FanIn(Module):
     @property
     def sparsity(self) -> float:
         """Fraction of the dense weights that are absent (ablated neurons count as empty)."""
-        return 1.0 - self.k * int(self.active.sum()) / (self.n_in * self.n_out)
+        return 1.0 - self.k * self.topology.n_active / (self.n_in * self.n_out)
 
     def to_dense(self) -> np.ndarray:
         """The (n_out, n_in) weight matrix (ablated rows are zero)."""
@@ -368,22 +399,32 @@ class _FanIn(Module):
         w[rows[:, None], self.indices[rows].astype(np.int64)] = self.values.data[rows]
         return w
 
-    def set_connectivity(self, indices: np.ndarray, values: np.ndarray, active: np.ndarray):
-        """Replace the layer's connectivity (validated); ``values`` of inactive rows are zeroed."""
+    def set_connectivity(self, indices, values: np.ndarray, active: np.ndarray | None = None):
+        """Replace the layer's connectivity: ``indices`` (n_out, k) or a ``Topology``, ``values`` (n_out, k),
+        ``active`` (n_out,) bool (default: all, or the topology's). Validated; values of inactive rows are zeroed.
+        """
         from fanin import kernels
 
-        indices = np.ascontiguousarray(indices, dtype=kernels.index_dtype(self.n_in))
-        kernels.validate_indices(indices, self.n_in)
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        if values.shape != indices.shape or indices.shape[0] != self.n_out or active.shape != (self.n_out,):
+        if isinstance(indices, kernels.Topology):
+            topo = indices
+            if active is not None and not np.array_equal(np.asarray(active, bool), topo.active):
+                raise ValueError(f"{type(self).__name__}.set_connectivity: active disagrees with the topology's; "
+                                 "pass one or the other.")
+            if topo.n_in != self.n_in:
+                raise ValueError(f"{type(self).__name__}.set_connectivity: the topology has n_in={topo.n_in}, "
+                                 f"the layer {self.n_in}.")
+        else:
+            topo = kernels.Topology(indices, self.n_in, active)
+        values = np.array(values, dtype=np.float32, copy=True, order="C")
+        if values.shape != topo.indices.shape or topo.n_out != self.n_out:
             raise ValueError(
-                f"{type(self).__name__}: indices {indices.shape}, values {values.shape} and active "
-                f"{active.shape} must be ({self.n_out}, k), ({self.n_out}, k) and ({self.n_out},)."
+                f"{type(self).__name__}: indices {topo.indices.shape} and values {values.shape} must both be "
+                f"({self.n_out}, k)."
             )
-        values[~active] = 0
-        self.indices, self.values.data, self.active = indices, values, active.astype(bool)
+        values[~topo.active] = 0
+        self.topology = topo
+        self.values.data = values
         self.values.grad = None
-        self._transposed = None
 
     def _load_own(self, state: dict, prefix: str):
         if "indices" in state:  # the fan-in may differ from this layer's: take the state's arrays
@@ -394,18 +435,10 @@ class _FanIn(Module):
 
     def transposed(self):
         """The CSC form of the connectivity (for the input gradient), built once per topology."""
-        from fanin import kernels
-
-        cached = getattr(self, "_transposed", None)
-        if cached is None or cached[0] is not self.indices:
-            cached = (self.indices, kernels.transpose_structure(self.indices, self.n_in, check=False))
-            self._transposed = cached
-        return cached[1]
+        return self.topology.transposed()
 
     def _condensed(self, x2d: Tensor) -> Tensor:
-        # rows are sorted and distinct (validate_indices), so fan-in n_in means every row is 0..n_in-1
-        return ops.fanin_linear(x2d, self.indices, self.values, self.bias, self.active, self.capture,
-                                transposed=self.transposed, dense=self.indices.shape[1] == self.n_in)
+        return ops.fanin_linear(x2d, self.topology, self.values, self.bias, capture=self.capture)
 
 
 def random_fanin_indices(n_out: int, n_in: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -514,8 +547,8 @@ class FanInConv2d(_FanIn):
                 f"FanInConv2d({self.c_in}, {self.c_out}): input has shape {x.shape}, expected "
                 f"(batch, {self.c_in}, height, width)."
             )
-        return ops.fanin_conv2d(x, self.indices, self.values, self.bias, self.active, self.capture,
-                                self.transposed, self.kernel_size, self.stride, self.padding)
+        return ops.fanin_conv2d(x, self.topology, self.values, self.bias, capture=self.capture,
+                                kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
 
     def extra_repr(self):
         return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "

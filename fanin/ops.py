@@ -533,15 +533,29 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
 
 
 # ------------------------------------------------------- condensed fan-in ops
-def fanin_linear(x, indices, values, bias=None, active=None, capture=None, transposed=None, dense=False) -> Tensor:
+def _as_topology(fname, indices, active, n_in):
+    """A layer's ``Topology`` as it is; plain index arrays are validated into one (every call)."""
+    from fanin import kernels
+
+    if isinstance(indices, kernels.Topology):
+        if active is not None and not np.array_equal(np.asarray(active, bool), indices.active):
+            raise ValueError(f"{fname}: active disagrees with the topology's; pass one or the other.")
+        if indices.n_in != n_in:
+            raise ValueError(f"{fname}: the topology was built for n_in={indices.n_in}, but the input has {n_in}.")
+        return indices
+    return kernels.Topology(indices, n_in, active)
+
+
+def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense=None) -> Tensor:
     """Condensed constant fan-in layer: ``y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]``.
 
-    ``active`` (bool per neuron) zeroes the value gradient of ablated neurons so they stay empty;
-    ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's growth scores read it);
-    ``transposed``, ``kernels.transpose_structure(indices, n_in)`` or a callable returning it,
-    makes the input gradient a race-free gather (layers cache it per topology);
-    ``dense=True`` says every row of indices is ``0..n_in-1`` (a layer at full fan-in, e.g. the
-    classifier ERK keeps dense): ``values`` is then the dense weight and BLAS does the work.
+    ``indices``: a ``fanin.kernels.Topology`` (what layers pass: validated once, immutable, with
+    its cached transposed structure), or a plain (n_out, k) index array with ``active``, which is
+    validated into a Topology on every call. Ablated neurons (``active`` False) get no value
+    gradient, so they stay empty; ``capture``, a list, receives ``(x, dy)`` in backward (SRigL's
+    growth scores read it). A layer at full fan-in (every row ``0..n_in-1``, e.g. the classifier
+    ERK keeps dense) runs on BLAS with ``values`` as the dense weight (``dense=False`` forces the
+    condensed kernels).
 
     From batch ``kernels.cpu.SMALL_BATCH`` on, a sparse layer's output and its input gradient stay
     in the packed panel layout (``tensor.Panels``): the next sparse layer, a ReLU, or a dense layer
@@ -556,9 +570,15 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
     B, n_in = x.shape
-    if dense and indices.shape[1] != n_in:
-        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {indices.shape} for input "
+    topo = _as_topology("fanin_linear", indices, active, n_in)
+    if tuple(values.shape) != tuple(topo.indices.shape):
+        raise ValueError(f"fanin_linear: values of shape {values.shape} must have the shape of the indices "
+                         f"{topo.indices.shape}.")
+    if dense and not topo.full:
+        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {topo.indices.shape} for input "
                          f"{x.shape}.")
+    dense = topo.full if dense is None else bool(dense)
+    active = topo.active
     w = values.data
     xp = panels_of(x)  # packed activations exist only from batch SMALL_BATCH on
     if xp is not None and xp.dtype != w.dtype:
@@ -598,33 +618,28 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
     packed = B >= SMALL_BATCH and x.dtype == w.dtype
     if not packed:  # small batches (or mixed dtypes): the row kernels
         xd = np.ascontiguousarray(x.data)
-        out = kernels.fanin_forward(xd, indices, w, bias_d, check=False)
+        out = kernels.fanin_forward(xd, topo, w, bias_d)
 
         def backward(g):
             g = np.ascontiguousarray(g)
             if capture is not None:
                 capture.append((xd, g))
-            gx = None
-            if x.requires_grad:
-                tr = transposed() if callable(transposed) else transposed
-                gx = kernels.fanin_backward_input(indices, w, g, n_in, check=False, transposed=tr)
-            gv = kernels.fanin_backward_values(xd, indices, g, check=False) if values.requires_grad else None
+            gx = kernels.fanin_backward_input(topo, w, g, n_in) if x.requires_grad else None
+            gv = kernels.fanin_backward_values(xd, topo, g) if values.requires_grad else None
             return grads(gx, gv, lambda: g.sum(axis=0))
 
         return Tensor._make(out, parents, backward)
 
     if xp is None:  # pack once: the forward and the value gradient both read it
         xp = kernels.pack_panels(np.ascontiguousarray(x.data))
-    outp = kernels.fanin_forward_panels(xp, B, indices, w, bias_d, check=False)
+    outp = kernels.fanin_forward_panels(xp, B, topo, w, bias_d)
 
     def backward(g):
         gp = g.array if isinstance(g, Panels) else kernels.pack_panels(np.ascontiguousarray(g, dtype=w.dtype))
         if capture is not None:  # SRigL's growth scores read rows (every delta_t steps)
             rows = g.rows() if isinstance(g, Panels) else np.ascontiguousarray(g)
             capture.append((kernels.unpack_panels(xp, B), rows))
-        tr = (transposed() if callable(transposed) else transposed) if x.requires_grad else None
-        gxp, gv = kernels.fanin_backward_panels(xp, indices, w, gp, B, need_dx=x.requires_grad, check=False,
-                                                transposed=tr)
+        gxp, gv = kernels.fanin_backward_panels(xp, topo, w, gp, B, need_dx=x.requires_grad)
         gx = Panels(gxp, B) if gxp is not None else None
         return grads(gx, gv if values.requires_grad else None, lambda: gp.sum(axis=1))  # the padding is zero
 
@@ -632,13 +647,14 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, trans
     return make_panels(outp, B, parents, backward)
 
 
-def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, transposed=None,
-                 kernel_size=3, stride=1, padding=0) -> Tensor:
+def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, kernel_size=3, stride=1,
+                 padding=0) -> Tensor:
     """Condensed convolution with direct kernels (no im2col): indices (C_out, k) into taps (c*kh+dy)*kw+dx.
 
-    ``active`` zeroes the value gradient of ablated neurons; ``capture``, a list, receives
+    ``indices``: a ``Topology`` over ``C_in*kh*kw`` taps (or a plain index array with ``active``,
+    validated every call); ablated neurons get no value gradient; ``capture``, a list, receives
     ``(cols, dy2d)`` = (im2col(x), dy as (B*Ho*Wo, C_out)) in backward for SRigL's growth scores
-    (im2col is built only then); ``transposed`` as in ``fanin_linear``.
+    (im2col is built only then).
     """
     from fanin import kernels
     from fanin.kernels import conv as kconv
@@ -646,10 +662,15 @@ def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, trans
     x = _t(x)
     if x.ndim != 4:
         raise ValueError(f"fanin_conv2d: input must be (batch, channels, height, width), got shape {x.shape}.")
-    kh, kw = _pair(kernel_size)
-    stride, padding = _pair(stride), _pair(padding)
-    out = kconv.fanin_conv2d_forward(x.data, indices, values.data, None if bias is None else bias.data,
-                                     (kh, kw), stride, padding)
+    kh, kw, stride, padding, _, _ = kernels._conv_geometry("fanin_conv2d", x.shape, *_pair(kernel_size), stride,
+                                                           padding)
+    topo = _as_topology("fanin_conv2d", indices, active, x.shape[1] * kh * kw)
+    if tuple(values.shape) != tuple(topo.indices.shape):
+        raise ValueError(f"fanin_conv2d: values of shape {values.shape} must have the shape of the indices "
+                         f"{topo.indices.shape}.")
+    indices, active, w = topo.indices, topo.active, values.data
+    out = kconv.fanin_conv2d_forward(x.data, indices, w, None if bias is None else bias.data, (kh, kw), stride,
+                                     padding)
     parents = (x, values) if bias is None else (x, values, bias)
 
     def backward(g):
@@ -657,9 +678,9 @@ def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, trans
         if capture is not None:
             cols = kernels.im2col(x.data, kh, kw, stride, padding)
             capture.append((cols, g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])))
-        tr = (transposed() if callable(transposed) else transposed) if x.requires_grad else None
-        gx, gv = kconv.fanin_conv2d_backward(x.data, indices, values.data, g, (kh, kw), stride, padding,
-                                             tr, need_dx=x.requires_grad)
+        tr = topo.transposed() if x.requires_grad else None
+        gx, gv = kconv.fanin_conv2d_backward(x.data, indices, w, g, (kh, kw), stride, padding, tr,
+                                             need_dx=x.requires_grad)
         if not values.requires_grad:
             gv = None
         elif active is not None and not active.all():

@@ -2,7 +2,10 @@
 
 State is kept per parameter, as arrays shaped like the parameter, in ``optimizer.state[param]``.
 When a layer changes shape or connectivity (SRigL, channel removal), ``reset_state`` zeroes
-entries and ``remap_state`` rebuilds every state array of a parameter with one function.
+entries and ``remap_state`` rebuilds every state array of a parameter with one function (call
+it after the parameter took its new shape; ``select_state`` is the common case of keeping some
+rows or columns). Nothing resets silently: a state array whose shape no longer matches its
+parameter is an error (``StateShapeError``) that names the parameter and says what to call.
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ def _flat(a: np.ndarray, dtype=None) -> np.ndarray:
         a = a.astype(dtype)
     return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "CosineSchedule"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "CosineSchedule", "StateShapeError"]
+
+
+class StateShapeError(ValueError):
+    """An optimizer state array no longer has its parameter's shape (the parameter was resized)."""
 
 
 class Optimizer:
@@ -34,6 +41,10 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list; pass model.parameters().")
+        names = {}
+        if all(isinstance(p, tuple) and len(p) == 2 for p in params):  # model.named_parameters()
+            names = {id(p): n for n, p in params}
+            params = [p for _, p in params]
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer: parameter {i} is a {type(p).__name__}, not a Tensor/Parameter.")
@@ -42,6 +53,7 @@ class Optimizer:
         if not lr > 0:
             raise ValueError(f"optimizer: lr must be positive, got {lr}.")
         self.params = params
+        self._names = names
         self.lr = float(lr)
         self.state: dict = {}
         self.steps = 0
@@ -53,11 +65,29 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    def param_name(self, param) -> str:
+        """How errors name ``param``: its model name where known, else its position and shape."""
+        name = self._names.get(id(param)) or getattr(param, "name", None)
+        pos = next((i for i, p in enumerate(self.params) if p is param), None)
+        where = f"parameter {pos}" if pos is not None else "a parameter"
+        return f"'{name}' ({where}, shape {tuple(param.data.shape)})" if name else \
+            f"{where} of shape {tuple(param.data.shape)}"
+
+    def _mismatch(self, param, name, shape, hint):
+        return StateShapeError(
+            f"optimizer: the '{name}' state of {self.param_name(param)} has shape {tuple(shape)}; the parameter "
+            f"changed shape without its state. {hint}"
+        )
+
     def _slot(self, p, name):
         st = self.state.setdefault(p, {})
-        if name not in st or st[name].shape != p.data.shape:
-            st[name] = np.zeros_like(p.data)
-        return st[name]
+        a = st.get(name)
+        if a is None:
+            a = st[name] = np.zeros_like(p.data)
+        elif a.shape != p.data.shape:
+            raise self._mismatch(p, name, a.shape, "Call optimizer.remap_state(param, fn) (or select_state) right "
+                                                   "after resizing the parameter, to carry its state over.")
+        return a
 
     def step(self):
         """Update every parameter that has a gradient."""
@@ -87,11 +117,25 @@ class Optimizer:
                 arr[where] = 0
 
     def remap_state(self, param, fn):
-        """Replace each state array ``a`` of ``param`` by ``fn(a)`` (used when the parameter is resized)."""
+        """Replace each state array ``a`` of ``param`` by ``fn(a)``, after ``param`` was resized.
+
+        Every result must have the parameter's new shape (else ``StateShapeError``, nothing changed).
+        """
         st = self.state.get(param)
-        if st:
-            for name in list(st):
-                st[name] = np.ascontiguousarray(fn(st[name]), dtype=param.data.dtype)
+        if not st:
+            return
+        new = {name: np.ascontiguousarray(fn(a), dtype=param.data.dtype) for name, a in st.items()}
+        for name, a in new.items():
+            if a.shape != param.data.shape:
+                raise self._mismatch(param, name, a.shape, "remap_state's function must return arrays of the "
+                                                           "parameter's new shape; resize the parameter first.")
+        st.update(new)
+
+    def select_state(self, param, keep, axis: int = 0):
+        """Keep the state entries ``keep`` (indices or a boolean mask) along ``axis``: the state of a parameter
+        whose rows (``axis=0``) or columns were removed, e.g. by channel removal. Call after resizing ``param``."""
+        self.remap_state(param, lambda a: np.take(a, np.flatnonzero(keep) if np.asarray(keep).dtype == bool
+                                                  else np.asarray(keep), axis=axis))
 
     def state_dict(self) -> dict:
         """Hyper-parameters and state arrays, keyed by parameter position."""
@@ -103,12 +147,20 @@ class Optimizer:
         }
 
     def load_state_dict(self, sd: dict):
+        """Load ``state_dict()`` output; every state array must fit its parameter's current shape."""
+        state = {}
+        for i, st in sd["state"].items():
+            if not 0 <= int(i) < len(self.params):
+                raise ValueError(f"optimizer.load_state_dict: state for parameter {i}, but this optimizer holds "
+                                 f"{len(self.params)}; it must come from an optimizer over the same parameters.")
+            p = self.params[int(i)]
+            state[p] = {k: np.array(v, dtype=p.data.dtype, copy=True) for k, v in st.items()}
+            for k, v in state[p].items():
+                if v.shape != p.data.shape:
+                    raise self._mismatch(p, k, v.shape, "Load the model's state (its shapes) before the optimizer's.")
         self.lr = float(sd["lr"])
         self.steps = int(sd["steps"])
-        self.state = {}
-        for i, st in sd["state"].items():
-            p = self.params[int(i)]
-            self.state[p] = {k: np.array(v, dtype=p.data.dtype, copy=True) for k, v in st.items()}
+        self.state = state
 
 
 class SGD(Optimizer):

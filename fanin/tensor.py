@@ -3,33 +3,51 @@
 A ``Tensor`` wraps a NumPy array. An op (see ``ops.py``) builds its output with
 ``Tensor._make(data, parents, backward)``, where ``backward(g)`` returns the gradient for
 each parent. ``Tensor.backward()`` sorts the tape topologically and walks it once in reverse.
+
+Gradient ownership: an op's backward may hand the same array to several parents (``add``
+returns ``g`` twice) or pass its incoming ``g`` on unchanged. Every leaf's ``.grad`` is an
+array no other tensor holds: the tape adopts an op's result without a copy only when nothing
+else in the pass refers to it, and copies otherwise, so accumulating into one leaf's gradient
+(a second ``backward()``, weight decay, clipping) never changes another's.
+
+Grad mode (``no_grad()``) is per thread and per asyncio task (a ``contextvars`` variable): a
+service that predicts under ``no_grad`` in one thread does not switch off recording in a thread
+that trains. A new thread starts with recording on.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import numpy as np
 
-__all__ = ["Tensor", "Panels", "no_grad", "is_grad_enabled", "as_array"]
+__all__ = ["Tensor", "Panels", "no_grad", "enable_grad", "is_grad_enabled", "as_array"]
 
-_GRAD_ENABLED = True
+_GRAD_ENABLED = contextvars.ContextVar("fanin_grad_enabled", default=True)
 
 
 def is_grad_enabled() -> bool:
-    """Whether new ops are recorded on the tape."""
-    return _GRAD_ENABLED
+    """Whether new ops are recorded on the tape (in this thread / task)."""
+    return _GRAD_ENABLED.get()
 
 
 @contextlib.contextmanager
-def no_grad():
-    """Context in which ops are not recorded (inference, optimizer updates)."""
-    global _GRAD_ENABLED
-    previous = _GRAD_ENABLED
-    _GRAD_ENABLED = False
+def _grad_mode(on: bool):
+    token = _GRAD_ENABLED.set(on)
     try:
         yield
     finally:
-        _GRAD_ENABLED = previous
+        _GRAD_ENABLED.reset(token)
+
+
+def no_grad():
+    """Context in which ops are not recorded (inference, optimizer updates); affects this thread only."""
+    return _grad_mode(False)
+
+
+def enable_grad():
+    """Context in which ops are recorded again (e.g. inside a ``no_grad`` block); this thread only."""
+    return _grad_mode(True)
 
 
 def as_array(data, dtype=None) -> np.ndarray:
@@ -128,17 +146,25 @@ class Tensor:
                 )
         order = _topological_order(self)
         grads = {id(self): grad}
+        # How many pending gradient slots hold each array (by id; the slots keep the arrays alive),
+        # and the arrays already adopted as a leaf's .grad in this pass: an array is adopted without
+        # a copy only when no other slot holds it and no leaf has it. The caller's grad is never adopted.
+        holders = {id(grad): 2}
+        adopted = set()
         for node in reversed(order):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            holders[id(g)] -= 1
             if node._backward is None:  # a leaf
                 if isinstance(g, Panels):
                     g = g.rows()
+                    holders.setdefault(id(g), 0)
                 if node.grad is None:
-                    # keep a fresh array as it is; copy views, broadcasts and foreign dtypes
-                    owned = g.flags.owndata and g.flags.writeable and g.dtype == node.data.dtype
+                    exclusive = holders[id(g)] == 0 and id(g) not in adopted
+                    owned = exclusive and g.flags.owndata and g.flags.writeable and g.dtype == node.data.dtype
                     node.grad = g if owned else np.array(g, dtype=node.data.dtype, copy=True)
+                    adopted.add(id(node.grad))
                 else:
                     node.grad += g
                 continue
@@ -150,9 +176,11 @@ class Tensor:
                     continue
                 key = id(parent)
                 if key in grads:
-                    grads[key] = grads[key] + pg
-                else:
-                    grads[key] = pg
+                    old = grads[key]
+                    holders[id(old)] -= 1
+                    pg = old + pg
+                grads[key] = pg
+                holders[id(pg)] = holders.get(id(pg), 0) + 1
 
     def zero_grad(self):
         self.grad = None
@@ -313,7 +341,7 @@ def make_panels(panels: np.ndarray, batch: int, parents, backward) -> Tensor:
 def _record(out, parents, backward):
     """Put a new op output on the tape when grad mode is on and a parent needs grad."""
     out.grad = None
-    needs = _GRAD_ENABLED and any(p.requires_grad for p in parents)
+    needs = _GRAD_ENABLED.get() and any(p.requires_grad for p in parents)
     out.requires_grad = needs
     out._parents = tuple(parents) if needs else ()
     out._backward = backward if needs else None

@@ -123,11 +123,15 @@ def test_optimizer_state_reset_and_remap():
     opt.reset_state(w, mask)
     buf = opt.state[w]["momentum"]
     assert buf[1, 0] == 0 and buf[0, 0] == 1
-    opt.remap_state(w, lambda a: a[[0, 2]])
+    buf[2, 1] = 7.0  # mark a row that must survive the remap
     w.data = w.data[[0, 2]]
-    assert opt.state[w]["momentum"].shape == (2, 2)
+    opt.remap_state(w, lambda a: a[[0, 2]])
+    np.testing.assert_array_equal(opt.state[w]["momentum"], [[1, 1], [1, 7]])
     w.grad = np.ones((2, 2), np.float32)
-    opt.step()
+    before = w.data.copy()
+    opt.step()  # momentum 0.9 * old + grad, then w -= lr * momentum
+    np.testing.assert_allclose(opt.state[w]["momentum"], [[1.9, 1.9], [1.9, 7.3]], rtol=1e-6)
+    np.testing.assert_allclose(w.data, before - 0.1 * np.array([[1.9, 1.9], [1.9, 7.3]]), rtol=1e-6)
 
 
 def test_optimizer_state_dict_roundtrip():

@@ -10,24 +10,50 @@ Conventions:
   float64 arrays are mixed, the computation and the result are float64;
 - ``indices`` are int16 or int32 (``index_dtype(n_in)`` picks the SPEC's choice);
 - non-contiguous inputs are copied to C order first (they work, a little slower);
-- ``check=None`` follows the module flag ``CHECK_INDICES``; ``check=False`` skips the O(n_out*k)
-  index-range scan (for layers that validated their indices with ``validate_indices`` once).
-  Unchecked out-of-range indices read or write out of bounds: skip the scan only for
-  indices you validated.
+- ``indices`` may be a ``Topology`` (validated once, immutable): the kernels then skip the
+  O(n_out*k) index scan (an O(1) check that its ``n_in`` fits x remains) and use its cached
+  transposed structure. This is how layers call the kernels.
+- with a plain index array, ``check=None`` follows the module flag ``CHECK_INDICES``;
+  ``check=False`` skips the index-range scan. Unchecked out-of-range indices read or write out
+  of bounds: skip the scan only for indices you validated, or turn on ``debug(True)`` (or set
+  ``FANIN_DEBUG=1`` before importing fanin), which makes every kernel call check every index it
+  will load (``check=False`` is then ignored) and verify the content of a ``transposed=``
+  structure and of packed ``xp=``/``dyp=`` operands.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from fanin.kernels import _validate as _v
+from fanin.kernels.topology import Topology
 
 __all__ = [
-    "CHECK_INDICES", "index_dtype", "validate_indices", "pack_panels", "fanin_forward", "fanin_backward",
+    "Topology", "debug", "CHECK_INDICES", "index_dtype", "validate_indices", "pack_panels", "fanin_forward", "fanin_backward",
     "fanin_backward_values", "fanin_backward_input", "transpose_structure", "growth_candidates", "dense_grad",
     "fixed_point_forward", "im2col", "col2im", "unpack_panels", "fanin_forward_panels", "fanin_backward_panels",
 ]
 
 CHECK_INDICES = True
+_DEBUG = os.environ.get("FANIN_DEBUG", "0") not in ("", "0")  # read once, at import
+
+
+def debug(on: bool | None = None) -> bool:
+    """Turn debug checks on or off (``None``: leave as is); returns the setting now in force.
+
+    With debug on, every kernel call validates every index it will load before the kernel runs
+    (``check=False`` is ignored; index arrays, ``Topology`` widths, the content of ``transposed=``
+    structures and of packed ``xp=``/``dyp=`` operands), so a bad index is a ``ValueError`` naming
+    the array instead of an out-of-bounds read or write. The kernels' own loads stay unchecked
+    (they use a no-bounds-check intrinsic for vector gathers); every address they form comes from
+    the arrays checked here. Costs O(n_out*k) per call: for finding bugs, not for production.
+    Also settable with ``FANIN_DEBUG=1`` in the environment before ``import fanin``.
+    """
+    global _DEBUG
+    if on is not None:
+        _DEBUG = bool(on)
+    return _DEBUG
 
 
 def index_dtype(n_in: int):
@@ -36,12 +62,50 @@ def index_dtype(n_in: int):
 
 
 def _check(check) -> bool:
+    if _DEBUG:
+        return True
     return CHECK_INDICES if check is None else bool(check)
+
+
+def _topology(indices):
+    """(index array, Topology or None) of an ``indices`` argument."""
+    if isinstance(indices, Topology):
+        return indices.indices, indices
+    return indices, None
+
+
+def _index_range(fname, be, indices, topo, check, n_in, x_name, x_shape):
+    """The index check of a call: O(1) for a Topology (its n_in must be the input width), else a scan."""
+    if topo is not None:
+        if topo.n_in != n_in:
+            raise ValueError(
+                f"{fname}: the topology was built for n_in={topo.n_in} inputs but {x_name} of shape "
+                f"{tuple(x_shape)} has {n_in}; the layer's n_in and the input's width must agree."
+            )
+        if not _DEBUG:
+            return
+    if _check(check):
+        _v.index_range(fname, be, indices, n_in, x_name, x_shape)
+
+
+def _transposed(fname, transposed, indices, topo, n_in):
+    """The caller's transposed structure (checked; by content in debug mode), or the topology's."""
+    if transposed is None and topo is not None:
+        return topo.transposed()
+    _v.transposed(fname, transposed, indices, n_in)
+    if _DEBUG and transposed is not None:
+        _v.transposed_content(fname, transposed, indices, n_in)
+    return transposed
 
 
 def validate_indices(indices, n_in: int) -> None:
     """Raise unless indices is (n_out, k) int16/int32 with each row strictly increasing in [0, n_in)."""
     fname = "validate_indices"
+    indices, topo = _topology(indices)
+    if topo is not None:  # validated when it was made; only its width can disagree
+        if topo.n_in != int(n_in):
+            raise ValueError(f"{fname}: the topology has n_in={topo.n_in}, not {n_in}.")
+        return
     be = _v.backend(fname, indices=indices)
     indices = _v.index_array(fname, indices)
     if int(n_in) < 1:
@@ -62,6 +126,7 @@ def validate_indices(indices, n_in: int) -> None:
 
 def _layer(fname, x, indices, values, bias, check, values_kind="float"):
     """Validate (x, indices, values, bias) of a forward-like call; returns them converted."""
+    indices, topo = _topology(indices)
     be = _v.backend(fname, x=x, indices=indices, values=values, bias=bias)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
@@ -71,9 +136,8 @@ def _layer(fname, x, indices, values, bias, check, values_kind="float"):
         values = _v.float_array(fname, "values", values, 2, "(n_out, k)")
     if bias is not None:
         bias = _v.float_array(fname, "bias", bias, 1, "(n_out,)")
-    if _check(check):
-        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
-    return be, x, indices, _v.contiguous(values), bias
+    _index_range(fname, be, indices, topo, check, x.shape[1], "x", x.shape)
+    return be, x, indices, topo, _v.contiguous(values), bias
 
 
 def pack_panels(x):
@@ -95,17 +159,17 @@ def fanin_forward(x, indices, values, bias=None, *, check=None, xp=None):
     ``xp``: ``pack_panels(x)``, if the caller keeps it for several calls.
     """
     fname = "fanin_forward"
-    be, x, indices, values, bias = _layer(fname, x, indices, values, bias, check)
+    be, x, indices, _, values, bias = _layer(fname, x, indices, values, bias, check)
     dt = _v.common_float(x, values, bias)
     x = _v.cast(x, dt)
-    xp = _v.panels(fname, "xp", xp, x, "x", be)
+    xp = _panels(fname, "xp", xp, x, "x", be)
     return be.fanin_forward(x, indices, _v.cast(values, dt), _v.cast(bias, dt), xp=xp)
 
 
 def fixed_point_forward(x, indices, qvalues, scale, bias=None, *, check=None):
     """y[b, j] = bias[j] + scale[j] * sum_t qvalues[j, t] * x[b, indices[j, t]] with int8 qvalues."""
     fname = "fixed_point_forward"
-    be, x, indices, qvalues, bias = _layer(fname, x, indices, qvalues, bias, check, values_kind="int8")
+    be, x, indices, _, qvalues, bias = _layer(fname, x, indices, qvalues, bias, check, values_kind="int8")
     if qvalues.dtype != np.int8:
         raise TypeError(
             f"{fname}: qvalues have dtype {qvalues.dtype}, but the fixed-point kernel takes int8; "
@@ -135,15 +199,15 @@ def fanin_backward_values(x, indices, dy, *, check=None, xp=None, dyp=None):
     ``xp``, ``dyp``: ``pack_panels(x)``, ``pack_panels(dy)`` if the caller has them.
     """
     fname = "fanin_backward_values"
+    indices, topo = _topology(indices)
     be = _v.backend(fname, x=x, indices=indices, dy=dy)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
-    if _check(check):
-        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
+    _index_range(fname, be, indices, topo, check, x.shape[1], "x", x.shape)
     dt = _v.common_float(x, dy)
     x, dy = _v.cast(x, dt), _v.cast(dy, dt)
-    xp, dyp = _v.panels(fname, "xp", xp, x, "x", be), _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    xp, dyp = _panels(fname, "xp", xp, x, "x", be), _panels(fname, "dyp", dyp, dy, "dy", be)
     return be.fanin_backward_values(x, indices, dy, xp=xp, dyp=dyp)
 
 
@@ -156,13 +220,15 @@ def transpose_structure(indices, n_in: int, *, check=None):
     the values), so a layer computes it once per topology and reuses it every step.
     """
     fname = "transpose_structure"
+    indices, topo = _topology(indices)
     be = _v.backend(fname, indices=indices)
     indices = _v.index_array(fname, indices)
     n_in = int(n_in)
     if n_in < 1:
         raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
-    if _check(check):
-        _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
+    _index_range(fname, be, indices, topo, check, n_in, "n_in", (n_in,))
+    if topo is not None:
+        return topo.transposed()
     return be.transpose_structure(indices, n_in)
 
 
@@ -173,6 +239,7 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
     keeps it (it is rebuilt on every call otherwise, from batch 8 on); ``dyp``: ``pack_panels(dy)``.
     """
     fname = "fanin_backward_input"
+    indices, topo = _topology(indices)
     be = _v.backend(fname, indices=indices, values=values, dy=dy)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
@@ -181,12 +248,11 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
     n_in = int(n_in)
     if n_in < 1:
         raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
-    if _check(check):
-        _v.index_range(fname, be, indices, n_in, "n_in", (n_in,))
-    _v.transposed(fname, transposed, indices, n_in)
+    _index_range(fname, be, indices, topo, check, n_in, "n_in", (n_in,))
+    transposed = _transposed(fname, transposed, indices, topo, n_in)
     dt = _v.common_float(values, dy)
     dy = _v.cast(dy, dt)
-    dyp = _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    dyp = _panels(fname, "dyp", dyp, dy, "dy", be)
     return be.fanin_backward_input(indices, _v.cast(values, dt), dy, n_in, dyp=dyp, transposed=transposed)
 
 
@@ -196,12 +262,12 @@ def fanin_backward(x, indices, values, dy, *, check=None, transposed=None, xp=No
     ``transposed`` as in ``fanin_backward_input``; ``xp``, ``dyp``: ``pack_panels`` of x and dy.
     """
     fname = "fanin_backward"
-    be, x, indices, values, _ = _layer(fname, x, indices, values, None, check)
+    be, x, indices, topo, values, _ = _layer(fname, x, indices, values, None, check)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
-    _v.transposed(fname, transposed, indices, x.shape[1])
+    transposed = _transposed(fname, transposed, indices, topo, x.shape[1])
     dt = _v.common_float(x, values, dy)
     x, dy = _v.cast(x, dt), _v.cast(dy, dt)
-    xp, dyp = _v.panels(fname, "xp", xp, x, "x", be), _v.panels(fname, "dyp", dyp, dy, "dy", be)
+    xp, dyp = _panels(fname, "xp", xp, x, "x", be), _panels(fname, "dyp", dyp, dy, "dy", be)
     return be.fanin_backward(x, indices, _v.cast(values, dt), dy, transposed=transposed, xp=xp, dyp=dyp)
 
 
@@ -213,24 +279,25 @@ def unpack_panels(xp, batch: int):
     """The (batch, n) rows of a packed array (the inverse of ``pack_panels``)."""
     fname = "unpack_panels"
     be = _v.backend(fname, xp=xp)
-    return be.unpack_panels(_v.packed(fname, "xp", xp, batch, be), int(batch))
+    return be.unpack_panels(_packed(fname, "xp", xp, batch, be), int(batch))
 
 
 def fanin_forward_panels(xp, batch: int, indices, values, bias=None, *, check=None):
     """``fanin_forward`` from packed input to packed output: xp (n_in, Bp) -> (n_out, Bp), zero past ``batch``."""
     fname = "fanin_forward_panels"
+    indices, topo = _topology(indices)
     be = _v.backend(fname, xp=xp, indices=indices, values=values, bias=bias)
-    xp = _v.packed(fname, "xp", xp, batch, be)
+    xp = _packed(fname, "xp", xp, batch, be)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
     _v.per_neuron(fname, "bias", bias, indices.shape[0])
     values = _v.contiguous(_v.float_array(fname, "values", values, 2, "(n_out, k)"))
     if bias is not None:
         bias = _v.float_array(fname, "bias", bias, 1, "(n_out,)")
-    if _check(check):
-        _v.index_range(fname, be, indices, xp.shape[0], "xp", xp.shape)
+    _index_range(fname, be, indices, topo, check, xp.shape[0], "xp", xp.shape)
     _v.same_dtype(fname, xp=xp, values=values, bias=bias)
-    return be.forward_panels(xp, int(batch), indices, values, bias)
+    return be.forward_panels(xp, int(batch), indices, values, bias,
+                             row_ptr=None if topo is None else topo.row_ptr())
 
 
 def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True, check=None, transposed=None):
@@ -239,8 +306,9 @@ def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True,
     ``transposed`` as in ``fanin_backward_input``; ``need_dx=False`` skips dx (a first layer).
     """
     fname = "fanin_backward_panels"
+    indices, topo = _topology(indices)
     be = _v.backend(fname, xp=xp, indices=indices, values=values, dyp=dyp)
-    xp, dyp = _v.packed(fname, "xp", xp, batch, be), _v.packed(fname, "dyp", dyp, batch, be)
+    xp, dyp = _packed(fname, "xp", xp, batch, be), _packed(fname, "dyp", dyp, batch, be)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
     values = _v.contiguous(_v.float_array(fname, "values", values, 2, "(n_out, k)"))
@@ -248,12 +316,31 @@ def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True,
         raise ValueError(f"{fname}: dyp has {dyp.shape[0]} rows but indices has {indices.shape[0]} neurons; "
                          "they must agree.")
     n_in = xp.shape[0]
-    if _check(check):
-        _v.index_range(fname, be, indices, n_in, "xp", xp.shape)
-    _v.transposed(fname, transposed, indices, n_in)
+    _index_range(fname, be, indices, topo, check, n_in, "xp", xp.shape)
+    transposed = _transposed(fname, transposed, indices, topo, n_in) if need_dx else None
     _v.same_dtype(fname, xp=xp, values=values, dyp=dyp)
     dx = be.backward_input_panels(indices, values, dyp, int(batch), n_in, transposed) if need_dx else None
     return dx, be.backward_values_panels(xp, indices, dyp)
+
+
+def _panels(fname, name, packed, a, a_name, be):
+    """A caller's ``pack_panels(a)`` (``xp=``/``dyp=``): shape-checked; in debug mode, content-checked."""
+    packed = _v.panels(fname, name, packed, a, a_name, be)
+    if _DEBUG and packed is not None:
+        want = be.pack_panels(a)
+        if want is not None and not np.array_equal(packed, want):
+            raise ValueError(f"{fname}: {name} is not pack_panels({a_name}) of this {a_name} (debug check); "
+                             "pass the packed array made from the same data, or None.")
+    return packed
+
+
+def _packed(fname, name, xp, batch, be):
+    """A transposed panel array of ``batch`` samples; in debug mode its padding must be zero."""
+    xp = _v.packed(fname, name, xp, batch, be)
+    if _DEBUG and xp.shape[1] > int(batch) and np.any(xp[:, int(batch):]):
+        raise ValueError(f"{fname}: the padding columns {int(batch)}: of {name} are not zero (debug check); "
+                         "a panel array must come from pack_panels or a panel kernel.")
+    return xp
 
 
 def _batches(fname, name, a):
@@ -299,6 +386,7 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, held=Fal
     """
     fname = "growth_candidates"
     x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
+    indices, topo = _topology(indices)
     be = _v.backend(fname, x=x, dy=dy, indices=indices)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
@@ -307,8 +395,7 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, held=Fal
         raise ValueError(f"{fname}: c must be a non-negative integer number of candidates per neuron, got {c!r}.")
     if block is not None and (not isinstance(block, (int, np.integer)) or block < 1):
         raise ValueError(f"{fname}: block must be a positive number of neurons per block (or None), got {block!r}.")
-    if _check(check):
-        _v.index_range(fname, be, indices, x.shape[1], "x", x.shape)
+    _index_range(fname, be, indices, topo, check, x.shape[1], "x", x.shape)
     dt = _v.common_float(x, dy)
     return be.growth_candidates(_v.cast(x, dt), _v.cast(dy, dt), indices, int(c), None if block is None else int(block),
                                 bool(sort), bool(held))

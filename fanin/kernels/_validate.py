@@ -138,6 +138,18 @@ def transposed(fname: str, t, indices, n_in: int):
         )
 
 
+def transposed_content(fname: str, t, indices, n_in: int):
+    """Debug check: ``t`` is exactly ``transpose_structure(indices, n_in)`` (O(nnz))."""
+    from fanin.kernels import cpu
+
+    want = cpu.transpose_structure(np.asarray(indices), n_in)
+    if not all(np.array_equal(a, b) for a, b in zip(t, want)):
+        raise ValueError(
+            f"{fname}: transposed does not match indices {tuple(indices.shape)} (debug check); it was built from "
+            "other indices. Rebuild it with transpose_structure(indices, n_in), or pass a Topology."
+        )
+
+
 def panels(fname: str, name: str, packed, a, a_name: str, be):
     """A ``pack_panels(a)`` result passed back in (``xp=``/``dyp=``): None, or an array of the packed
     shape and of a's dtype. Checked in O(1); the content is trusted to be ``pack_panels(a)``.

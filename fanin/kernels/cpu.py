@@ -665,12 +665,15 @@ def unpack_panels(xp, B):
     return transpose(xp)[:B]
 
 
-def forward_panels(xp, B, indices, values, bias=None):
-    """fanin_forward on a packed input xp (n_in, Bp) of batch B; the output packed, (n_out, Bp)."""
+def forward_panels(xp, B, indices, values, bias=None, row_ptr=None):
+    """fanin_forward on a packed input xp (n_in, Bp) of batch B; the output packed, (n_out, Bp).
+
+    ``row_ptr``: ``_row_ptr(n_out, k)`` if the caller keeps it (a Topology does)."""
     n_out = indices.shape[0]
     out = memory.empty((n_out, xp.shape[1]), xp.dtype)  # the next layer gathers its rows
     scale, bias = _scale_bias(n_out, xp.dtype, None, bias)
-    _k_spmm_panels(xp.reshape(-1), xp.shape[1], TB, _row_ptr(n_out, indices.shape[1]), indices.reshape(-1),
+    ptr = _row_ptr(n_out, indices.shape[1]) if row_ptr is None else row_ptr
+    _k_spmm_panels(xp.reshape(-1), xp.shape[1], TB, ptr, indices.reshape(-1),
                    values.reshape(-1), scale, bias, out, B, True)
     return out
 

@@ -52,7 +52,7 @@ def _growth_pool(layer, x, dy, c, exact):
     """Grow scores of held slots ``|dL/dvalues|`` and each row's best ``c`` non-held candidates
     (``exact``: every non-held input, in input order), from blockwise ``dy^T x``."""
     c = layer.n_in - layer.k if exact else c
-    cand, score, held = kernels.growth_candidates(x, dy, layer.indices, c, sort=False, held=True, check=False)
+    cand, score, held = kernels.growth_candidates(x, dy, layer.topology, c, sort=False, held=True)
     return held, cand, score  # rows with fewer free inputs than c are padded with -1 / -inf
 
 
