@@ -114,9 +114,13 @@ class Module:
         state.update({name: np.array(b, copy=True) for name, b in self.named_buffers()})
         return state
 
-    def load_state_dict(self, state: dict, strict: bool = True):
+    def load_state_dict(self, state: dict, strict: bool = True, resize: bool = False):
         """Copy arrays from ``state`` into this module's parameters and buffers (shapes must match,
-        except in layers whose shape legitimately changes, such as condensed layers' fan-in)."""
+        except in layers whose shape legitimately changes, such as condensed layers' fan-in).
+
+        ``resize=True`` also takes the state's shapes where layers were resized during training
+        (channels removed by self-compression): the layers adopt them.
+        """
         expected = set(dict(self.named_parameters())) | set(dict(self.named_buffers()))
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
@@ -128,21 +132,35 @@ class Module:
         for prefix, module in self.named_modules():
             own = {n: v for n, v in state.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
             if own:
-                module._load_own({n[len(prefix):]: np.asarray(v) for n, v in own.items()}, prefix)
+                module._load_own({n[len(prefix):]: np.asarray(v) for n, v in own.items()}, prefix, resize)
 
-    def _load_own(self, state: dict, prefix: str):
+    def _load_own(self, state: dict, prefix: str, resize: bool = False):
         """Load this module's own (not its children's) parameters and buffers, in place."""
+        resized = False
         for name, value in state.items():
             current = getattr(self, name, None)
             target = current.data if isinstance(current, Tensor) else current
             if not isinstance(target, np.ndarray):
                 continue
             if value.shape != target.shape:
-                raise ValueError(
-                    f"load_state_dict: '{prefix}{name}' has shape {value.shape} in the state but "
-                    f"{target.shape} in the model."
-                )
+                if not resize:
+                    raise ValueError(
+                        f"load_state_dict: '{prefix}{name}' has shape {value.shape} in the state but "
+                        f"{target.shape} in the model."
+                    )
+                copy = np.array(value, dtype=target.dtype, copy=True)
+                if isinstance(current, Tensor):
+                    current.data, current.grad = copy, None
+                else:
+                    setattr(self, name, copy)
+                resized = True
+                continue
             target[...] = value
+        if resized:
+            self._sync_shape()
+
+    def _sync_shape(self):
+        """Update size attributes after ``load_state_dict(resize=True)`` replaced arrays of other shapes."""
 
     def extra_repr(self) -> str:
         return ""
@@ -196,7 +214,54 @@ def _as_input(x, layer) -> Tensor:
     return Tensor(arr if arr.dtype.kind == "f" and arr.dtype.itemsize >= 4 else arr.astype(np.float32))
 
 
-class Linear(Module):
+def _indices_of(keep, n: int) -> np.ndarray:
+    """Positions to keep, from a boolean mask of length n or a list of positions."""
+    keep = np.asarray(keep)
+    idx = np.flatnonzero(keep) if keep.dtype == np.bool_ else keep.astype(np.int64)
+    if keep.dtype == np.bool_ and keep.shape != (n,):
+        raise ValueError(f"keep mask of shape {keep.shape} for {n} entries.")
+    if idx.size and (idx.min() < 0 or idx.max() >= n or np.any(np.diff(idx) <= 0)):
+        raise ValueError(f"keep must list increasing positions in [0, {n}).")
+    return idx
+
+
+def take_param(param, idx, axis: int, optimizers=()):
+    """Keep entries ``idx`` of ``param`` along ``axis``, in its data and in every optimizer's state for it."""
+    if param is None:
+        return
+    param.data = np.ascontiguousarray(np.take(param.data, idx, axis=axis))
+    param.grad = None
+    for opt in optimizers:
+        if opt.holds(param):
+            opt.select_state(param, idx, axis)
+
+
+class _Quantizable:
+    """A layer whose weights self-compression can quantize (``fanin.compress``).
+
+    ``bits`` and ``exponent`` are None, or Parameters with one entry per output channel; the forward
+    then uses ``ops.quantize(weight, bits, exponent)`` in place of the weight.
+    """
+
+    bits = None
+    exponent = None
+
+    @property
+    def weight_param(self):
+        """The Parameter holding this layer's weights (``weight``, or ``values`` for condensed layers)."""
+        return self.weight
+
+    def effective_weight(self):
+        """The weight Tensor the forward uses: quantized when self-compression is attached."""
+        w = self.weight_param
+        return w if self.bits is None else ops.quantize(w, self.bits, self.exponent)
+
+    def _take_outputs(self, idx, optimizers):
+        for p in (self.weight_param, getattr(self, "bias", None), self.bits, self.exponent):
+            take_param(p, idx, 0, optimizers)
+
+
+class Linear(_Quantizable, Module):
     """Dense affine layer ``y = x @ W.T + b`` with W of shape (out_features, in_features)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, seed=None):
@@ -214,13 +279,28 @@ class Linear(Module):
                 f"Linear({self.in_features}, {self.out_features}): input has shape {x.shape}, "
                 f"expected (batch, {self.in_features})."
             )
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.effective_weight(), self.bias)
+
+    def select_outputs(self, keep, optimizers=()):
+        """Keep only the output neurons ``keep`` (mask or positions), with their optimizer state."""
+        idx = _indices_of(keep, self.out_features)
+        self._take_outputs(idx, optimizers)
+        self.out_features = len(idx)
+
+    def select_inputs(self, keep, optimizers=()):
+        """Keep only the input features ``keep`` (the weight's columns), with their optimizer state."""
+        idx = _indices_of(keep, self.in_features)
+        take_param(self.weight, idx, 1, optimizers)
+        self.in_features = len(idx)
+
+    def _sync_shape(self):
+        self.out_features, self.in_features = self.weight.shape
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
 
 
-class Conv2d(Module):
+class Conv2d(_Quantizable, Module):
     """Dense 2-D convolution, weight (out_channels, in_channels, kh, kw)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, seed=None):
@@ -233,7 +313,22 @@ class Conv2d(Module):
         self.bias = Parameter(np.zeros(out_channels, np.float32)) if bias else None
 
     def forward(self, x):
-        return ops.conv2d(_as_input(x, "Conv2d"), self.weight, self.bias, self.stride, self.padding)
+        return ops.conv2d(_as_input(x, "Conv2d"), self.effective_weight(), self.bias, self.stride, self.padding)
+
+    def select_outputs(self, keep, optimizers=()):
+        """Keep only the output channels ``keep``, with their optimizer state."""
+        idx = _indices_of(keep, self.out_channels)
+        self._take_outputs(idx, optimizers)
+        self.out_channels = len(idx)
+
+    def select_inputs(self, keep, optimizers=()):
+        """Keep only the input channels ``keep``, with their optimizer state."""
+        idx = _indices_of(keep, self.in_channels)
+        take_param(self.weight, idx, 1, optimizers)
+        self.in_channels = len(idx)
+
+    def _sync_shape(self):
+        self.out_channels, self.in_channels = self.weight.shape[:2]
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -257,6 +352,23 @@ class _BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}: expected a {self._ndim}-D input, got shape {x.shape}.")
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                               self.training, self.momentum, self.eps)
+
+    def select(self, keep, optimizers=()):
+        """Keep only the channels ``keep``: parameters, their optimizer state and the running statistics."""
+        idx = _indices_of(keep, self.num_features)
+        take_param(self.weight, idx, 0, optimizers)
+        take_param(self.bias, idx, 0, optimizers)
+        self.running_mean = np.ascontiguousarray(self.running_mean[idx])
+        self.running_var = np.ascontiguousarray(self.running_var[idx])
+        self.num_features = len(idx)
+
+    def _sync_shape(self):
+        self.num_features = self.weight.shape[0]
+
+    def eval_affine(self):
+        """(scale, shift) with eval-mode output ``x * scale + shift`` per channel (float64)."""
+        scale = self.weight.data.astype(np.float64) / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return scale, self.bias.data.astype(np.float64) - self.running_mean.astype(np.float64) * scale
 
     def extra_repr(self):
         return str(self.num_features)
@@ -322,7 +434,7 @@ class Dropout(Module):
 
 
 # ------------------------------------------------------------ condensed layers
-class _FanIn(Module):
+class _FanIn(_Quantizable, Module):
     """Shared state of condensed constant fan-in layers: a ``Topology`` (indices, active), values, bias.
 
     The connectivity is an immutable value (``fanin.kernels.Topology``): ``layer.indices`` and
@@ -331,7 +443,7 @@ class _FanIn(Module):
     validates the new arrays and makes a new topology with a new ``version``.
     """
 
-    _buffers = ("indices", "active")
+    _buffers = ("indices", "active", "n_inputs")
 
     def _init_condensed(self, n_in: int, n_out: int, sparsity, k, bias: bool, seed):
         from fanin import kernels
@@ -383,6 +495,11 @@ class _FanIn(Module):
         )
 
     @property
+    def n_inputs(self) -> np.ndarray:
+        """``[n_in]`` as an array (a buffer, so checkpoints carry an input count that channel removal changed)."""
+        return np.array([self.n_in], np.int64)
+
+    @property
     def k(self) -> int:
         """The constant fan-in."""
         return self.values.shape[1]
@@ -426,19 +543,98 @@ class _FanIn(Module):
         self.values.data = values
         self.values.grad = None
 
-    def _load_own(self, state: dict, prefix: str):
+    def _load_own(self, state: dict, prefix: str, resize: bool = False):
         if "indices" in state:  # the fan-in may differ from this layer's: take the state's arrays
+            n_out = int(state["indices"].shape[0])
+            n_in = int(np.asarray(state.get("n_inputs", [self.n_in])).reshape(-1)[0])
+            if (n_out, n_in) != (self.n_out, self.n_in):
+                if not resize:
+                    raise ValueError(
+                        f"load_state_dict: '{prefix}indices' describes a ({n_out} x {n_in}) layer but the model's is "
+                        f"({self.n_out} x {self.n_in})."
+                    )
+                self.n_out, self.n_in = n_out, n_in
+                self._set_out_channels(n_out)
+                self._set_in_channels(None)
+                self.values.data = np.zeros(state["indices"].shape, self.values.dtype)
             active = state.get("active", np.ones(self.n_out, bool))
             self.set_connectivity(state["indices"], state.get("values", self.values.data), active.astype(bool))
-            state = {k: v for k, v in state.items() if k not in ("indices", "values", "active")}
-        super()._load_own(state, prefix)
+            state = {k: v for k, v in state.items() if k not in ("indices", "values", "active", "n_inputs")}
+        super()._load_own(state, prefix, resize)
 
     def transposed(self):
         """The CSC form of the connectivity (for the input gradient), built once per topology."""
         return self.topology.transposed()
 
+    @property
+    def weight_param(self):
+        return self.values
+
     def _condensed(self, x2d: Tensor) -> Tensor:
-        return ops.fanin_linear(x2d, self.topology, self.values, self.bias, capture=self.capture)
+        return ops.fanin_linear(x2d, self.topology, self.effective_weight(), self.bias, capture=self.capture)
+
+    # ------------------------------------------------------------- resizing
+    def select_outputs(self, keep, optimizers=()):
+        """Keep only the neurons (output channels) ``keep``: rows of the topology, values, bias, bits, exponent."""
+        from fanin import kernels
+
+        idx = _indices_of(keep, self.n_out)
+        topo = kernels.Topology(self.indices[idx], self.n_in, self.active[idx])
+        self._take_outputs(idx, optimizers)
+        self.topology = topo
+        self.n_out = len(idx)
+        self._set_out_channels(len(idx))
+
+    def _set_out_channels(self, n):
+        pass
+
+    def remove_inputs(self, removed, rng, optimizers=()):
+        """Drop the inputs where ``removed`` (bool, n_in) is True and renumber the rest.
+
+        Every slot that read a removed input gets another live input the neuron does not hold yet
+        (drawn with ``rng``), at weight 0 and optimizer state 0, so each active neuron keeps exactly
+        ``min(k, inputs left)`` distinct inputs (constant fan-in holds). Returns ``src`` (n_out, k')
+        with the old slot of each new connection, or -1 for a refilled one.
+        """
+        from fanin import kernels
+        from fanin.kernels import select
+
+        removed = np.asarray(removed, bool)
+        if removed.shape != (self.n_in,):
+            raise ValueError(f"remove_inputs: mask of shape {removed.shape} for a layer with n_in={self.n_in}.")
+        n_in_new = self.n_in - int(removed.sum())
+        if n_in_new < 1:
+            raise ValueError(f"{type(self).__name__}: removing every input would leave the layer with none.")
+        renumber = np.cumsum(~removed) - 1  # old input -> new input (where kept)
+        k_new = min(self.k, n_in_new)
+        old = self.indices.astype(np.int64)
+        new_idx = np.empty((self.n_out, k_new), np.int64)
+        src = np.full((self.n_out, k_new), -1, np.int64)
+        for j in range(self.n_out):
+            if not self.active[j]:
+                new_idx[j] = np.arange(k_new)  # placeholder row: holds nothing
+                continue
+            keep_slots = np.flatnonzero(~removed[old[j]])[:k_new]
+            held = renumber[old[j, keep_slots]]
+            free = np.setdiff1d(np.arange(n_in_new), held, assume_unique=True)
+            fill = np.sort(rng.choice(free, size=k_new - len(held), replace=False)) if len(held) < k_new else []
+            row = np.concatenate([held, fill]).astype(np.int64)
+            row_src = np.concatenate([keep_slots, np.full(len(fill), -1)]).astype(np.int64)
+            order = np.argsort(row, kind="stable")
+            new_idx[j], src[j] = row[order], row_src[order]
+        values = select.gather_rows(self.values.data, src)
+        self.n_in = n_in_new
+        self._set_in_channels(removed)
+        self.topology = kernels.Topology(new_idx, n_in_new, self.active)
+        self.values.data = np.ascontiguousarray(values)
+        self.values.grad = None
+        for opt in optimizers:
+            if opt.holds(self.values):
+                opt.remap_state(self.values, lambda a: select.gather_rows(a, src))
+        return src
+
+    def _set_in_channels(self, removed):
+        pass
 
 
 def random_fanin_indices(n_out: int, n_in: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -540,6 +736,19 @@ class FanInConv2d(_FanIn):
         """The (c_out, c_in, kh, kw) weight tensor."""
         return super().to_dense().reshape(self.c_out, self.c_in, *self.kernel_size)
 
+    def _set_out_channels(self, n):
+        self.c_out = n
+
+    def _set_in_channels(self, removed_taps):
+        self.c_in = self.n_in // (self.kernel_size[0] * self.kernel_size[1])
+
+    def remove_input_channels(self, channels, rng, optimizers=()):
+        """``remove_inputs`` for whole input channels (bool mask of length c_in): all their kh*kw taps."""
+        channels = np.asarray(channels, bool)
+        if channels.shape != (self.c_in,):
+            raise ValueError(f"remove_input_channels: mask of shape {channels.shape} for c_in={self.c_in}.")
+        return self.remove_inputs(np.repeat(channels, self.kernel_size[0] * self.kernel_size[1]), rng, optimizers)
+
     def forward(self, x):
         x = _as_input(x, "FanInConv2d")
         if x.ndim != 4 or x.shape[1] != self.c_in:
@@ -547,7 +756,7 @@ class FanInConv2d(_FanIn):
                 f"FanInConv2d({self.c_in}, {self.c_out}): input has shape {x.shape}, expected "
                 f"(batch, {self.c_in}, height, width)."
             )
-        return ops.fanin_conv2d(x, self.topology, self.values, self.bias, capture=self.capture,
+        return ops.fanin_conv2d(x, self.topology, self.effective_weight(), self.bias, capture=self.capture,
                                 kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
 
     def extra_repr(self):

@@ -14,9 +14,10 @@ from scipy import special
 from fanin.tensor import Tensor, as_array
 
 __all__ = [
-    "add", "sub", "mul", "div", "pow", "neg", "matmul", "linear", "sum", "mean", "reshape",
+    "add", "sub", "mul", "div", "pow", "neg", "abs", "matmul", "linear", "sum", "mean", "reshape",
     "transpose", "getitem", "concat", "flatten", "relu", "gelu", "exp", "log", "log_softmax",
     "cross_entropy", "dropout", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "fanin_linear", "fanin_conv2d",
+    "quantize",
 ]
 
 
@@ -118,6 +119,12 @@ def pow(a, exponent) -> Tensor:
 def neg(a) -> Tensor:
     a = _t(a)
     return Tensor._make(-a.data, (a,), lambda g: (-g,))
+
+
+def abs(a) -> Tensor:  # noqa: A001 (mirrors NumPy)
+    """|a|, with gradient sign(a) (0 at 0)."""
+    a = _t(a)
+    return Tensor._make(np.abs(a.data), (a,), lambda g: (g * np.sign(a.data),))
 
 
 def exp(a) -> Tensor:
@@ -690,3 +697,39 @@ def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, kerne
         return gx, gv, g.sum(axis=(0, 2, 3))
 
     return Tensor._make(out, parents, backward)
+
+
+# ------------------------------------------------------------- self-compression
+def quantize(w, b, e) -> Tensor:
+    """Self-compression's quantizer (SPEC.md §3), per output channel (the first axis of ``w``):
+    ``2**e * rint(clamp(2**-e * w, -2**(b-1), 2**(b-1) - 1))``, zero where ``b <= 0``.
+
+    Straight-through backward (``fanin.compress`` derives the gradients to ``w``, ``b`` and ``e``);
+    one fused Numba pass each way (``fanin.kernels.quant``).
+    """
+    from fanin.kernels import quant
+
+    w, b, e = _t(w), _t(b), _t(e)
+    n = w.shape[0] if w.ndim else 0
+    if w.ndim < 2 or b.shape != (n,) or e.shape != (n,):
+        raise ValueError(
+            f"quantize: w must have one row per channel (2-D or more) and b, e one value per channel; got w "
+            f"{w.shape}, b {b.shape}, e {e.shape}."
+        )
+    dt = w.dtype
+    w2 = np.ascontiguousarray(w.data.reshape(n, -1))
+    bd = np.ascontiguousarray(b.data, dtype=dt)
+    s, t = quant.scales(e.data, dt)
+    lo, hi = quant.bounds(bd, dt)
+    out = np.empty_like(w2)
+    quant.quantize_rows(w2, bd, s, t, lo, hi, out)
+
+    def backward(g):
+        g2 = np.array(g, dtype=dt, order="C").reshape(n, -1)  # a private copy: dw is written into it
+        db, de = np.empty(n, dt), np.empty(n, dt)
+        quant.quantize_rows_backward(g2, w2, bd, s, t, lo, hi, g2, db, de)
+        return (g2.reshape(w.shape) if w.requires_grad else None,
+                db.astype(b.dtype, copy=False) if b.requires_grad else None,
+                de.astype(e.dtype, copy=False) if e.requires_grad else None)
+
+    return Tensor._make(out.reshape(w.shape), (w, b, e), backward)

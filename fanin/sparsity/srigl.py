@@ -183,9 +183,10 @@ class SRigL:
         self.update_enabled, self.exact = update, exact
         self.t = 0
         self.history: list = []
+        self._resized: set = set()
         shapes = [dense_shape(layer) for _, layer in self.layers]
         self.densities = layer_densities(shapes, self.sparsity, distribution, [0] if dense_first else (), power)
-        self.budgets, self.k0 = [], []
+        self.budgets, self.k0, self._shapes = [], [], []
         rng = np.random.default_rng(seed)
         for (name, layer), d in zip(self.layers, self.densities):
             budget = int(layer.n_out * layer.n_in * d + 1e-6)
@@ -194,6 +195,7 @@ class SRigL:
                 raise ValueError(f"SRigL: layer '{name}' would get fan-in 0 at density {d:.4g}; lower the sparsity.")
             self.budgets.append(budget)
             self.k0.append(k0)
+            self._shapes.append((layer.n_out, layer.n_in))
             if layer.k != k0 or not layer.active.all():
                 self._reinitialise(layer, k0, rng)
         # the network's output layer (never ablated) is its last weight layer, if that one is condensed
@@ -230,13 +232,35 @@ class SRigL:
             self.update()
         self._arm_capture()
 
+    def resized(self, layer):
+        """Follow a layer whose shape changed (self-compression removed channels): its budget keeps the layer's
+        density on the new shape, and gradients captured for the old shape are dropped (the next update skips
+        the layer if none are captured again in time)."""
+        for i, (_, own) in enumerate(self.layers):
+            if own is layer:
+                self._rebudget(i)
+                if layer.capture is not None:
+                    layer.capture = []
+                    self._resized.add(id(layer))
+
+    def _rebudget(self, i):
+        """Budget and initial fan-in of layer i for its current shape, at its density (at least 1 per neuron)."""
+        layer, d = self.layers[i][1], self.densities[i]
+        self.budgets[i] = max(int(layer.n_out * layer.n_in * d + 1e-6), layer.n_out)
+        self.k0[i] = max(1, min(layer.n_in, self.budgets[i] // layer.n_out))
+        self._shapes[i] = (layer.n_out, layer.n_in)
+
     def update(self):
         """Update every layer's connectivity now (SPEC.md §2 steps 1-9)."""
         frac = drop_fraction(self.t, self.t_end, self.alpha)
         record = {"step": self.t, "drop_fraction": frac, "layers": []}
+        resized, self._resized = self._resized, set()
         for (name, layer), budget, k0 in zip(self.layers, self.budgets, self.k0):
             if layer.k >= layer.n_in and layer.active.all():
                 continue  # a dense layer: nothing to prune or grow
+            if not layer.capture and id(layer) in resized:
+                record["layers"].append({"name": name, "skipped": "resized since its gradients were captured"})
+                continue
             if not layer.capture:
                 raise RuntimeError(
                     f"SRigL: layer '{name}' has no captured gradients at step {self.t}; call srigl.step() once "
@@ -271,6 +295,10 @@ class SRigL:
         return {"t": self.t, "history": self.history, "capture": capture}
 
     def load_state_dict(self, sd: dict):
+        """Load ``state_dict()`` output (after the model's state, whose shapes the budgets follow)."""
+        for i, (_, layer) in enumerate(self.layers):
+            if (layer.n_out, layer.n_in) != self._shapes[i]:
+                self._rebudget(i)
         self.t = int(sd["t"])
         self.history = list(sd.get("history", []))
         self._arm_capture()
