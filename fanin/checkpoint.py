@@ -87,24 +87,34 @@ def load_checkpoint(path) -> dict:
     return unflatten(meta["state"], arrays)
 
 
-def training_state(model, opt, schedule, updater, rng, epoch, history):
-    """Everything needed to continue a run exactly."""
+def training_state(model, opt, schedule, updater, rng, epoch, history, compressor=None):
+    """Everything needed to continue a run exactly (``compressor``: a ``SelfCompression``, if any)."""
     return {
         "epoch": epoch, "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
         "schedule_t": schedule.t, "updater": updater.state_dict() if updater is not None else None,
+        "compressor": compressor.state_dict() if compressor is not None else None,
         "rng": rng.bit_generator.state,
         "dropout_rngs": [m.rng.bit_generator.state for m in model.modules() if isinstance(m, nn.Dropout)],
     }
 
 
-def restore_training_state(state, model, opt, schedule, updater, rng):
-    """Load ``training_state`` output into live objects; returns (epoch, history)."""
-    model.load_state_dict(state["model"])
+def restore_training_state(state, model, opt, schedule, updater, rng, compressor=None):
+    """Load ``training_state`` output into live objects; returns (epoch, history).
+
+    The model takes the checkpoint's shapes (layers self-compression shrank) before the optimizer,
+    the sparsity updater and the compressor load their state for those shapes.
+    """
+    if (state.get("compressor") is None) != (compressor is None):
+        raise CheckpointError("the checkpoint was written " + ("with" if compressor is None else "without") +
+                              " self-compression; resume with the same --compress setting.")
+    model.load_state_dict(state["model"], resize=compressor is not None)
     opt.load_state_dict(state["optimizer"])
     schedule.t = int(state["schedule_t"])
     opt.lr = schedule.lr_at(schedule.t)
     if updater is not None:
         updater.load_state_dict(state["updater"])
+    if compressor is not None:
+        compressor.load_state_dict(state["compressor"])
     rng.bit_generator.state = state["rng"]
     for m, st in zip([m for m in model.modules() if isinstance(m, nn.Dropout)], state["dropout_rngs"]):
         m.rng.bit_generator.state = st

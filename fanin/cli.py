@@ -20,24 +20,61 @@ def _sizes(text: str):
     return sizes
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = _non_negative(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2, no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fanin", description="Sparse, low-bit neural networks on NumPy + Numba.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from fanin.compress import DEFAULT_GAMMA
+
+    p = _Parser(prog="fanin", description="Sparse, low-bit neural networks on NumPy + Numba.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model on Fashion-MNIST")
     t.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist"], help="dataset")
     t.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     t.add_argument("--sizes", type=_sizes, default=[784, 300, 100, 10], help="MLP widths, e.g. 784-300-100-10")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 for sgd, 1e-3 for adam)")
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--warmup-epochs", type=float, default=0.0)
+    t.add_argument("--lr", type=_positive, default=None, help="learning rate (default: 0.05 for sgd, 1e-3 for adam)")
+    t.add_argument("--momentum", type=_non_negative, default=0.9)
+    t.add_argument("--weight-decay", type=_non_negative, default=5e-4)
+    t.add_argument("--warmup-epochs", type=_non_negative, default=0.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
-    t.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
+    t.add_argument("--limit", type=_positive_int, default=None,
+                   help="use only the first N training images (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
     s = t.add_argument_group("sparse training (SPEC.md section 2)")
     s.add_argument("--method", default="dense", choices=["dense", "static", "rigl", "srigl"],
@@ -45,15 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsity", type=float, default=0.9, help="global fraction of weights removed")
     s.add_argument("--distribution", default="erk", choices=["uniform", "erk"])
     s.add_argument("--dense-first", action="store_true", help="keep the first sparse layer dense")
-    s.add_argument("--delta-t", type=int, default=100, help="optimizer steps between connectivity updates")
+    s.add_argument("--delta-t", type=_positive_int, default=100, help="optimizer steps between connectivity updates")
     s.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
     s.add_argument("--t-end", type=float, default=0.75, help="stop updating after this fraction of all steps")
     s.add_argument("--gamma-sal", type=float, default=0.3, help="SRigL: salient fraction a neuron needs to stay")
     s.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation")
-    s.add_argument("--grad-accumulation", type=int, default=1, help="batches of gradient behind each update")
+    s.add_argument("--grad-accumulation", type=_positive_int, default=1, help="batches of gradient behind each update")
+    q = t.add_argument_group("self-compression (SPEC.md section 3)")
+    q.add_argument("--compress", type=_non_negative, nargs="?", const=DEFAULT_GAMMA, default=None, metavar="GAMMA",
+                   help=f"learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
+                        f"(default {DEFAULT_GAMMA})")
+    q.add_argument("--compress-lr", type=_positive, default=0.01, help="Adam learning rate of the bits and exponents")
+    q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, help="checkpoint file (default: checkpoints/<model>-<method>.npz)")
-    c.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N epochs (0: never)")
+    c.add_argument("--checkpoint-every", type=lambda v: int(_non_negative(v)), default=0, help="write a checkpoint every N epochs (0: never)")
     c.add_argument("--resume", default=None, help="continue from this checkpoint")
     t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
 
@@ -101,6 +144,32 @@ def build_updater(args, model, opt, total_steps):
     return sparsity.RigL(model, opt, static=args.method == "static", skip=skip, **common)
 
 
+def build_compressor(args, model, opt, updater):
+    """The SelfCompression for ``--compress`` (None without it)."""
+    if args.compress is None:
+        return None
+    from fanin.compress import SelfCompression
+
+    srigl = updater if args.method == "srigl" else None
+    return SelfCompression(model, gamma=args.compress, init_bits=args.init_bits, optimizer=opt, lr=args.compress_lr,
+                           srigl=srigl, seed=args.seed)
+
+
+def compression_summary(sc, epochs) -> str:
+    """The final lines of a compressing run: bits, weights, channels, index bits, epoch times."""
+    r = sc.report()
+    lines = [f"compression: {r['bits_pct']:.3f} % of the fp32 dense weight bits ({r['size_bits'] / 8 / 1024:.1f} KiB of "
+             f"values), {r['total_bits_pct']:.3f} % with {r['index_bits'] / 8 / 1024:.1f} KiB of indices; "
+             f"{r['weights_pct']:.2f} % of the weights left"]
+    for row in r["layers"]:
+        orig = row["channels_original"]
+        lines.append(f"  {row['layer']}: {row['channels']}" + (f"/{orig}" if orig else "") +
+                     f" channels, {row['mean_bits']:.2f} bits per weight, {row['weights']} weights")
+    if epochs:
+        lines.append("  time per epoch: " + " ".join(f"{e['time']:.1f}s" for e in epochs))
+    return "\n".join(lines)
+
+
 def cmd_train(args) -> int:
     import json
 
@@ -126,6 +195,7 @@ def cmd_train(args) -> int:
     schedule = optim.CosineSchedule(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
     try:
         updater = build_updater(args, model, opt, total)
+        compressor = build_compressor(args, model, opt, updater)
     except ValueError as exc:
         print(f"fanin: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +204,7 @@ def cmd_train(args) -> int:
     if args.resume:
         try:
             start_epoch, history = restore_training_state(load_checkpoint(args.resume), model, opt, schedule,
-                                                          updater, rng)
+                                                          updater, rng, compressor)
         except (CheckpointError, KeyError, ValueError) as exc:
             print(f"fanin: cannot resume: {exc}", file=sys.stderr)
             return 2
@@ -143,16 +213,17 @@ def cmd_train(args) -> int:
 
     def on_epoch_end(epoch, rng_):
         if args.checkpoint_every and epoch % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, training_state(model, opt, schedule, updater, rng_, epoch, history + new))
+            save_checkpoint(ckpt, training_state(model, opt, schedule, updater, rng_, epoch, history + new, compressor))
 
     n_params = sum(p.size for p in model.parameters())
     print(f"model {args.model} ({args.method}): {n_params} stored parameters; {len(train[0])} training images; "
           f"{cfg.optimizer} lr={lr} batch={cfg.batch_size} seed={cfg.seed}")
     start = time.perf_counter()
     new = []
+    hooks = [h for h in (updater, compressor) if h is not None]
     fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, schedule=schedule,
-        hooks=[updater] if updater is not None else [], progress=not args.no_progress, start_epoch=start_epoch,
-        rng=rng, on_epoch_end=on_epoch_end, history=new)
+        hooks=hooks, loss_terms=[compressor.size_loss] if compressor is not None else [],
+        progress=not args.no_progress, start_epoch=start_epoch, rng=rng, on_epoch_end=on_epoch_end, history=new)
     history += new
     wall = time.perf_counter() - start
     if new:
@@ -160,6 +231,8 @@ def cmd_train(args) -> int:
         print(f"train time: {wall:.1f}s ({per_epoch:.1f}s per epoch of training)")
     if updater is not None and hasattr(updater, "status"):
         print("sparsity: " + ", ".join(f"{k}={v}" for k, v in updater.status().items()))
+    if compressor is not None:
+        print(compression_summary(compressor, new))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)

@@ -326,10 +326,12 @@ class SelfCompression:
                 "channels": [r["channels"] for r in rows[:len(self.layers)]]}
 
     def status(self) -> dict:
-        """Short fields for a progress line."""
+        """Per-epoch fields (progress line, ``--json`` history): value bits, % of the fp32 dense weight bits
+        (without and with index bits), % of the dense weights left, channels per compressed layer."""
         r = self.report()
-        return {"bits_pct": round(r["bits_pct"], 3), "weights_pct": round(r["weights_pct"], 2),
-                "channels": "/".join(str(c) for c in r["channels"])}
+        return {"size_bits": round(r["size_bits"], 1), "bits_pct": round(r["bits_pct"], 4),
+                "total_bits_pct": round(r["total_bits_pct"], 4), "weights_pct": round(r["weights_pct"], 3),
+                "channels": r["channels"]}
 
     # ---------------------------------------------------------------- step
     def step(self):

@@ -73,7 +73,8 @@ class Progress:
         done = int(width * self.n / max(1, self.total))
         bar = "#" * done + "." * (width - done)
         elapsed = time.perf_counter() - self.start
-        info = " ".join(f"{k}={v}" for k, v in self.fields.items())
+        info = " ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                        for k, v in self.fields.items())
         return f"{self.desc} [{bar}] {self.n}/{self.total} {elapsed:.1f}s {info}"
 
     def close(self, **fields):

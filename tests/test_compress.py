@@ -402,3 +402,58 @@ def test_with_srigl_budgets_follow_the_shrunk_layers():
         _assert_constant_fan_in(layer)
         assert srigl._shapes[i] == (layer.n_out, layer.n_in)
         assert srigl.budgets[i] >= layer.n_out
+
+
+# ---------------------------------------------------------------- checkpoints
+def _compressing_run(srigl_on):
+    from fanin import models
+
+    model = models.mlp([12, 40, 24, 3], sparsity=0.6 if srigl_on else None, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = optim.CosineSchedule(opt, total_steps=4 * 8)
+    upd = sparsity.SRigL(model, opt, sparsity=0.6, delta_t=3, t_end=24, gamma_sal=0.5) if srigl_on else None
+    sc = compress.SelfCompression(model, gamma=0.5, init_bits=3, optimizer=opt, lr=0.2, srigl=upd)
+    return model, opt, sched, upd, sc, np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("srigl_on", [False, True])
+def test_resume_of_a_compressing_run_is_bit_identical(tmp_path, srigl_on):
+    from fanin.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+    from fanin.train import fit
+
+    x, y = _toy(n=256, seed=3)
+    model, opt, sched, upd, sc, rng = _compressing_run(srigl_on)
+    hooks = [h for h in (upd, sc) if h is not None]
+    fit(model, opt, (x, y), epochs=4, batch_size=32, schedule=sched, hooks=hooks, loss_terms=[sc.size_loss],
+        progress=False, rng=rng,
+        on_epoch_end=lambda e, r: e == 2 and save_checkpoint(tmp_path / "c.npz", training_state(
+            model, opt, sched, upd, r, e, [], sc)))
+    steps = [h["step"] for h in sc.history]
+    assert min(steps) <= 16 < max(steps), "the run must remove channels before and after the checkpoint (step 16)"
+    model2, opt2, sched2, upd2, sc2, rng2 = _compressing_run(srigl_on)
+    epoch, _ = restore_training_state(load_checkpoint(tmp_path / "c.npz"), model2, opt2, sched2, upd2, rng2, sc2)
+    assert epoch == 2
+    fit(model2, opt2, (x, y), epochs=4, batch_size=32, schedule=sched2, hooks=[h for h in (upd2, sc2) if h],
+        loss_terms=[sc2.size_loss], progress=False, rng=rng2, start_epoch=2)
+    a, b = model.state_dict(), model2.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert sc.history == sc2.history
+    for p, q in zip(opt.params, opt2.params):
+        for name in opt.state.get(p, {}):
+            np.testing.assert_array_equal(opt.state[p][name], opt2.state[q][name])
+
+
+def test_resuming_with_another_compress_setting_is_refused(tmp_path):
+    from fanin.checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_checkpoint, \
+        training_state
+
+    model, opt, sched, upd, sc, rng = _compressing_run(False)
+    save_checkpoint(tmp_path / "c.npz", training_state(model, opt, sched, upd, rng, 1, [], sc))
+    from fanin import models
+    plain = models.mlp([12, 40, 24, 3], seed=0)
+    popt = optim.SGD(plain.parameters(), lr=0.05)
+    with pytest.raises(CheckpointError, match="self-compression"):
+        restore_training_state(load_checkpoint(tmp_path / "c.npz"), plain, popt, optim.CosineSchedule(popt, 8),
+                               None, rng)
