@@ -86,6 +86,13 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     keep_sal = select.top_mask(magnitude, n_keep)
     scores = np.concatenate([held_g, cand_g], axis=1)  # (n_out, k + c): held slots, then candidates
     grow_sal = select.top_mask(scores, n_prune)
+    # a truncated list whose every candidate is salient may hide more of the layer's top n_prune: widen
+    # those lists (x4 each time, at most to every free input) until some candidate of each row is not salient
+    while not exact and c < n_in - k and np.any(grow_sal[:, k:].sum(axis=1) >= c):
+        c = min(n_in - k, 4 * c)
+        held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
+        scores = np.concatenate([held_g, cand_g], axis=1)
+        grow_sal = select.top_mask(scores, n_prune)
     salient = (keep_sal | grow_sal[:, :k]).sum(axis=1) + grow_sal[:, k:].sum(axis=1)
     # 5: ablation with the minimum-active guard
     new_active = np.ones(n_out, bool)
@@ -117,9 +124,11 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     kept = keep.sum(axis=1)
     need = np.where(new_active, k_new - kept, 0).astype(np.int64)
     # every row lists min(c, n_in - k) candidates (all rows have n_in - k free inputs)
-    if exact is False and np.any(need > (k - kept) + min(c, n_in - k)):
-        # a neuron needs more candidates than were kept: score it again with a wider list
-        held_g, cand, cand_g = _growth_pool(layer, x, dy, min(n_in - k, int(need.max()) + k), exact)
+    if not exact and c < n_in - k and np.any(need > c):
+        # the best need[j] non-kept inputs of a row are among its pruned slots and its c best free
+        # inputs only when need[j] <= c: score it again with a list of need.max()
+        c = min(n_in - k, int(need.max()))
+        held_g, cand, cand_g = _growth_pool(layer, x, dy, c, exact)
         scores = np.concatenate([held_g, cand_g], axis=1)
     pool = scores
     np.copyto(pool[:, :k], -np.inf, where=keep)  # kept slots are not regrown; pruned held slots compete
