@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_GAMMA})")
     q.add_argument("--compress-lr", type=_positive, default=0.01, help="Adam learning rate of the bits and exponents")
     q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
+    q.add_argument("--compress-until", type=float, default=1.0, metavar="FRACTION",
+                   help="learn bits and remove channels for this fraction of the steps, then fine-tune the weights "
+                        "to them (default 1.0: to the end)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, help="checkpoint file (default: checkpoints/<model>-<method>.npz)")
     c.add_argument("--checkpoint-every", type=lambda v: int(_non_negative(v)), default=0, help="write a checkpoint every N epochs (0: never)")
@@ -144,15 +147,17 @@ def build_updater(args, model, opt, total_steps):
     return sparsity.RigL(model, opt, static=args.method == "static", skip=skip, **common)
 
 
-def build_compressor(args, model, opt, updater):
+def build_compressor(args, model, opt, updater, total_steps):
     """The SelfCompression for ``--compress`` (None without it)."""
     if args.compress is None:
         return None
     from fanin.compress import SelfCompression
 
     srigl = updater if args.method == "srigl" else None
+    if not 0.0 < args.compress_until <= 1.0:
+        raise ValueError(f"--compress-until must be in (0, 1], got {args.compress_until}.")
     return SelfCompression(model, gamma=args.compress, init_bits=args.init_bits, optimizer=opt, lr=args.compress_lr,
-                           srigl=srigl, seed=args.seed)
+                           srigl=srigl, t_end=int(args.compress_until * total_steps), seed=args.seed)
 
 
 def compression_summary(sc, epochs) -> str:
@@ -195,7 +200,7 @@ def cmd_train(args) -> int:
     schedule = optim.CosineSchedule(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
     try:
         updater = build_updater(args, model, opt, total)
-        compressor = build_compressor(args, model, opt, updater)
+        compressor = build_compressor(args, model, opt, updater, total)
     except ValueError as exc:
         print(f"fanin: {exc}", file=sys.stderr)
         return 2

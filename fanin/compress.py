@@ -33,7 +33,8 @@ has (``in_features`` for a dense neuron, ``c_in * kh * kw`` for a dense filter, 
 active condensed neuron, 0 for an ablated one); the training loss gains ``gamma * Q / N`` with ``N``
 the number of weights in the compressed layers when self-compression was attached.
 ``SelfCompression`` keeps ``b`` and ``e`` in its own Adam optimizer (``lr``), so the model's
-optimizer (SGD by default, with weight decay) never touches them.
+optimizer (SGD by default, with weight decay) never touches them. With ``t_end``, bits, exponents
+and channels stay fixed after that many steps and the weights fine-tune to them.
 
 Channel removal
 ---------------
@@ -188,7 +189,8 @@ class SelfCompression:
     """
 
     def __init__(self, model, gamma: float = DEFAULT_GAMMA, layers=None, init_bits: float = 8.0, optimizer=None,
-                 lr: float = 0.01, srigl=None, l1: float = 1e-3, remove: bool = True, seed=0):
+                 lr: float = 0.01, srigl=None, l1: float = 1e-3, remove: bool = True, t_end: int | None = None,
+                 seed=0):
         gamma = float(gamma)
         if not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"SelfCompression: gamma must be a finite number >= 0, got {gamma}; it weighs the size "
@@ -199,6 +201,9 @@ class SelfCompression:
                              "int8-like network.")
         if not lr > 0 or not l1 >= 0:
             raise ValueError(f"SelfCompression: lr must be > 0 and l1 >= 0, got lr={lr}, l1={l1}.")
+        if t_end is not None and (int(t_end) != t_end or t_end < 0):
+            raise ValueError(f"SelfCompression: t_end must be a step count >= 0 (or None), got {t_end}.")
+        self.t_end = None if t_end is None else int(t_end)
         self.model, self.gamma, self.l1, self.remove_channels = model, gamma, float(l1), bool(remove)
         self.main_optimizer, self.srigl = optimizer, srigl
         self.rng = np.random.default_rng(seed)
@@ -283,7 +288,10 @@ class SelfCompression:
         return float(sum(self.size_bits_per_layer().values()))
 
     def size_loss(self) -> Tensor:
-        """``gamma * Q / N`` as a Tensor (gradients to every ``b``), plus the L1 push on pending channels."""
+        """``gamma * Q / N`` as a Tensor (gradients to every ``b``), plus the L1 push on pending channels
+        (0 once frozen: nothing moves the bits any more)."""
+        if self.frozen:
+            return Tensor(np.zeros((), np.float32))
         total = None
         for name, layer in self.layers:
             term = (layer.bits * Tensor(_per_channel_weights(layer).astype(layer.bits.dtype))).sum()
@@ -334,8 +342,17 @@ class SelfCompression:
                 "channels": r["channels"]}
 
     # ---------------------------------------------------------------- step
+    @property
+    def frozen(self) -> bool:
+        """True after ``t_end`` steps: bits and exponents stay as they are while the weights fine-tune."""
+        return self.t_end is not None and self.t >= self.t_end
+
     def step(self):
         """After the model's optimizer step: update b and e, keep b >= 0, remove channels at 0 bits."""
+        if self.frozen:
+            for _, layer in self.layers:
+                layer.bits.grad = layer.exponent.grad = None
+            return
         self.t += 1
         self.optimizer.step()
         for _, layer in self.layers:

@@ -457,3 +457,26 @@ def test_resuming_with_another_compress_setting_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="self-compression"):
         restore_training_state(load_checkpoint(tmp_path / "c.npz"), plain, popt, optim.CosineSchedule(popt, 8),
                                None, rng)
+
+
+def test_after_t_end_bits_and_channels_stay_while_weights_train():
+    x, y = _toy(seed=2)
+    model = nn.Sequential(nn.Linear(12, 16, seed=0), nn.ReLU(), nn.Linear(16, 3, seed=1))
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sc = compress.SelfCompression(model, gamma=1.0, optimizer=opt, lr=0.2, init_bits=3, t_end=10)
+    snapshot = None
+    for step in range(30):
+        loss = ops.cross_entropy(model(Tensor(x[:64])), y[:64]) + sc.size_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sc.step()
+        if step == 9:
+            assert sc.frozen
+            snapshot = [(layer.bits.data.copy(), layer.exponent.data.copy()) for _, layer in sc.layers]
+            w = model[0].weight.data.copy()
+    assert sc.t == 10 and float(sc.size_loss().data) == 0.0
+    for (b, e), (_, layer) in zip(snapshot, sc.layers):
+        np.testing.assert_array_equal(layer.bits.data, b)
+        np.testing.assert_array_equal(layer.exponent.data, e)
+    assert model[0].weight.shape == w.shape and not np.array_equal(model[0].weight.data, w)
