@@ -69,6 +69,10 @@ def main(argv=None):
         ["huge pages (pool on)", f"{np.median(t_huge) * 1e3:.3f}",
          f"{np.median(ratio):.2f}x (interquartile {np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})"],
     ], ["operands", "ms / step", "speed-up, median of chunk pairs"])
+    st = memory.stats()
+    body += (f"\n\nThe pool after the run: {st['mapped'] >> 20} MiB mapped in {st['regions']} region(s), "
+             f"{st['in_use'] >> 10} KiB in use, {st['cached'] >> 10} KiB cached for reuse, "
+             f"{st['fallbacks']} requests fell back to np.empty.")
     print(body)
     if args.out:
         common.write_section(args.out, "Huge pages: training step A/B", body)
