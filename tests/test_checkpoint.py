@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fanin import models, optim, sparsity
+from fanin import Tensor, models, nn, optim, sparsity
 from fanin.checkpoint import (CheckpointError, load_checkpoint, restore_training_state, save_checkpoint,
                               training_state)
 from fanin.train import fit
@@ -19,33 +19,95 @@ def make_run(method):
     model = models.mlp([20, 24, 16, 2], sparsity=0.7 if method == "srigl" else None, dropout=0.1, seed=0)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = optim.CosineSchedule(opt, total_steps=4 * 8)
-    if method == "srigl":
-        upd = sparsity.SRigL(model, opt, sparsity=0.7, delta_t=3, t_end=24, grad_accumulation=2)
+    if method == "srigl":  # gamma_sal 0.9: neurons are ablated, so fan-ins change
+        upd = sparsity.SRigL(model, opt, sparsity=0.7, delta_t=3, t_end=24, grad_accumulation=2, gamma_sal=0.9)
     else:
         upd = sparsity.RigL(model, opt, sparsity=0.7, delta_t=3, t_end=24, grad_accumulation=2)
     return model, opt, sched, upd, np.random.default_rng(0)
 
 
+def assert_same_tree(a, b, path="state"):
+    """Nested dicts / lists / arrays / scalars, equal exactly (arrays bit for bit, dtypes aside)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(map(str, a)) == set(map(str, b)), path
+        bs = {str(k): v for k, v in b.items()}
+        for k, v in a.items():
+            assert_same_tree(v, bs[str(k)], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same_tree(u, v, f"{path}/{i}")
+    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+        assert np.shape(a) == np.shape(b), path
+    else:
+        assert a == b, path
+
+
+def topology(model):
+    return [(np.array(m.indices), m.active.copy(), m.values.data.copy()) for m in model.modules()
+            if isinstance(m, (nn.FanInLinear, nn.FanInConv2d))]
+
+
+# save after epoch 1 (step 8: one of the two batches the step-9 update scores is captured, or summed),
+# epoch 2 (step 16: capture armed, nothing captured yet) and epoch 3 (step 24: the last update just ran)
+@pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("method", ["srigl", "rigl"])
-def test_resume_is_bit_identical(tmp_path, method):
+def test_resume_is_bit_identical(tmp_path, method, split):
+    """Train 4 epochs straight, or `split` epochs, save, load into fresh objects and finish: the same
+    weights, topology, optimizer state, updater state (step, history, captured gradients) and RNGs."""
     data = synthetic()
     model, opt, sched, upd, rng = make_run(method)
     fit(model, opt, data, epochs=4, batch_size=32, schedule=sched, hooks=[upd], progress=False, rng=rng)
-    straight = model.state_dict()
+    straight = training_state(model, opt, sched, upd, rng, 4, [])
+    assert len(upd.history) == 8  # updates at steps 3, 6, ..., 24
 
     model, opt, sched, upd, rng = make_run(method)
-    history = fit(model, opt, data, epochs=2, batch_size=32, schedule=sched, hooks=[upd], progress=False, rng=rng)
-    save_checkpoint(tmp_path / "c.npz", training_state(model, opt, sched, upd, rng, 2, history))
+    initial = topology(model)
+    history = fit(model, opt, data, epochs=split, batch_size=32, schedule=sched, hooks=[upd], progress=False,
+                  rng=rng)
+    saved = training_state(model, opt, sched, upd, rng, split, history)
+    saved_topology = topology(model)
+    if split == 1 and method == "srigl":  # the update at step 9 will score a batch captured before the save
+        assert [len(c) for c in upd.state_dict()["capture"]] == [1, 1, 1]
+    if split == 1 and method == "rigl":
+        assert all(f"grad_sum{i}" in upd.state_dict() for i in range(3))
+    save_checkpoint(tmp_path / "c.npz", saved)
 
     model, opt, sched, upd, rng = make_run(method)  # a fresh process, in effect
     epoch, history = restore_training_state(load_checkpoint(tmp_path / "c.npz"), model, opt, sched, upd, rng)
-    assert epoch == 2 and len(history) == 2
+    assert epoch == split and len(history) == split
+    # the fresh objects now hold exactly what was saved: nothing dropped on the way
+    assert_same_tree(saved, training_state(model, opt, sched, upd, rng, epoch, history))
+    if method == "srigl":
+        assert any(a[0].shape != b[0].shape or not np.array_equal(a[0], b[0]) for a, b in zip(initial, saved_topology))
+        for (i0, a0, v0), (i1, a1, v1) in zip(saved_topology, topology(model)):
+            np.testing.assert_array_equal(i0, i1)
+            np.testing.assert_array_equal(a0, a1)
+            np.testing.assert_array_equal(v0, v1)
     fit(model, opt, data, epochs=4, batch_size=32, schedule=sched, hooks=[upd], progress=False, rng=rng,
         start_epoch=epoch)
-    resumed = model.state_dict()
-    assert straight.keys() == resumed.keys()
-    for k in straight:
-        np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+    resumed = training_state(model, opt, sched, upd, rng, 4, [])
+    assert_same_tree(straight, resumed)
+
+
+def test_loaded_model_takes_the_saved_topology(tmp_path):
+    """A model whose SRigL updates ablated neurons and changed fan-ins loads into a freshly built one
+    (other random topology) with its exact indices, active set and values: same outputs."""
+    data = synthetic()
+    model, opt, sched, upd, rng = make_run("srigl")
+    fit(model, opt, data, epochs=2, batch_size=32, schedule=sched, hooks=[upd], progress=False, rng=rng)
+    assert any(not m.active.all() for _, m in upd.layers)
+    save_checkpoint(tmp_path / "m.npz", {"model": model.state_dict()})
+    fresh = models.mlp([20, 24, 16, 2], sparsity=0.7, dropout=0.1, seed=5)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "m.npz")["model"])
+    for a, b in zip(topology(model), topology(fresh)):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    model.eval()
+    fresh.eval()
+    x = data[0][:16]
+    np.testing.assert_array_equal(model(Tensor(x)).data, fresh(Tensor(x)).data)
 
 
 def test_atomic_write_keeps_the_old_checkpoint_on_failure(tmp_path, monkeypatch):

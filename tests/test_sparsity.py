@@ -1,4 +1,5 @@
 """SRigL / RigL: hand-worked updates, invariants under random updates, distributions, bad input."""
+import dataclasses
 import math
 
 import numpy as np
@@ -31,16 +32,28 @@ X = np.eye(6, dtype=np.float32)
 DY = np.ascontiguousarray(G.T)
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_hand_worked_update(exact):
+def padded(pad):
+    """The hand-worked layer, gradient and input with ``pad`` extra inputs of tiny gradient (never chosen)."""
     layer = hand_layer()
+    if not pad:
+        return layer, X, DY
+    w = np.concatenate([layer.to_dense(), np.zeros((4, pad), np.float32)], axis=1)
+    g = np.concatenate([G, 1e-4 * np.random.default_rng(0).random((4, pad), np.float32)], axis=1)
+    return nn.FanInLinear.from_dense(w), np.eye(6 + pad, dtype=np.float32), np.ascontiguousarray(g.T)
+
+
+@pytest.mark.parametrize("exact,pad", [(True, 0), (False, 0), (True, 300), (False, 300)])
+def test_hand_worked_update(exact, pad):
+    # pad 300: n_in - k = 303 > 32, so exact=False scores each neuron's 32 best free inputs only
+    layer, x, dy = padded(pad)
     # drop fraction 0.5: n_ones 12, n_prune 6, n_keep 6.
     # keep (6 largest |W|): (0,0) (0,1) (1,1) (3,2) (3,3) (3,4)
     # grow-salient (6 largest |G|): (0,3) (1,0) (1,2) (1,4) (3,0) (3,1)
     # salient counts: [3, 4, 0, 5]; threshold max(1, floor(0.3*3)) = 1 -> neuron 2 ablated
     # k' = 12 // 3 = 4; grow: n0 +{3,4}, n1 +{0,2,4}, n3 +{0}
-    idx, vals, active, src, info = srigl_update(layer, X, DY, budget=12, k0=3, frac=0.5, gamma_sal=0.3,
+    idx, vals, active, src, info = srigl_update(layer, x, dy, budget=12, k0=3, frac=0.5, gamma_sal=0.3,
                                                 ablation=True, exact=exact)
+    assert info.exact is exact
     assert active.tolist() == [True, True, False, True]
     assert info.k_new == 4 and info.ablated == 1
     assert idx[0].tolist() == [0, 1, 3, 4]
@@ -53,7 +66,9 @@ def test_hand_worked_update(exact):
     assert info.n_grow == 6 and info.n_prune == 6
     # src: kept connections come from their old slot, grown ones are new (-1)
     assert src[0].tolist() == [0, 1, -1, -1]
+    assert src[1].tolist() == [-1, 0, -1, -1]
     assert src[3].tolist() == [-1, 0, 1, 2]
+    assert np.all(src[2] == -1)
 
 
 def test_hand_worked_minimum_active_guard():
@@ -108,15 +123,25 @@ def test_update_invariants(n_out, n_in, s, frac, gamma, b, seed, ablation, exact
                                active)
 
 
-def test_exact_and_blockwise_scores_agree():
+@pytest.mark.parametrize("n_in,n_out,sp,ablation", [(40, 16, 0.75, True), (300, 24, 0.97, True),
+                                                     (300, 24, 0.97, False), (500, 8, 0.9, True)])
+def test_exact_and_blockwise_scores_agree(n_in, n_out, sp, ablation):
+    """exact=False scores each neuron's c = min(n_in - k, max(k0 + 16, 32)) best free inputs; with
+    gradients spread over the neurons (no neuron needs more than c), the result is identical."""
     rng = np.random.default_rng(1)
-    layer = nn.FanInLinear(40, 16, sparsity=0.75, seed=0)
-    x = rng.standard_normal((8, 40)).astype(np.float32)
-    dy = rng.standard_normal((8, 16)).astype(np.float32)
-    a = srigl_update(layer, x, dy, 160, 10, 0.3, 0.3, True, exact=True)
-    b = srigl_update(layer, x, dy, 160, 10, 0.3, 0.3, True, exact=False)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[2], b[2])
+    layer = nn.FanInLinear(n_in, n_out, sparsity=sp, seed=0)
+    k0 = layer.k
+    budget = n_out * k0
+    x = rng.standard_normal((8, n_in)).astype(np.float32)
+    dy = rng.standard_normal((8, n_out)).astype(np.float32)
+    for frac in (0.3, 0.5):
+        a = srigl_update(layer, x, dy, budget, k0, frac, 0.3, ablation, exact=True)
+        b = srigl_update(layer, x, dy, budget, k0, frac, 0.3, ablation, exact=False)
+        assert a[4].exact and not b[4].exact
+        for u, v in zip(a[:4], b[:4]):
+            np.testing.assert_array_equal(u, v)
+        assert a[4] == dataclasses.replace(b[4], exact=True)
+    assert n_in - k0 <= 32 or (a[3] < 0).sum() > 0
 
 
 # --------------------------------------------------------------- distributions
@@ -175,19 +200,29 @@ def _train_steps(model, opt, updater, steps, seed=0):
 
 
 def test_srigl_end_to_end_keeps_invariants_and_resizes_optimizer_state():
-    model = models.mlp([20, 32, 16, 2], sparsity=0.8, seed=0)
+    # every layer condensed, the output layer too (uniform: 16 -> 8 at fan-in 3); gamma_sal 1 ablates
+    # hidden neurons, and would ablate output neurons if the output layer were not exempt
+    model = models.mlp([20, 32, 16, 8], sparsity=0.8, seed=0)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    srigl = sparsity.SRigL(model, opt, sparsity=0.8, distribution="erk", delta_t=5, t_end=40, gamma_sal=0.5)
+    srigl = sparsity.SRigL(model, opt, sparsity=0.8, distribution="uniform", delta_t=5, t_end=40, gamma_sal=1.0)
+    out = model[-1]
+    assert isinstance(out, nn.FanInLinear) and srigl.output_layer is out and out.k < out.n_in
     first = _train_steps(model, opt, srigl, 1)
-    last = _train_steps(model, opt, srigl, 49)
+    hidden_ablated = 0
+    for _ in range(49):
+        last = _train_steps(model, opt, srigl, 1)
+        assert out.active.all()  # the output layer is never ablated
+        hidden_ablated = max(hidden_ablated, sum(int((~m.active).sum()) for _, m in srigl.layers[:-1]))
+        for (name, layer), budget in zip(srigl.layers, srigl.budgets):
+            assert layer.k * int(layer.active.sum()) <= budget, name
+            assert np.all(layer.values.data[~layer.active] == 0)
+            mom = opt.state[layer.values]["momentum"]
+            assert mom.shape == layer.values.shape and np.all(mom[~layer.active] == 0)
     assert last < first
     assert len(srigl.history) == 8  # updates at steps 5, 10, ..., 40
-    for (name, layer), budget in zip(srigl.layers, srigl.budgets):
-        assert layer.k * int(layer.active.sum()) <= budget, name
-        assert np.all(layer.values.data[~layer.active] == 0)
-        mom = opt.state[layer.values]["momentum"]
-        assert mom.shape == layer.values.shape
-    assert srigl.layers[-1][1].active.all()  # the output layer is never ablated
+    assert hidden_ablated > 0  # so ablation did run: the output layer was spared, not skipped
+    assert all(rec["layers"][-1]["ablated"] == 0 and rec["layers"][-1]["name"] == "4" for rec in srigl.history)
+    assert any(rec["layers"][-1]["n_grow"] > 0 for rec in srigl.history)  # the output layer was updated
 
 
 def test_rigl_masks_stay_at_budget_and_grown_weights_start_at_zero():
@@ -245,10 +280,10 @@ def test_srigl_trains_a_sparse_cnn():
     y = (x[:, 0, :6].mean(axis=(1, 2)) > 0).astype(np.int64)
     model = models.cnn(channels=(4, 8), hidden=16, num_classes=2, image_size=12, dropout=0, sparsity=0.7, seed=0)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    srigl = sparsity.SRigL(model, opt, sparsity=0.7, delta_t=3, t_end=20, gamma_sal=0.5)
+    srigl = sparsity.SRigL(model, opt, sparsity=0.7, delta_t=3, t_end=20, gamma_sal=1.0)
     conv = [m for _, m in srigl.layers if isinstance(m, nn.FanInConv2d)][0]
     before = conv.indices.copy()
-    losses = []
+    losses, conv_ablated = [], 0
     for _ in range(21):
         loss = ops.cross_entropy(model(Tensor(x)), y)
         opt.zero_grad()
@@ -256,9 +291,15 @@ def test_srigl_trains_a_sparse_cnn():
         opt.step()
         srigl.step()
         losses.append(loss.item())
+        conv_ablated = max(conv_ablated, int((~conv.active).sum()))
+        for (name, layer), budget in zip(srigl.layers, srigl.budgets):
+            assert layer.k * int(layer.active.sum()) <= budget, name
+            rows = layer.indices[layer.active].astype(int)
+            assert np.all(np.diff(rows, axis=1) > 0) and rows.min() >= 0 and rows.max() < layer.n_in
+            assert np.all(layer.values.data[~layer.active] == 0)
+            assert opt.state[layer.values]["momentum"].shape == layer.values.shape
     assert len(srigl.history) == 6 and losses[-1] < losses[0]
+    assert conv_ablated > 0  # ablation fired in the convolution
     assert not np.array_equal(conv.indices, before) or conv.indices.shape != before.shape  # connectivity moved
-    for (name, layer), budget in zip(srigl.layers, srigl.budgets):
-        assert layer.k * int(layer.active.sum()) <= budget, name
-        rows = layer.indices[layer.active].astype(int)
-        assert np.all(np.diff(rows, axis=1) > 0)
+    rec = [li for r in srigl.history for li in r["layers"] if li["name"] == srigl.layers[0][0]]
+    assert any(li["ablated"] > 0 for li in rec) and all(li["k_new"] * 1 >= 1 for li in rec)
