@@ -194,7 +194,7 @@ def main(argv=None):
     shown = [a for a in (argv or sys.argv[1:]) if a != "--cached-only"]
     body = (common.header(f".venv/bin/python bench/compress_table.py {shlex.join(shown)}")
             + f"\n{args.epochs} epochs, seed {args.seed}" + (f", `{' '.join(args.extra)}`" if args.extra else "")
-            + "; self-compression: init 8 bits, b/e by Adam lr 0.01; % of bits against the fp32 dense network "
+            + "; self-compression with the CLI defaults (init 8 bits, b and e by Adam lr 0.03, fixed after 60 % of the steps); % of bits against the fp32 dense network "
               "(value bits; 'with index bits' adds ceil(log2 n_in) bits per condensed connection).\n\n" + text + "\n"
             + "".join(f"\n![{f.stem}]({f.name})\n" for f in figs)
             + "\n<details><summary>commands</summary>\n\n" + "\n".join(f"    {c}" for c in commands) + "\n\n</details>\n")

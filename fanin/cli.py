@@ -92,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compress", type=_non_negative, nargs="?", const=DEFAULT_GAMMA, default=None, metavar="GAMMA",
                    help=f"learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
                         f"(default {DEFAULT_GAMMA})")
-    q.add_argument("--compress-lr", type=_positive, default=0.01, help="Adam learning rate of the bits and exponents")
+    q.add_argument("--compress-lr", type=_positive, default=0.03, help="Adam learning rate of the bits and exponents")
     q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
-    q.add_argument("--compress-until", type=float, default=1.0, metavar="FRACTION",
+    q.add_argument("--compress-until", type=float, default=0.6, metavar="FRACTION",
                    help="learn bits and remove channels for this fraction of the steps, then fine-tune the weights "
-                        "to them (default 1.0: to the end)")
+                        "to them (default 0.6; 1.0: to the end)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, help="checkpoint file (default: checkpoints/<model>-<method>.npz)")
     c.add_argument("--checkpoint-every", type=lambda v: int(_non_negative(v)), default=0, help="write a checkpoint every N epochs (0: never)")
