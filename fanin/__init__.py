@@ -42,8 +42,11 @@ def _tune_malloc():
 
 _tune_malloc()
 
-from fanin import data, kernels, models, nn, ops, optim, sparsity  # noqa: E402
+from fanin import compress, data, kernels, models, nn, ops, optim, sparsity  # noqa: E402
+from fanin.io import load, save  # noqa: E402
+from fanin.runtime import Network, compile  # noqa: E402
 from fanin.tensor import Tensor, no_grad  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "no_grad", "kernels", "ops", "nn", "optim", "sparsity", "data", "models", "__version__"]
+__all__ = ["Tensor", "no_grad", "kernels", "ops", "nn", "optim", "sparsity", "compress", "data", "models",
+           "compile", "load", "save", "Network", "__version__"]

@@ -1,0 +1,118 @@
+"""``Network``: a validated plan with its arrays, run forward with no autograd.
+
+A Network is made by ``fanin.compile(model)`` or ``fanin.load(path)``; it never changes after that
+(its arrays are read-only), so any number of threads may call ``predict`` at once. Each call checks
+only ``x``: its dtype (float32; float64 and float16 are converted, anything else refused), its shape
+(``(batch, *input_shape)``, or one sample of ``input_shape``), and by default that every value is
+finite (``nan_policy="raise"``; ``"propagate"`` skips the scan). An empty batch gives an empty result.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fanin.runtime import engine
+from fanin.runtime.plan import check
+
+__all__ = ["Network", "PredictError"]
+
+NAN_POLICIES = ("raise", "propagate")
+
+
+class PredictError(ValueError):
+    """``predict`` was given an input it cannot take (the message says what to change)."""
+
+
+class Network:
+    """A compiled, autograd-free network: ``predict`` (logits), ``predict_proba``, ``info``."""
+
+    def __init__(self, plan: dict, meta: dict | None = None, *, validated: bool = False, nan_policy: str = "raise"):
+        if not validated:
+            check(plan)
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"Network: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+        self.plan = plan
+        self.meta = dict(meta or {})
+        self.nan_policy = nan_policy
+        self.input_shape = tuple(int(s) for s in plan["input_shape"])
+        self.n_classes = int(plan["ops"][-1]["n_out"])
+        for op in plan["ops"]:
+            for a in op.get("arrays", {}).values():
+                a.setflags(write=False)  # a Network never changes: threads may share it
+        self._engine = engine.build(plan)
+
+    # ---------------------------------------------------------------- predict
+    def _input(self, x) -> tuple[np.ndarray, bool]:
+        if not isinstance(x, np.ndarray):
+            if hasattr(x, "__cuda_array_interface__"):
+                raise PredictError("predict: x is a GPU array; this Network runs on the CPU (copy x to the host).")
+            x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise PredictError(f"predict: x has dtype {x.dtype}; pass floats (float32; float64/float16 are converted), "
+                               "normalized as in training.")
+        single = x.shape == self.input_shape
+        if single:
+            x = x[None]
+        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
+            raise PredictError(
+                f"predict: x has shape {x.shape}; this network takes (batch, {', '.join(map(str, self.input_shape))}) "
+                f"or one sample of shape {self.input_shape}."
+            )
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.nan_policy == "raise" and x.size and not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
+            raise PredictError(f"predict: sample(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or "
+                               "Inf; clean the input (or build the Network with nan_policy='propagate').")
+        return x, single
+
+    def predict(self, x) -> np.ndarray:
+        """Logits, (batch, n_classes) float32 — or (n_classes,) for one sample of ``input_shape``."""
+        x, single = self._input(x)
+        if x.shape[0] == 0:
+            return np.empty((0, self.n_classes), np.float32)
+        y = self._engine.run(x)
+        return y[0] if single else y
+
+    def predict_proba(self, x) -> np.ndarray:
+        """Class probabilities (softmax of the logits), same shapes as ``predict``."""
+        z = self.predict(x).astype(np.float32, copy=True)
+        z -= z.max(axis=-1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=-1, keepdims=True)
+        return z
+
+    __call__ = predict
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> dict:
+        """Layers, fan-ins, bits and sizes (against the fp32 dense network of the same shapes)."""
+        layers, stored, dense_bits, value_bits, index_bits = [], 0, 0, 0, 0
+        for op in self.plan["ops"]:
+            if op["op"] not in ("linear", "conv"):
+                layers.append({"op": op["op"]})
+                continue
+            a = op["arrays"]
+            k = a["indices"].shape[1] if op["sparse"] else op["n_in"]
+            n = op["n_out"] * k
+            active = op.get("active")
+            weights = n if active is None else k * int(sum(active))
+            dense = op["n_out"] * op["n_in"]
+            ib = weights * max(1, math.ceil(math.log2(max(2, op["n_in"])))) if op["sparse"] else 0
+            layers.append({"op": op["op"], "sparse": op["sparse"], "n_in": op["n_in"], "n_out": op["n_out"],
+                           "fan_in": k, "bits": op["bits"], "act": op["act"], "weights": weights,
+                           "density": round(weights / dense, 6)})
+            stored += weights
+            dense_bits += 32 * dense
+            value_bits += op["bits"] * weights
+            index_bits += ib
+        return {"input_shape": list(self.input_shape), "classes": self.n_classes, "layers": layers,
+                "weights": stored, "value_bits": value_bits, "index_bits": index_bits,
+                "fp32_dense_bits": dense_bits, "bits_pct": round(100 * value_bits / dense_bits, 4),
+                "total_bits_pct": round(100 * (value_bits + index_bits) / dense_bits, 4),
+                "engine": self._engine.describe(), "meta": self.meta}
+
+    def __repr__(self):
+        i = self.info()
+        return (f"Network(input={i['input_shape']}, classes={i['classes']}, layers={sum(1 for l in i['layers'] if 'n_in' in l)}, "
+                f"weights={i['weights']}, bits={i['bits_pct']:.2f} % of fp32 dense)")
