@@ -102,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-every", type=lambda v: int(_non_negative(v)), default=0, help="write a checkpoint every N epochs (0: never)")
     c.add_argument("--resume", default=None, help="continue from this checkpoint")
     t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
+    t.add_argument("--out", default=None, metavar="MODEL.fanin", help="save the trained network as a .fanin file")
+
+    e = sub.add_parser("export", help="turn a training checkpoint into a .fanin model file")
+    e.add_argument("checkpoint", help="a checkpoint written by fanin train --checkpoint-every")
+    e.add_argument("--out", required=True, metavar="MODEL.fanin")
+    e.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="post-training per-neuron quantization of the float layers (power-of-two scales)")
+
+    v = sub.add_parser("eval", help="Fashion-MNIST test accuracy of a .fanin model")
+    v.add_argument("model", metavar="MODEL.fanin")
+    v.add_argument("--batch-size", type=_positive_int, default=1000)
+
+    i = sub.add_parser("info", help="layers, fan-ins, bits and size of a .fanin model")
+    i.add_argument("model", metavar="MODEL.fanin")
+    i.add_argument("--json", action="store_true", help="print the info as JSON")
+
+    r = sub.add_parser("predict", help="predict the classes of the samples in a .npy file")
+    r.add_argument("model", metavar="MODEL.fanin")
+    r.add_argument("input", metavar="INPUT.npy", help="float samples (batch, *input shape), normalized as in training")
+    r.add_argument("--proba", action="store_true", help="print class probabilities instead of logits")
+    r.add_argument("--out", default=None, metavar="OUT.npy", help="also write the logits (or probabilities) here")
 
     d = sub.add_parser("download", help="fetch Fashion-MNIST into the user cache (needs a network)")
     d.add_argument("--dir", default=None)
@@ -218,7 +239,9 @@ def cmd_train(args) -> int:
 
     def on_epoch_end(epoch, rng_):
         if args.checkpoint_every and epoch % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, training_state(model, opt, schedule, updater, rng_, epoch, history + new, compressor))
+            state = training_state(model, opt, schedule, updater, rng_, epoch, history + new, compressor)
+            state["args"] = {k: v for k, v in vars(args).items() if k not in ("resume",)}  # for `fanin export`
+            save_checkpoint(ckpt, state)
 
     n_params = sum(p.size for p in model.parameters())
     print(f"model {args.model} ({args.method}): {n_params} stored parameters; {len(train[0])} training images; "
@@ -242,6 +265,137 @@ def cmd_train(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)
     print(f"test accuracy: {history[-1]['test_acc']:.4f}")
+    if args.out:
+        from fanin.io import save
+
+        path = save(model, args.out, input_shape=_input_shape(args.model),
+                    meta=_meta(args, history[-1] if history else {}))
+        print(f"model written to {path}")
+    return 0
+
+
+def _input_shape(model: str):
+    return None if model == "mlp" else (1, 28, 28)
+
+
+def _meta(args, last) -> dict:
+    """What a model file records about how it was made (shown by ``fanin info``)."""
+    import fanin
+
+    keep = ("model", "sizes", "method", "sparsity", "distribution", "epochs", "optimizer", "seed", "compress")
+    return {"fanin": fanin.__version__, "data": "fashion-mnist", "normalize": "fashion-mnist",
+            "train": {k: v for k, v in vars(args).items() if k in keep},
+            "test_acc": last.get("test_acc"), "bits_pct": last.get("bits_pct")}
+
+
+def _fail(msg) -> int:
+    print(f"fanin: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_export(args) -> int:
+    from fanin import runtime
+    from fanin.checkpoint import CheckpointError, load_checkpoint
+    from fanin.io import save
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+        targs = argparse.Namespace(**state.get("args", {})) if state.get("args") else None
+    except CheckpointError as exc:
+        return _fail(str(exc))
+    if targs is None:
+        return _fail(f"{args.checkpoint} does not record how its model was built (written by an older fanin); "
+                     "re-train with --checkpoint-every, or save the model in Python with fanin.save.")
+    model = build_model(targs)
+    if state.get("compressor") is not None:
+        from fanin.compress import SelfCompression
+        SelfCompression(model, init_bits=targs.init_bits)
+    model.load_state_dict(state["model"], resize=True)
+    plan = runtime.lower(model, _input_shape(targs.model))
+    if args.quantize:
+        plan = runtime.quantize(plan, 8 if args.quantize == "int8" else 4)
+    net = runtime.Network(plan, _meta(targs, (state.get("history") or [{}])[-1]) | {"quantize": args.quantize})
+    print(f"model written to {save(net, args.out)} ({net})")
+    return 0
+
+
+def _load(path):
+    from fanin.io import FormatError, load
+
+    try:
+        return load(path), None
+    except (FormatError, FileNotFoundError) as exc:
+        return None, _fail(str(exc))
+
+
+def cmd_eval(args) -> int:
+    from fanin import data
+    from fanin.data import DatasetNotFound
+
+    net, rc = _load(args.model)
+    if net is None:
+        return rc
+    try:
+        x, y = data.load_fashion_mnist("test")
+    except DatasetNotFound as exc:
+        return _fail(str(exc))
+    x = data.normalize(x, flatten=len(net.input_shape) == 1)
+    if x.shape[1:] != net.input_shape:
+        return _fail(f"the model takes inputs of shape {net.input_shape}, not Fashion-MNIST's {x.shape[1:]}.")
+    correct = 0
+    for i in range(0, len(x), args.batch_size):
+        correct += int((net.predict(x[i:i + args.batch_size]).argmax(axis=1) == y[i:i + args.batch_size]).sum())
+    print(f"test accuracy: {correct / len(x):.4f} ({correct}/{len(x)}) on Fashion-MNIST")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    net, rc = _load(args.model)
+    if net is None:
+        return rc
+    info = net.info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"{args.model}: input {tuple(info['input_shape'])}, {info['classes']} classes, {info['weights']} weights")
+    for i, layer in enumerate(info["layers"]):
+        if "n_in" in layer:
+            kind = ("condensed " if layer["sparse"] else "dense ") + layer["op"]
+            print(f"  {i}: {kind:18s} {layer['n_in']:>6d} -> {layer['n_out']:<6d} fan-in {layer['fan_in']:<6d} "
+                  f"{layer['bits']:>2d}-bit  {layer['act']}")
+        else:
+            print(f"  {i}: {layer['op']}")
+    print(f"size: {info['bits_pct']:.3f} % of the fp32 dense weight bits ({info['total_bits_pct']:.3f} % with index "
+          f"bits); {info['engine']}")
+    if info["meta"]:
+        print("made by: " + json.dumps(info["meta"], default=str))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from fanin.runtime import PredictError
+
+    net, rc = _load(args.model)
+    if net is None:
+        return rc
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot read {args.input} as a .npy array ({exc}).")
+    try:
+        y = net.predict_proba(x) if args.proba else net.predict(x)
+    except PredictError as exc:
+        return _fail(str(exc))
+    classes = np.atleast_2d(y).argmax(axis=1)
+    with np.printoptions(precision=4, suppress=True, linewidth=120):
+        for c, row in zip(classes, np.atleast_2d(y)):
+            print(int(c), row)
+    if args.out:
+        np.save(args.out, y)
     return 0
 
 
@@ -258,7 +412,8 @@ def cmd_download(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "download": cmd_download}[args.command](args)
+    return {"train": cmd_train, "download": cmd_download, "export": cmd_export, "eval": cmd_eval, "info": cmd_info,
+            "predict": cmd_predict}[args.command](args)
 
 
 if __name__ == "__main__":

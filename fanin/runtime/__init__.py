@@ -10,9 +10,9 @@ the same plan to a ``.fanin`` file and ``fanin.load`` reads it back, validated.
 from __future__ import annotations
 
 from fanin.runtime.network import Network, PredictError
-from fanin.runtime.plan import FormatError, check, lower
+from fanin.runtime.plan import FormatError, check, lower, quantize
 
-__all__ = ["compile", "Network", "PredictError", "FormatError", "lower", "check"]
+__all__ = ["compile", "Network", "PredictError", "FormatError", "lower", "check", "quantize"]
 
 
 def compile(model, input_shape=None, *, meta=None, nan_policy: str = "raise") -> Network:  # noqa: A001

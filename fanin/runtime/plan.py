@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FormatError", "lower", "check", "OPS", "ACTS"]
+__all__ = ["FormatError", "lower", "check", "quantize", "OPS", "ACTS"]
 
 OPS = ("linear", "conv", "maxpool", "avgpool", "flatten")
 ACTS = ("none", "relu", "gelu")
@@ -363,3 +363,30 @@ def _spatial_out(shape, kh, kw, sh, sw, ph, pw, where):
     if ho < 1 or wo < 1:
         _fail(where, f"a {kh}x{kw} window does not fit a {h}x{w} input")
     return [ho, wo]
+
+
+# ------------------------------------------------------- post-training quantization
+def quantize(plan: dict, bits: int = 8) -> dict:
+    """A copy of ``plan`` whose float32 weight layers hold ``bits``-bit integers (8 or 4) with a per-neuron
+    power-of-two scale ``2**ceil(log2(max|w| / (2**(bits-1) - 1)))``: no retraining (post-training
+    quantization). Power-of-two scales make each product ``scale * q * x`` exact in float32. Layers that
+    are already integer (self-compressed) keep theirs."""
+    if bits not in (8, 4):
+        raise ValueError(f"quantize: bits must be 8 or 4, got {bits}.")
+    top = (1 << (bits - 1)) - 1
+    ops = []
+    for op in plan["ops"]:
+        op = dict(op)
+        if op["op"] in ("linear", "conv") and op["bits"] == 32:
+            a = dict(op["arrays"])
+            w = a.pop("values").astype(np.float64)
+            m = np.abs(w).max(axis=1)
+            e = np.where(m > 0, np.ceil(np.log2(np.where(m > 0, m, 1.0) / top)), 0.0)
+            s = np.exp2(e)
+            a["qvalues"] = np.clip(np.rint(w / s[:, None]), -top, top).astype(np.int8)
+            a["scale"] = s.astype(np.float32)
+            op["arrays"], op["bits"] = a, bits
+        ops.append(op)
+    out = {**plan, "ops": ops}
+    check(out)
+    return out
