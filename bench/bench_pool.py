@@ -21,7 +21,8 @@ import pathlib
 import sys
 import time
 
-import fanin  # noqa: F401  (first: thread-wait policies, malloc tuning unless FANIN_MALLOC_TUNING=0)
+import fanin.tuning  # noqa: E402
+fanin.tuning.apply()  # before NumPy loads OpenBLAS: the training tuning (opt-in since import fanin sets nothing)
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

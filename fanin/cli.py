@@ -5,8 +5,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
@@ -55,8 +53,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fanin.compress import DEFAULT_GAMMA
-
     p = _Parser(prog="fanin", description="Sparse, low-bit neural networks on NumPy + Numba.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -89,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation")
     s.add_argument("--grad-accumulation", type=_positive_int, default=1, help="batches of gradient behind each update")
     q = t.add_argument_group("self-compression (SPEC.md section 3)")
-    q.add_argument("--compress", type=_non_negative, nargs="?", const=DEFAULT_GAMMA, default=None, metavar="GAMMA",
-                   help=f"learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
-                        f"(default {DEFAULT_GAMMA})")
+    q.add_argument("--compress", type=_non_negative, nargs="?", const="default", default=None, metavar="GAMMA",
+                   help="learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
+                        "(without a value: fanin.compress.DEFAULT_GAMMA, 0.1)")
     q.add_argument("--compress-lr", type=_positive, default=0.03, help="Adam learning rate of the bits and exponents")
     q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
     q.add_argument("--compress-until", type=float, default=0.6, metavar="FRACTION",
@@ -172,8 +168,10 @@ def build_compressor(args, model, opt, updater, total_steps):
     """The SelfCompression for ``--compress`` (None without it)."""
     if args.compress is None:
         return None
-    from fanin.compress import SelfCompression
+    from fanin.compress import DEFAULT_GAMMA, SelfCompression
 
+    if args.compress == "default":
+        args.compress = DEFAULT_GAMMA
     srigl = updater if args.method == "srigl" else None
     if not 0.0 < args.compress_until <= 1.0:
         raise ValueError(f"--compress-until must be in (0, 1], got {args.compress_until}.")
@@ -198,6 +196,8 @@ def compression_summary(sc, epochs) -> str:
 
 def cmd_train(args) -> int:
     import json
+
+    import numpy as np
 
     from fanin import optim
     from fanin.checkpoint import (CheckpointError, load_checkpoint, restore_training_state, save_checkpoint,
@@ -412,6 +412,10 @@ def cmd_download(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # this process is ours: the training tuning (fanin.tuning) pays
+        from fanin import tuning
+
+        tuning.apply()
     return {"train": cmd_train, "download": cmd_download, "export": cmd_export, "eval": cmd_eval, "info": cmd_info,
             "predict": cmd_predict}[args.command](args)
 

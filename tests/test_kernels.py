@@ -458,7 +458,7 @@ def test_wrong_dtypes_say_how_to_cast(small):
         K.fanin_forward(x, indices, values.astype(np.int32))
     with pytest.raises(TypeError, match="qvalues have dtype float32.*int8"):
         K.fixed_point_forward(x, indices, values, np.ones(5, np.float32))
-    with pytest.raises(TypeError, match="must be a NumPy array, got list"):
+    with pytest.raises(TypeError, match=r"must be a NumPy array \(or a fanin Tensor/Parameter\), got list"):
         K.fanin_forward(x.tolist(), indices, values)
 
 

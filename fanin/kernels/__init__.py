@@ -101,6 +101,7 @@ def _transposed(fname, transposed, indices, topo, n_in):
 def validate_indices(indices, n_in: int) -> None:
     """Raise unless indices is (n_out, k) int16/int32 with each row strictly increasing in [0, n_in)."""
     fname = "validate_indices"
+    indices, = _v.plain(indices)
     indices, topo = _topology(indices)
     if topo is not None:  # validated when it was made; only its width can disagree
         if topo.n_in != int(n_in):
@@ -149,6 +150,7 @@ def pack_panels(x):
     (``fanin.ops.fanin_linear`` keeps the forward's packed input for the backward).
     """
     fname = "pack_panels"
+    x, = _v.plain(x)
     be = _v.backend(fname, x=x)
     return be.pack_panels(_v.float_array(fname, "x", x, 2, "(batch, n)"))
 
@@ -159,6 +161,7 @@ def fanin_forward(x, indices, values, bias=None, *, check=None, xp=None):
     ``xp``: ``pack_panels(x)``, if the caller keeps it for several calls.
     """
     fname = "fanin_forward"
+    x, indices, values, bias, xp = _v.plain(x, indices, values, bias, xp)
     be, x, indices, _, values, bias = _layer(fname, x, indices, values, bias, check)
     dt = _v.common_float(x, values, bias)
     x = _v.cast(x, dt)
@@ -169,6 +172,7 @@ def fanin_forward(x, indices, values, bias=None, *, check=None, xp=None):
 def fixed_point_forward(x, indices, qvalues, scale, bias=None, *, check=None):
     """y[b, j] = bias[j] + scale[j] * sum_t qvalues[j, t] * x[b, indices[j, t]] with int8 qvalues."""
     fname = "fixed_point_forward"
+    x, indices, qvalues, scale, bias = _v.plain(x, indices, qvalues, scale, bias)
     be, x, indices, _, qvalues, bias = _layer(fname, x, indices, qvalues, bias, check, values_kind="int8")
     if qvalues.dtype != np.int8:
         raise TypeError(
@@ -199,6 +203,7 @@ def fanin_backward_values(x, indices, dy, *, check=None, xp=None, dyp=None):
     ``xp``, ``dyp``: ``pack_panels(x)``, ``pack_panels(dy)`` if the caller has them.
     """
     fname = "fanin_backward_values"
+    x, indices, dy, xp, dyp = _v.plain(x, indices, dy, xp, dyp)
     indices, topo = _topology(indices)
     be = _v.backend(fname, x=x, indices=indices, dy=dy)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
@@ -220,6 +225,7 @@ def transpose_structure(indices, n_in: int, *, check=None):
     the values), so a layer computes it once per topology and reuses it every step.
     """
     fname = "transpose_structure"
+    indices, = _v.plain(indices)
     indices, topo = _topology(indices)
     be = _v.backend(fname, indices=indices)
     indices = _v.index_array(fname, indices)
@@ -239,6 +245,7 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
     keeps it (it is rebuilt on every call otherwise, from batch 8 on); ``dyp``: ``pack_panels(dy)``.
     """
     fname = "fanin_backward_input"
+    indices, values, dy, dyp = _v.plain(indices, values, dy, dyp)
     indices, topo = _topology(indices)
     be = _v.backend(fname, indices=indices, values=values, dy=dy)
     indices = _v.index_array(fname, indices)
@@ -262,6 +269,7 @@ def fanin_backward(x, indices, values, dy, *, check=None, transposed=None, xp=No
     ``transposed`` as in ``fanin_backward_input``; ``xp``, ``dyp``: ``pack_panels`` of x and dy.
     """
     fname = "fanin_backward"
+    x, indices, values, dy, xp, dyp = _v.plain(x, indices, values, dy, xp, dyp)
     be, x, indices, topo, values, _ = _layer(fname, x, indices, values, None, check)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
     transposed = _transposed(fname, transposed, indices, topo, x.shape[1])
@@ -278,6 +286,7 @@ def fanin_backward(x, indices, values, dy, *, check=None, transposed=None, xp=No
 def unpack_panels(xp, batch: int):
     """The (batch, n) rows of a packed array (the inverse of ``pack_panels``)."""
     fname = "unpack_panels"
+    xp, = _v.plain(xp)
     be = _v.backend(fname, xp=xp)
     return be.unpack_panels(_packed(fname, "xp", xp, batch, be), int(batch))
 
@@ -285,6 +294,7 @@ def unpack_panels(xp, batch: int):
 def fanin_forward_panels(xp, batch: int, indices, values, bias=None, *, check=None):
     """``fanin_forward`` from packed input to packed output: xp (n_in, Bp) -> (n_out, Bp), zero past ``batch``."""
     fname = "fanin_forward_panels"
+    xp, indices, values, bias = _v.plain(xp, indices, values, bias)
     indices, topo = _topology(indices)
     be = _v.backend(fname, xp=xp, indices=indices, values=values, bias=bias)
     xp = _packed(fname, "xp", xp, batch, be)
@@ -306,6 +316,7 @@ def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True,
     ``transposed`` as in ``fanin_backward_input``; ``need_dx=False`` skips dx (a first layer).
     """
     fname = "fanin_backward_panels"
+    xp, indices, values, dyp = _v.plain(xp, indices, values, dyp)
     indices, topo = _topology(indices)
     be = _v.backend(fname, xp=xp, indices=indices, values=values, dyp=dyp)
     xp, dyp = _packed(fname, "xp", xp, batch, be), _packed(fname, "dyp", dyp, batch, be)
@@ -361,6 +372,7 @@ def _batches(fname, name, a):
 def dense_grad(x, dy):
     """G (n_out, n_in) = dy^T x (x and dy may be lists of batches: G = sum_i dy_i^T x_i)."""
     fname = "dense_grad"
+    x, dy = _v.plain(x, dy)
     x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
     be = _v.backend(fname, x=x, dy=dy)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
@@ -385,6 +397,7 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, held=Fal
     magnitudes of the existing connections, read from the same blocks.
     """
     fname = "growth_candidates"
+    x, dy, indices = _v.plain(x, dy, indices)
     x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
     indices, topo = _topology(indices)
     be = _v.backend(fname, x=x, dy=dy, indices=indices)
@@ -429,6 +442,7 @@ def _conv_geometry(fname, shape, kh, kw, stride, padding):
 def im2col(x, kh, kw, stride=1, padding=0):
     """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, dy, dx)."""
     fname = "im2col"
+    x, = _v.plain(x)
     be = _v.backend(fname, x=x)
     x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
     kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
@@ -438,6 +452,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
 def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of im2col: dx of shape x_shape, summing overlapping patches."""
     fname = "col2im"
+    dcols, = _v.plain(dcols)
     be = _v.backend(fname, dcols=dcols)
     dcols = _v.float_array(fname, "dcols", dcols, 2, "(B*Ho*Wo, C*kh*kw)")
     x_shape = tuple(int(s) for s in x_shape)

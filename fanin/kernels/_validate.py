@@ -15,6 +15,13 @@ INDEX_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
 _backends: dict = {}
 
 
+def plain(*arrays):
+    """The arrays with any fanin ``Tensor``/``Parameter`` replaced by its ``.data`` (no copy)."""
+    from fanin.tensor import Tensor
+
+    return tuple(a.data if isinstance(a, Tensor) else a for a in arrays)
+
+
 def device_of(fname: str, name: str, a) -> str:
     """'cpu' for NumPy arrays, 'cuda' for CUDA device arrays; a TypeError for anything else."""
     if isinstance(a, np.ndarray):
@@ -22,7 +29,7 @@ def device_of(fname: str, name: str, a) -> str:
     if hasattr(a, "__cuda_array_interface__"):
         return "cuda"
     raise TypeError(
-        f"{fname}: {name} must be a NumPy array, got {type(a).__name__}; "
+        f"{fname}: {name} must be a NumPy array (or a fanin Tensor/Parameter), got {type(a).__name__}; "
         f"wrap it with np.asarray({name}, dtype=np.float32) (or the index dtype for indices)."
     )
 
