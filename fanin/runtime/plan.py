@@ -63,7 +63,7 @@ def lower(model, input_shape=None) -> dict:
             continue
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             k = _pair(m.kernel_size)
-            ops.append({"op": "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool", "kernel": k,
+            ops.append({"op": "avgpool" if isinstance(m, nn.AvgPool2d) else "maxpool", "kernel": k,  # (a subclass)
                         "stride": _pair(m.stride if m.stride is not None else m.kernel_size),
                         "padding": _pair(m.padding)})
         elif isinstance(m, nn.Flatten):
