@@ -48,39 +48,53 @@ def make_optimizer(params, cfg: TrainConfig):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, (list, tuple)):
+        return "/".join(map(str, v))
+    return str(v)
+
+
 class Progress:
-    """A one-line progress display: redrawn in place on a terminal, printed once per epoch otherwise."""
+    """Per-epoch progress: a live tqdm bar on a terminal (the ``progress`` extra), and one summary line per epoch.
+
+    Nothing live is drawn when the stream is not a terminal (logs, CI) or tqdm is not installed; the
+    epoch's summary line is printed either way unless ``enabled`` is False.
+    """
 
     def __init__(self, total: int, desc: str = "", stream=None, enabled: bool = True):
-        self.total, self.desc, self.n = total, desc, 0
+        self.total, self.desc, self.enabled = total, desc, enabled
         self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self._last = time.perf_counter()
         self.fields = {}
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the `progress` extra is optional
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True,
+                                mininterval=0.2)
 
     def update(self, n: int = 1, **fields):
-        self.n += n
         self.fields.update(fields)
-        now = time.perf_counter()
-        if self.tty and (now - self._last > 0.2 or self.n >= self.total):
-            self._last = now
-            self.stream.write("\r" + self.line() + "\033[K")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.update(n)
+            if fields:
+                self.bar.set_postfix({k: _fmt(v) for k, v in fields.items()}, refresh=False)
 
     def line(self) -> str:
-        width = 24
-        done = int(width * self.n / max(1, self.total))
-        bar = "#" * done + "." * (width - done)
-        elapsed = time.perf_counter() - self.start
-        info = " ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                        for k, v in self.fields.items())
-        return f"{self.desc} [{bar}] {self.n}/{self.total} {elapsed:.1f}s {info}"
+        info = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
+        return f"{self.desc} {time.perf_counter() - self.start:.1f}s {info}"
 
     def close(self, **fields):
         self.fields.update(fields)
+        if self.bar is not None:
+            self.bar.close()
         if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + self.line() + ("\033[K\n" if self.tty else "\n"))
+            self.stream.write(self.line() + "\n")
             self.stream.flush()
 
 
@@ -150,8 +164,7 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
             stats["test_loss"], stats["test_acc"] = evaluate(model, *test)
         stats["epoch"] = epoch + 1
         stats["samples_per_s"] = len(x) / stats["time"]
-        bar.close(**{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in stats.items()
-                     if k not in ("epoch", "time", "samples_per_s")})
+        bar.close(**{k: v for k, v in stats.items() if k not in ("epoch", "time", "samples_per_s")})
         history.append(stats)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, rng)
