@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench data venv clean
+.PHONY: demo test bench data venv clean mutation
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ demo: venv data
 
 test: venv data
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Mutation testing (tools/mutation, docs/TESTING.md): not part of `test`; ~25 min on 2 cores.
+# MUTANTS judged per target, SEED of the sample, WORKERS in parallel, TARGETS (comma-separated:
+# kernels,ops,tensor,optim,sparsity; default all), REV (a git revision instead of the working tree).
+MUTANTS ?= 60
+SEED    ?= 0
+WORKERS ?= 2
+mutation: venv
+	MUTANTS=$(MUTANTS) SEED=$(SEED) WORKERS=$(WORKERS) TARGETS=$(TARGETS) REV=$(REV) \
+		$(PY) tools/mutation/run.py
 
 bench: $(VENV)/.installed-bench
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_kernels.py --out bench/RESULTS.md
