@@ -343,6 +343,8 @@ def cross_entropy(logits, labels) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
     logits = _t(logits)
     labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
+    if isinstance(labels, np.ndarray) and labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
+        labels = labels.astype(np.int64)  # a Tensor stores whole-number labels as floats
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (batch, classes), got shape {logits.shape}.")
     if labels.shape != (logits.shape[0],):

@@ -186,3 +186,40 @@ def test_training_reduces_loss_on_a_toy_problem():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
+
+
+# ------------------------------------------------- contracts the mutation run found untested
+def test_optimizer_defaults_and_argument_boundaries():
+    w = nn.Parameter(np.ones(3, np.float32))
+    assert optim.Adam([w]).lr == 1e-3 and optim.AdamW([w]).lr == 1e-3 and optim.SGD([w]).lr == 0.1
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        optim.SGD([w], lr=0.1, nesterov=True)
+    optim.SGD([w], lr=0.1, momentum=1.0, nesterov=True)  # any positive momentum is fine
+    opt = optim.SGD([w], lr=0.1)
+    for total, warm in ((0, 0), (10, -1), (10, 11)):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            optim.CosineSchedule(opt, total_steps=total, warmup_steps=warm)
+    s = optim.CosineSchedule(opt, total_steps=3, warmup_steps=2)  # one decay step after the warm-up
+    assert [s.lr_at(t) for t in range(4)] == pytest.approx([0.05, 0.1, 0.1, 0.0])
+
+
+def test_optimizers_name_parameters_from_named_parameters():
+    model = nn.Sequential(nn.Linear(3, 2, seed=0))
+    opt = optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    assert opt.params == model.parameters()
+    w = model[0].weight
+    w.name = None  # the name now comes from the (name, parameter) pairs the optimizer was given
+    assert opt.param_name(w) == "'0.weight' (parameter 0, shape (2, 3))"
+    stray = nn.Parameter(np.ones(2, np.float32))
+    assert opt.param_name(stray) == "a parameter of shape (2,)"
+    anon = optim.SGD([nn.Parameter(np.ones(4, np.float32))], lr=0.1)
+    assert anon.param_name(anon.params[0]) == "parameter 0 of shape (4,)"
+
+
+def test_a_non_contiguous_parameter_is_updated_correctly():
+    w = nn.Parameter(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    assert not w.data.flags.c_contiguous
+    opt = optim.SGD([w], lr=0.5)
+    w.grad = np.ones((2, 3), np.float32)
+    opt.step()
+    np.testing.assert_array_equal(w.data, np.arange(6, dtype=np.float32).reshape(2, 3) - 0.5)

@@ -281,3 +281,109 @@ def test_deep_chain_does_not_recurse():
         y = y + 1.0
     y.sum().backward()
     np.testing.assert_allclose(x.grad, 1)
+
+
+# ------------------------------------------------- contracts the mutation run found untested
+def test_avg_pool_counts_padding_as_zeros():
+    x = np.arange(1, 17, dtype=np.float64).reshape(1, 1, 4, 4)
+    out = ops.avg_pool2d(Tensor(x), 2, 2, 1).data
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.array([[padded[0, 0, i:i + 2, j:j + 2].mean() for j in range(0, 5, 2)] for i in range(0, 5, 2)])
+    np.testing.assert_allclose(out[0, 0], want)
+
+
+def test_pool_and_conv_argument_errors_each_condition():
+    x = Tensor(np.ones((1, 2, 5, 3)))
+    with pytest.raises(ValueError, match="does not fit"):  # fits in height, not in width
+        ops.max_pool2d(x, (2, 4))
+    with pytest.raises(ValueError, match="at most half"):  # padding too large in one direction only
+        ops.max_pool2d(x, 3, 1, (0, 2))
+    with pytest.raises(ValueError, match="3 channels but weight"):  # more channels than the weight takes
+        ops.conv2d(Tensor(np.ones((1, 3, 4, 4))), Tensor(np.ones((2, 2, 3, 3))))
+    with pytest.raises(ValueError, match=r"input must be \(batch, channels, height, width\)"):
+        ops.fanin_conv2d(Tensor(np.ones((2, 4, 4))), np.zeros((2, 1), np.int16), Tensor(np.ones((2, 1))))
+
+
+def test_batch_norm_feature_mismatch_names_both_counts():
+    with pytest.raises(ValueError, match="has 3 features but the layer has 4"):
+        ops.batch_norm(Tensor(np.ones((5, 3))), Tensor(np.ones(4)), Tensor(np.zeros(4)), np.zeros(4), np.ones(4), False)
+
+
+def test_cross_entropy_takes_labels_as_a_tensor():
+    z = Tensor(np.array([[2.0, 0.0], [0.0, 3.0]]))
+    want = float(ops.cross_entropy(z, np.array([0, 1])).data)
+    assert float(ops.cross_entropy(z, Tensor(np.array([0, 1]))).data) == want == float(ops.cross_entropy(z, [0, 1]).data)
+    with pytest.raises(TypeError, match="integers"):
+        ops.cross_entropy(z, np.array([0.5, 1.0]))
+
+
+def test_ablated_conv_channels_get_no_value_gradient():
+    from fanin import nn
+
+    layer = nn.FanInConv2d(2, 3, 3, k=5, seed=0)
+    active = np.array([True, False, True])
+    layer.set_connectivity(layer.indices, layer.values.data, active)
+    out = layer(Tensor(np.random.default_rng(0).standard_normal((2, 2, 5, 5))))
+    out.sum().backward()
+    assert np.all(layer.values.grad[1] == 0) and np.any(layer.values.grad[0] != 0)
+
+
+def test_tensor_defaults_and_argument_forms():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    t = Tensor(a)
+    assert not t.requires_grad and t.data is a  # wraps the array: no copy
+    assert Tensor(a, dtype=np.float32).data is a
+    assert t.sum(axis=0).shape == (3,) and t.mean(axis=1).shape == (2,)
+    assert t.reshape((3, 2)).shape == (3, 2) and t.reshape(3, 2).shape == (3, 2)
+    assert t.transpose((1, 0)).shape == (3, 2) and t.transpose(1, 0).shape == (3, 2)
+    with pytest.raises(RuntimeError, match="needs a scalar"):
+        (Tensor(np.zeros(0), requires_grad=True) * 2).backward()  # an empty tensor is not a scalar either
+    with pytest.raises(TypeError):
+        t.reshape((3, 2), 1)  # a shape tuple and more: not a shape
+
+
+def test_broadcasting_against_an_empty_array_gives_zero_gradients():
+    a, b = Tensor(np.ones(1), requires_grad=True), Tensor(np.ones(0), requires_grad=True)
+    (a + b).sum().backward()
+    assert a.grad.shape == (1,) and a.grad[0] == 0 and b.grad.shape == (0,)
+
+
+def test_an_exclusive_gradient_is_adopted_without_a_copy_and_foreign_dtypes_are_cast():
+    leaf = Tensor(np.ones(3), requires_grad=True)
+    fresh = np.array([1.0, 2.0, 3.0])
+    Tensor._make(leaf.data * 1.0, (leaf,), lambda g: (fresh,)).sum().backward()
+    assert leaf.grad is fresh  # nothing else holds it: no copy
+    leaf64 = Tensor(np.ones(3), requires_grad=True)
+    Tensor._make(leaf64.data * 1.0, (leaf64,), lambda g: (np.ones(3, np.float32),)).sum().backward()
+    assert leaf64.grad.dtype == np.float64
+
+
+def test_packed_gradients_reach_ordinary_ops_as_rows_and_add_up():
+    """A packed layer's input gradient flowing into an ordinary op (mul), and two packed consumers of one
+    packed activation whose gradients are summed in the packed form."""
+    from fanin import nn
+
+    rng = np.random.default_rng(0)
+    l1, l2, l3 = nn.FanInLinear(12, 10, k=4, seed=0), nn.FanInLinear(10, 6, k=3, seed=1), \
+        nn.FanInLinear(10, 5, k=3, seed=2)
+    x0 = Tensor(rng.standard_normal((40, 12)).astype(np.float32), requires_grad=True)
+    h = ops.relu(l1(x0 * 1.5))
+    loss = (l2(h) * Tensor(rng.standard_normal((40, 6)).astype(np.float32))).sum() + l3(h).sum()
+    loss.backward()
+    w1, w2, w3 = l1.to_dense(), l2.to_dense(), l3.to_dense()
+    pre = (x0.data * 1.5) @ w1.T + l1.bias.data
+    rng2 = np.random.default_rng(0)  # the same chain in NumPy, with the same random upstream gradient
+    rng2.standard_normal((40, 12))
+    up = rng2.standard_normal((40, 6)).astype(np.float32)
+    g_h = up @ w2 + np.ones((40, 5), np.float32) @ w3
+    g_x0 = ((g_h * (pre > 0)) @ w1) * 1.5
+    np.testing.assert_allclose(x0.grad, g_x0, rtol=1e-4, atol=1e-5)
+    from fanin.tensor import Panels
+    p = Panels(np.ones((4, 32), np.float32), 3)
+    assert p.shape == (3, 4) and (p + p).array.sum() == 2 * 4 * 32
+    assert isinstance(h, fanin_tensor_panel()) and h.size == 40 * 10 and len(h) == 40
+
+
+def fanin_tensor_panel():
+    from fanin.tensor import _PanelTensor
+    return _PanelTensor

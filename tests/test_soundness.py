@@ -222,3 +222,19 @@ def test_loading_optimizer_state_of_other_shapes_is_refused():
     with pytest.raises(optim.StateShapeError, match="shape"):
         other.load_state_dict(sd)
     assert other.state == {}
+
+
+def test_topologies_compare_by_content():
+    a = Topology(np.array([[0, 2], [1, 3]]), 4)
+    assert a.same_as(Topology(np.array([[0, 2], [1, 3]]), 4))
+    assert not a.same_as(Topology(np.array([[0, 2], [1, 2]]), 4))  # other indices
+    assert not a.same_as(Topology(np.array([[0, 2], [1, 3]]), 5))  # other width
+    assert not a.same_as(Topology(np.array([[0, 2], [1, 3]]), 4, np.array([True, False])))  # other active set
+
+
+def test_messages_name_the_exact_problem():
+    with pytest.raises(ValueError, match=r"row 1 of indices repeats input 3 \(position 2\)"):
+        kernels.validate_indices(np.array([[0, 1, 2], [1, 3, 3]], np.int16), 5)
+    for stride, padding in ((1, (0, -1)), ((1, 0), 0), (1, (-1, 0))):  # each condition on its own
+        with pytest.raises(ValueError, match="must be positive and padding .* non-negative"):
+            kernels.im2col(np.ones((1, 1, 4, 4), np.float32), 3, 3, stride, padding)

@@ -303,3 +303,64 @@ def test_srigl_trains_a_sparse_cnn():
     assert not np.array_equal(conv.indices, before) or conv.indices.shape != before.shape  # connectivity moved
     rec = [li for r in srigl.history for li in r["layers"] if li["name"] == srigl.layers[0][0]]
     assert any(li["ablated"] > 0 for li in rec) and all(li["k_new"] * 1 >= 1 for li in rec)
+
+
+# ------------------------------------------------- contracts the mutation run found untested
+def test_argument_boundaries_of_srigl_and_rigl():
+    model = models.mlp([20, 8, 2], sparsity=0.5, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.5, delta_t=1, t_end=1)  # the smallest valid values
+    assert s.delta_t == 1 and s.t_end == 1
+    assert sparsity.SRigL(model, opt, sparsity=0.5, total_steps=100).t_end == 75  # default: 75 % of the steps
+    with pytest.raises(ValueError, match="alpha"):
+        sparsity.SRigL(model, opt, sparsity=0.5, alpha=-0.5, t_end=10)
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
+            sparsity.SRigL(model, opt, sparsity=bad, t_end=10)
+    dense = models.mlp([20, 8, 2], seed=0)
+    dopt = optim.SGD(dense.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="delta_t"):
+        sparsity.RigL(dense, dopt, sparsity=0.5, delta_t=0.5, t_end=10)
+    with pytest.raises(ValueError, match="t_end"):
+        sparsity.RigL(dense, dopt, sparsity=0.5)
+    assert sparsity.RigL(dense, dopt, sparsity=0.5, static=True).t_end == 1  # static needs no schedule
+    assert sparsity.RigL(dense, dopt, sparsity=0.5, total_steps=100).t_end == 75
+    other = optim.SGD(models.mlp([20, 8, 2], seed=1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not hold the weight of layer '0'"):
+        sparsity.RigL(dense, other, sparsity=0.5, t_end=10)
+
+
+def test_rigl_starts_exactly_at_budget():
+    dense = models.mlp([50, 40, 10], seed=0)
+    r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", t_end=10)
+    for (_, layer), mask, d in zip(r.layers, r.masks, r.densities):
+        assert int(mask.sum()) == int(layer.weight.size * d + 1e-6)  # drawn without replacement
+        assert np.count_nonzero(layer.weight.data) == int(mask.sum())
+
+
+def test_a_dense_condensed_layer_before_a_sparse_one_does_not_stop_the_update():
+    from fanin import nn
+
+    model = nn.Sequential(nn.FanInLinear(6, 5, k=6, seed=0), nn.ReLU(), nn.FanInLinear(5, 30, k=2, seed=1),
+                          nn.ReLU(), nn.Linear(30, 2, seed=2))
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.5, distribution="uniform", delta_t=1, t_end=5, dense_first=True)
+    assert model[0].k == 6
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    from fanin import Tensor, ops
+    ops.cross_entropy(model(Tensor(x)), np.zeros(8, np.int64)).backward()
+    opt.step()
+    s.step()
+    assert [entry["name"] for entry in s.history[-1]["layers"]] == ["2"]  # the dense first layer is skipped
+
+
+def test_resized_layers_get_budget_and_fan_in_for_their_new_shape():
+    model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", t_end=10)
+    layer = model[2]
+    layer.select_outputs(np.arange(20) < 13, [opt])
+    s.resized(layer)
+    i = [l for _, l in s.layers].index(layer)
+    assert s.budgets[i] == int(13 * 40 * s.densities[i] + 1e-6)
+    assert s.k0[i] == s.budgets[i] // 13 and s._shapes[i] == (13, 40)
