@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench data venv clean mutation
+.PHONY: demo test bench data venv clean mutation deepsparse-venv
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,11 +45,30 @@ mutation: venv
 	MUTANTS=$(MUTANTS) SEED=$(SEED) WORKERS=$(WORKERS) TARGETS=$(TARGETS) REV=$(REV) \
 		$(PY) tools/mutation/run.py
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench deepsparse-venv
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_kernels.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_train.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_conv.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_srigl.py --out bench/RESULTS.md
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_inference.py --out bench/RESULTS.md
+
+# DeepSparse 1.8.0 (a contender of bench/bench_inference.py) has wheels for CPython 3.11 only and pins
+# onnx < 1.15, hence NumPy 1.x: it gets its own virtualenv, driven by bench/deepsparse_worker.py. This target
+# never fails: when the install does not work, DS_VENV/INSTALL_FAILED says why and the benchmark reports
+# DeepSparse as skipped with that reason.
+PYTHON311 ?= python3.11
+DS_VENV   := .venv-deepsparse
+deepsparse-venv:
+	@mkdir -p $(DS_VENV) && echo '*' > $(DS_VENV)/.gitignore
+	@if [ -f $(DS_VENV)/.installed ]; then echo "DeepSparse: $(DS_VENV) is ready"; \
+	elif ! command -v $(PYTHON311) >/dev/null 2>&1; then \
+		echo "$(PYTHON311) not found: deepsparse 1.8.0 has wheels for CPython 3.11 only" | tee $(DS_VENV)/INSTALL_FAILED; \
+	elif { test -x $(DS_VENV)/bin/python || $(PYTHON311) -m venv $(DS_VENV); } > $(DS_VENV)/install.log 2>&1 \
+		&& $(DS_VENV)/bin/python -m pip install deepsparse==1.8.0 >> $(DS_VENV)/install.log 2>&1 \
+		&& $(DS_VENV)/bin/python bench/deepsparse_worker.py --selftest >> $(DS_VENV)/install.log 2>&1; then \
+		rm -f $(DS_VENV)/INSTALL_FAILED; touch $(DS_VENV)/.installed; echo "DeepSparse: installed into $(DS_VENV)"; \
+	else { echo "installing deepsparse==1.8.0 into $(DS_VENV) failed:"; grep -v '^WARNING: Location' $(DS_VENV)/install.log | tail -n 4; } \
+		| tee $(DS_VENV)/INSTALL_FAILED; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
