@@ -1,21 +1,256 @@
-"""How a Network runs its plan on the CPU: one prepared step per op.
+"""How a Network runs its plan on the CPU.
 
-``build(plan)`` prepares each op once: a condensed layer gets its ``Topology`` (validated, with the
-transposed structure cached) and its weights; quantized layers are used as ``scale * qvalues``, the
-very float32 products training used. ``run(x)`` walks the steps with no autograd.
+``build(plan)`` prepares the plan once. Its linear layers -- the whole network for an MLP, the classifier
+head after the last convolution or pooling for a CNN -- become one ``_Chain``: their arrays laid out in the
+flat form of ``fanin.kernels.infer`` (int8 kept as int8, 4-bit values packed two per byte), run by ONE
+compiled call per ``run`` with bias and activation fused. Convolutions, pooling and flatten stay one step
+per op (direct condensed kernels or im2col + BLAS), with quantized weights used as ``scale * qvalues``,
+the very float32 products training used.
+
+Which driver runs a chain is chosen per call by the amount of work:
+
+- batch < ``infer.SMALL_BATCH``: the rows form (gathered dot products), on the calling thread, or with the
+  rows of a layer split over Numba's threads when the batch holds at least ``PARALLEL_ROWS_MACS``
+  multiply-adds (a 4096x4096 layer at 90 %: yes; the 784-1024-1024-10 MLP: no, waking threads would cost
+  more than it saves);
+- larger batches: panels of ``infer.TB`` samples; serial below ``PARALLEL_PANELS_MACS``, else in parallel,
+  each panel through all layers (one parallel region) when the panels divide evenly over the threads, else
+  layer by layer over (panel, rows) tasks. Batches over ``CHUNK`` samples go in chunks (bounded buffers).
+
+Where the rule says "parallel", ``_Tuner`` checks it by timing (``ADAPTIVE``): on an oversubscribed machine
+waking threads costs more than it saves, and the chain then runs serially (re-measuring now and then).
+Serial and parallel runs of a form compute each output with the same code: the result does not depend on
+the choice (the rows and panels forms differ only by rounding).
+
+A guest in someone else's process (ARCHITECTURE.md): nothing here sets an environment variable, Numba's
+config or its thread count. Per-thread buffers (``threading.local``, a few batch sizes each) make ``run``
+safe from any number of threads. Numba's ``workqueue`` threading layer aborts the process when two threads
+launch parallel kernels at once, so until the layer is known (it is after the first parallel run) and
+whenever it is ``workqueue``, a parallel run needs a lock -- a thread that finds it taken runs serially
+instead of waiting. A child forked after Numba started its OpenMP threads would die at its first parallel
+kernel (GNU OpenMP is not fork-safe): ``os.register_at_fork`` switches such a child (and one whose state is
+unknown) to the serial kernels for good; under TBB, which survives fork, the child keeps its threads.
 """
 from __future__ import annotations
 
+import collections
+import os
+import threading
+import time
+
+import numba
 import numpy as np
 from scipy import special
 
 from fanin import kernels
 from fanin.kernels import conv as kconv
-from fanin.kernels import pool
+from fanin.kernels import infer, pool
 
-__all__ = ["build"]
+__all__ = ["build", "parallel_state", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "CHUNK"]
+
+PARALLEL_ROWS_MACS = 1 << 20    # rows form: multiply-adds per call from which a layer's rows are split
+PARALLEL_PANELS_MACS = 3 << 20  # panels: multiply-adds per call from which panels run in parallel
+CHUNK = 64 * infer.TB           # samples per compiled call (bounds the per-thread buffers)
+_CACHE_SIZES = 6                # batch shapes whose buffers each thread keeps ...
+_CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the call at hand are always kept)
+ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
+EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
 
 
+# ------------------------------------------------------------------ parallel policy (process-wide)
+class _Parallel:
+    """Whether this process may launch parallel kernels now, and the lock the workqueue layer needs."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.layer = None       # Numba's threading layer, once a parallel kernel has run
+        self.disabled = None    # why parallel kernels are off in this process (a forked child), or None
+
+    def enter(self) -> int:
+        """0: run serially; 1: run in parallel; 2: run in parallel holding the lock (release with ``leave``)."""
+        if self.disabled is not None:
+            return 0
+        if self.layer in ("omp", "tbb"):
+            return 1
+        return 2 if self.lock.acquire(blocking=False) else 0
+
+    def leave(self, token: int):
+        if token and self.layer is None:
+            try:
+                self.layer = numba.threading_layer()
+            except ValueError:  # no parallel kernel ran after all
+                pass
+        if token == 2:
+            self.lock.release()
+
+    def after_fork_in_child(self):
+        self.lock = threading.Lock()  # a lock another parent thread held at the fork would never be released
+        if self.disabled is not None:
+            return
+        try:
+            from numba.np.ufunc import parallel as _np_parallel
+            started = bool(_np_parallel._is_initialized)
+        except Exception:  # noqa: BLE001 -- a Numba without the flag: we cannot tell, so assume started
+            started = True
+        if not started:
+            return  # the child starts its own threads when it first needs them
+        layer = self.layer
+        if layer is None:
+            try:
+                layer = numba.threading_layer()
+            except ValueError:
+                layer = None
+        if layer != "tbb":
+            self.disabled = (f"forked after Numba started its {layer or 'unknown'} threads: serial kernels "
+                             "(GNU OpenMP does not survive fork)")
+
+
+_PARALLEL = _Parallel()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PARALLEL.after_fork_in_child)
+
+
+def parallel_state() -> dict:
+    """The process-wide parallel policy: the threading layer (once known) and why parallel runs are off."""
+    return {"threading_layer": _PARALLEL.layer, "disabled": _PARALLEL.disabled}
+
+
+class _Tuner:
+    """Serial or parallel for work the rule sends to threads, by measurement.
+
+    On an idle machine the parallel run of a big batch is ~2x faster on 2 cores; on an oversubscribed one
+    (other processes, or many threads of the service predicting at once) waking threads that are not
+    scheduled makes it several times *slower* than serial (measured on the 2-core reference machine at
+    load ~10, bench/bench_runtime.py: batch 256 of the 784-1024-1024-10 MLP 2.5 ms serial, 18 ms
+    parallel). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
+    options, runs the faster, and runs the other one call in EXPLORE to keep its estimate fresh. Races
+    between threads only lose an update; both options compute the same bits, so the choice never changes a
+    result."""
+
+    __slots__ = ("rate", "calls", "seen")
+
+    def __init__(self):
+        self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
+        self.seen = [0, 0]
+        self.calls = 0
+
+    def parallel(self) -> bool:
+        self.calls += 1
+        s, p = self.rate
+        if p is None or s is None:
+            return p is None or self.calls % 4 == 0  # try parallel first, then measure serial soon
+        faster = p <= s
+        return faster != (self.calls % EXPLORE == 0)
+
+    def record(self, parallel: bool, seconds_per_mac: float):
+        """One call's time. The first of each option is a warm-up (thread start, new buffers) and is not used;
+        then the estimate follows a faster call at once and a slower one gradually (a preempted call is noise,
+        a machine that stays busy moves it within a few calls)."""
+        if not self.seen[parallel]:
+            self.seen[parallel] = 1
+            return
+        old = self.rate[parallel]
+        new = seconds_per_mac
+        self.rate[parallel] = new if old is None else min(new, 0.75 * old + 0.25 * new)
+
+
+# ------------------------------------------------------------------ the linear chain
+def _spec(op) -> dict:
+    a = op["arrays"]
+    spec = {"n_in": op["n_in"], "n_out": op["n_out"], "act": op["act"], "bias": a["bias"],
+            "indices": a["indices"] if op["sparse"] else None, "active": op.get("active")}
+    if "values" in a:
+        spec["values"] = a["values"]
+    else:
+        spec.update(qvalues=a["qvalues"], scale=a["scale"], bits=op["bits"])
+    return spec
+
+
+class _Chain:
+    """Consecutive linear ops run by one compiled call."""
+
+    def __init__(self, ops):
+        self.layout = infer.Layout([_spec(op) for op in ops], scatter=True)
+        self.n_out = self.layout.n_out
+        self.arrays = self.layout.arrays
+        self.S = self.layout.S
+        # batches below this size take the rows form on this thread whatever the thread count
+        self._small = min(infer.SMALL_BATCH, -(-PARALLEL_ROWS_MACS // max(1, self.layout.macs)))
+        self._local = threading.local()
+        self._tuners = {}
+        self.last_path = None
+
+    def _buffers(self, kind, n):
+        cache = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = collections.OrderedDict()
+        key = (kind, n)
+        ws = cache.get(key)
+        if ws is None:
+            lay = self.layout
+            ws = (lay.rows_workspace(n) if kind == "rows" else
+                  lay.panels_workspace(n * infer.TB) if kind == "panels" else lay.layerwise_workspace(n * infer.TB))
+            cache[key] = ws
+            while len(cache) > 1 and (len(cache) > _CACHE_SIZES or
+                                      sum(a.nbytes for w in cache.values() for a in w) > _CACHE_BYTES):
+                cache.popitem(last=False)
+        return ws
+
+    def plan_for(self, B: int, threads: int) -> str:
+        """The driver a batch of B runs on with ``threads`` threads available (no lock or fork state)."""
+        work = B * self.layout.macs
+        if B < infer.SMALL_BATCH:
+            return "rows" if threads > 1 and work >= PARALLEL_ROWS_MACS else "rows_serial"
+        n_panels = -(-min(B, CHUNK) // infer.TB)
+        if threads <= 1 or work < PARALLEL_PANELS_MACS:
+            return "panels_serial"
+        if n_panels % threads == 0 or n_panels >= 4 * threads:
+            return "panels"
+        return "layerwise"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        B = x.shape[0]
+        out = np.empty((B, self.n_out), np.float32)
+        if B < self._small:  # the latency path: no thread count, no tuner, no lock
+            self.last_path = "rows_serial"
+            wa, wb, nz = self._buffers("rows", B)
+            infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, *self.arrays)
+            return out
+        path = self.plan_for(B, numba.get_num_threads())
+        token, tuner = 0, None
+        if path in ("rows", "panels", "layerwise"):
+            if ADAPTIVE:
+                key = (path == "rows", B.bit_length())
+                tuner = self._tuners.get(key) or self._tuners.setdefault(key, _Tuner())
+            if tuner is None or tuner.parallel():
+                token = _PARALLEL.enter()
+            if not token:
+                path = "rows_serial" if path == "rows" else "panels_serial"
+        self.last_path = path  # what the latest call ran (for benchmarks and describe(); racy across threads)
+        t0 = time.perf_counter()
+        try:
+            arrays = self.arrays
+            if path in ("rows", "rows_serial"):
+                wa, wb, nz = self._buffers("rows", B)
+                fn = infer.rows_forward if path == "rows" else infer.rows_forward_serial
+                fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, *arrays)
+                return out
+            fn = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
+                  "layerwise": infer.panels_layerwise}[path]
+            kind = "layerwise" if path == "layerwise" else "panels"
+            for b0 in range(0, B, CHUNK):
+                xb = x[b0:b0 + CHUNK]
+                ws, wq = self._buffers(kind, -(-xb.shape[0] // infer.TB))
+                fn(xb, out[b0:b0 + CHUNK], ws, wq, *arrays)
+            return out
+        finally:
+            if token:
+                _PARALLEL.leave(token)
+            if tuner is not None:
+                tuner.record(bool(token), (time.perf_counter() - t0) / (B * self.layout.macs))
+
+
+# ------------------------------------------------------------------ conv, pooling (one step per op)
 def _weights(op) -> np.ndarray:
     a = op["arrays"]
     if "values" in a:
@@ -29,25 +264,6 @@ def _activate(y, act):
     elif act == "gelu":
         y *= 0.5 * (1.0 + special.erf(y * np.float32(1 / np.sqrt(2))))
     return y
-
-
-class _Linear:
-    def __init__(self, op):
-        self.act, self.bias = op["act"], op["arrays"]["bias"]
-        w = _weights(op)
-        if op["sparse"]:
-            self.topo = kernels.Topology(op["arrays"]["indices"], op["n_in"])
-            self.values = w
-        else:
-            self.topo, self.wt = None, np.ascontiguousarray(w.T)
-
-    def __call__(self, x):
-        if self.topo is not None:
-            y = kernels.fanin_forward(x, self.topo, self.values, self.bias)
-        else:
-            y = x @ self.wt
-            y += self.bias
-        return _activate(y, self.act)
 
 
 class _Conv:
@@ -95,29 +311,46 @@ class _Pool:
         return out * np.float32(1.0 / (kh * kw))
 
 
+def _flatten(x):
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1))
+
+
 class _Engine:
     def __init__(self, plan):
+        ops = plan["ops"]
+        head = len(ops)
+        while head > 0 and ops[head - 1]["op"] == "linear":
+            head -= 1
         self.steps = []
-        for op in plan["ops"]:
+        for op in ops[:head]:
             kind = op["op"]
-            if kind == "linear":
-                self.steps.append(_Linear(op))
-            elif kind == "conv":
+            if kind == "conv":
                 self.steps.append(_Conv(op))
             elif kind in ("maxpool", "avgpool"):
                 self.steps.append(_Pool(op))
-            else:
-                self.steps.append(lambda x: x.reshape(x.shape[0], -1))
+            elif kind == "flatten":
+                self.steps.append(_flatten)
+            else:  # pragma: no cover -- check() puts every linear op after the last non-linear one
+                raise ValueError(f"engine: unexpected op {kind!r} before the linear head")
+        self.chain = _Chain(ops[head:])
+        self._n_steps = head
 
     def run(self, x):
         for step in self.steps:
             x = step(x)
-        return x
+        return self.chain.run(x)
 
     def describe(self) -> str:
-        return "cpu: one kernel call per op"
+        lay = self.chain.layout
+        kinds = {infer.VK_F32: "fp32", infer.VK_I8: "int8", infer.VK_I4: "4-bit"}
+        bits = "/".join(kinds[int(v)] for v in lay.tab[:, infer.F_VK])
+        head = f"{self._n_steps} op(s) one call each, then " if self._n_steps else ""
+        par = _PARALLEL.disabled or f"parallel layer {_PARALLEL.layer or 'not started yet'}"
+        return (f"cpu: {head}{lay.n_layers} linear layer(s) ({bits}) in one compiled call: rows form below batch "
+                f"{infer.SMALL_BATCH}, panels of {infer.TB} from it; {par}; {numba.get_num_threads()} thread(s)")
 
 
 def build(plan):
-    """The prepared steps of a validated plan."""
+    """The prepared engine of a validated plan: ``run(x)`` for a C-contiguous float32 (B, *input_shape) x
+    (B >= 1) returns a new (B, n_classes) float32 array; ``describe()`` says how it runs."""
     return _Engine(plan)

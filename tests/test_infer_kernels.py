@@ -1,0 +1,255 @@
+"""The inference kernels (fanin.kernels.infer, fanin.kernels.lowbit) against a dense NumPy twin.
+
+Every driver -- rows (batch-1 form) serial and parallel, panels serial and parallel, panels layer by layer --
+on random chains of layers: shapes, fan-ins (k = 1 .. n_in), dense layers, int16/int32 indices, float32 / int8 /
+4-bit weights with real-valued per-row scales, none/relu/gelu, ablated rows, batches 1 .. 300. The drivers of one
+form must agree bitwise (serial or parallel is a scheduling choice, not a numerical one).
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import special
+
+from fanin.kernels import infer, lowbit
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------ the dense twin
+def dense_weights(spec):
+    """(n_out, n_in) float64: the weights the layer means (scale * q computed in float32, as the contract says)."""
+    v = spec["values"] if "values" in spec else spec["scale"][:, None] * spec["qvalues"].astype(np.float32)
+    w = np.zeros((spec["n_out"], spec["n_in"]), np.float64)
+    if spec["indices"] is None:
+        w[:] = v
+    else:
+        np.put_along_axis(w, spec["indices"].astype(np.int64), v.astype(np.float64), 1)
+    if spec.get("active") is not None:
+        w[~np.asarray(spec["active"])] = 0
+    return w
+
+
+def reference(layers, x):
+    y = x.astype(np.float64)
+    for spec in layers:
+        y = y @ dense_weights(spec).T + (0 if spec["bias"] is None else spec["bias"].astype(np.float64))
+        if spec["act"] == "relu":
+            y = np.maximum(y, 0)
+        elif spec["act"] == "gelu":
+            y = y * 0.5 * (1 + special.erf(y / np.sqrt(2)))
+    return y
+
+
+def make_layer(rng, n_in, n_out, k, kind, act, idx_dtype, dense=False, dead=0, bias=True):
+    spec = {"n_in": n_in, "n_out": n_out, "act": act,
+            "bias": rng.uniform(-1, 1, n_out).astype(np.float32) if bias else None}
+    if dense:
+        spec["indices"], k = None, n_in
+    else:
+        spec["indices"] = np.sort(np.stack([rng.choice(n_in, k, replace=False) for _ in range(n_out)]), 1
+                                  ).astype(idx_dtype)
+    if kind == "fp32":
+        spec["values"] = (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32)
+    else:
+        bits = 8 if kind == "int8" else 4
+        lim = 1 << (bits - 1)
+        spec.update(qvalues=rng.integers(-lim, lim, (n_out, k)).astype(np.int8), bits=bits,
+                    scale=(rng.uniform(0.5, 1.5, n_out) / (lim * np.sqrt(k))).astype(np.float32))  # not powers of 2
+    if dead and not dense:
+        active = np.ones(n_out, bool)
+        active[rng.choice(n_out, min(dead, n_out), replace=False)] = False
+        spec["active"] = active
+    return spec
+
+
+def run_all(layout, x):
+    return {p: infer.forward(layout, x, p) for p in infer.PATHS}
+
+
+def check(layers, x, scatter=True):
+    layout = infer.Layout(layers, scatter=scatter)
+    want = reference(layers, x)
+    outs = run_all(layout, x)
+    scale = max(1.0, float(np.abs(want).max()))
+    for path, y in outs.items():
+        assert y.shape == want.shape and y.dtype == np.float32
+        np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-4 * scale, err_msg=path)
+    np.testing.assert_array_equal(outs["rows"], outs["rows_serial"])
+    np.testing.assert_array_equal(outs["panels"], outs["panels_serial"])
+    np.testing.assert_array_equal(outs["panels"], outs["layerwise"])
+    return outs
+
+
+# ------------------------------------------------------------------ property tests
+@st.composite
+def chains(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    n_layers = draw(st.integers(1, 3))
+    widths = [draw(st.integers(1, 70)) for _ in range(n_layers + 1)]
+    layers = []
+    for i in range(n_layers):
+        n_in, n_out = widths[i], widths[i + 1]
+        dense = draw(st.booleans()) and draw(st.booleans())  # a quarter dense
+        k = draw(st.sampled_from([1, n_in, None]))
+        k = draw(st.integers(1, n_in)) if k is None else k
+        layers.append(make_layer(
+            rng, n_in, n_out, k, draw(st.sampled_from(["fp32", "int8", "int4"])),
+            draw(st.sampled_from(["none", "relu", "gelu"])), draw(st.sampled_from([np.int16, np.int32])),
+            dense=dense, dead=draw(st.sampled_from([0, 0, 1, n_out])), bias=draw(st.booleans()) or i > 0))
+    batch = draw(st.sampled_from([1, 2, 3, 7, 33, 300]))
+    x = rng.standard_normal((batch, widths[0])).astype(np.float32)
+    return layers, x
+
+
+@SETTINGS
+@given(chains(), st.booleans())
+def test_every_driver_equals_the_dense_twin(case, scatter):
+    layers, x = case
+    check(layers, x, scatter)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("zeros", [0.2, 0.5, 0.9, 1.0])
+def test_relu_zeros_are_skipped_by_the_scatter_with_the_same_result(kind, zeros):
+    """After a ReLU layer the rows form scatters the non-zero inputs' columns (from a share of zeros on)."""
+    rng = np.random.default_rng(int(zeros * 10))
+    first = make_layer(rng, 40, 300, 7, kind, "relu", np.int16)
+    # biases that zero about `zeros` of the first layer's outputs
+    first["bias"] = np.where(rng.random(300) < zeros, -100, 0).astype(np.float32)
+    layers = [first, make_layer(rng, 300, 200, 30, kind, "relu", np.int16),
+              make_layer(rng, 200, 70, 0, kind, "relu", None, dense=True),  # dense, wide enough for W^T
+              make_layer(rng, 70, 9, 0, kind, "none", None, dense=True)]  # too narrow for W^T
+    layout = infer.Layout(layers, scatter=True)
+    assert list(layout.tab[:, infer.F_CSC]) == [infer.CSC_NONE, infer.CSC_SPARSE, infer.CSC_DENSE, infer.CSC_NONE]
+    for batch in (1, 2, 3):
+        check(layers, rng.standard_normal((batch, 40)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 300])
+def test_mlp_shapes_fan_ins_and_index_dtypes(kind, batch):
+    rng = np.random.default_rng(batch)
+    layers = [make_layer(rng, 96, 80, 9, kind, "relu", np.int16),
+              make_layer(rng, 80, 64, 80, kind, "gelu", np.int32),      # k = n_in
+              make_layer(rng, 64, 40, 1, kind, "relu", np.int16, dead=5),  # k = 1, ablated rows
+              make_layer(rng, 40, 10, 0, kind, "none", None, dense=True)]
+    check(layers, rng.standard_normal((batch, 96)).astype(np.float32))
+
+
+def test_wide_inputs_use_int32_indices_and_the_sentinel():
+    rng = np.random.default_rng(0)
+    for n_in, batch in ((32767, 2), (40000, 33)):  # 32767: the largest width whose sentinel still fits int16
+        layers = [make_layer(rng, n_in, 20, 30, "fp32", "relu", np.int32),
+                  make_layer(rng, 20, 3, 5, "int4", "none", np.int16)]
+        layout = infer.Layout(layers)
+        assert layout.tab[0, infer.F_IK] == (1 if n_in > 32767 else 0)
+        check(layers, rng.standard_normal((batch, n_in)).astype(np.float32))
+
+
+def test_ablated_rows_output_their_bias_whatever_the_input():
+    rng = np.random.default_rng(1)
+    spec = make_layer(rng, 12, 6, 4, "fp32", "none", np.int16)
+    spec["active"] = np.array([True, False, True, False, False, True])
+    layout = infer.Layout([spec])
+    x = rng.standard_normal((40, 12)).astype(np.float32)
+    x[:, :] = np.nan
+    for path in infer.PATHS:
+        for b in (1, 3, 40):
+            y = infer.forward(layout, x[:b], path)
+            np.testing.assert_array_equal(y[:, ~spec["active"]], np.broadcast_to(spec["bias"][~spec["active"]], (b, 3)))
+            assert np.isnan(y[:, spec["active"]]).all()
+
+
+def test_nan_reaches_only_the_rows_that_read_it():
+    rng = np.random.default_rng(2)
+    spec = make_layer(rng, 30, 25, 3, "int8", "none", np.int16)
+    layout = infer.Layout([spec])
+    x = rng.standard_normal((35, 30)).astype(np.float32)
+    x[:, 7] = np.nan
+    reads = (spec["indices"] == 7).any(axis=1)
+    for path in infer.PATHS:
+        for b in (1, 35):
+            y = infer.forward(layout, x[:b], path)
+            assert np.isnan(y[:, reads]).all() and np.isfinite(y[:, ~reads]).all(), path
+
+
+def test_every_kind_of_layer_in_one_chain_and_zero_inputs():
+    rng = np.random.default_rng(3)
+    layers = [make_layer(rng, 50, 48, 12, "int4", "relu", np.int16),
+              make_layer(rng, 48, 47, 47, "int8", "relu", np.int32),
+              make_layer(rng, 47, 33, 0, "int4", "gelu", None, dense=True),
+              make_layer(rng, 33, 5, 2, "fp32", "none", np.int16)]
+    check(layers, np.zeros((7, 50), np.float32))
+    check(layers, rng.standard_normal((65, 50)).astype(np.float32))
+
+
+# ------------------------------------------------------------------ pieces
+@given(st.integers(1, 40), st.integers(1, 30), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_nibbles_round_trip_and_dequantize_exactly(n, half, seed):
+    rng = np.random.default_rng(seed)
+    kp = 2 * half
+    q = rng.integers(-8, 8, (n, kp)).astype(np.int8)
+    p = lowbit.pack_nibbles(q)
+    assert p.shape == (n, half) and p.dtype == np.uint8
+    np.testing.assert_array_equal(lowbit.unpack_nibbles(p), q)
+    scale = rng.uniform(1e-3, 2, n).astype(np.float32)
+    want = scale[:, None] * q.astype(np.float32)  # the contract: exactly these float32 products
+    out = np.full(n * kp + 8, np.nan, np.float32)
+    lowbit.dequantize_rows_int4(np.concatenate([p.reshape(-1), np.zeros(8, np.uint8)]), 0, scale, 0, 0, n, kp, out)
+    np.testing.assert_array_equal(out[:n * kp].reshape(n, kp), want)
+    out[:] = np.nan
+    lowbit.dequantize_rows_int8(np.concatenate([q.reshape(-1), np.zeros(8, np.int8)]), 0, scale, 0, 0, n, kp, out)
+    np.testing.assert_array_equal(out[:n * kp].reshape(n, kp), want)
+
+
+def test_pack_nibbles_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        lowbit.pack_nibbles(np.array([[9, 0]], np.int8))
+    with pytest.raises(ValueError, match="even"):
+        lowbit.pack_nibbles(np.zeros((2, 3), np.int8))
+
+
+def test_transpose8_tiles():
+    from numba import njit
+
+    @njit
+    def tr(src, soff, ss, dst, doff, ds):
+        infer.transpose8(src, soff, ss, dst, doff, ds)
+
+    rng = np.random.default_rng(4)
+    src = rng.standard_normal(13 * 11).astype(np.float32)
+    dst = np.zeros(10 * 9 + 3, np.float32)
+    tr(src, 3, 13, dst, 2, 10)  # rows of 13 from 3, into rows of 10 from 2
+    np.testing.assert_array_equal(dst[2:2 + 80].reshape(8, 10)[:, :8], src[3:3 + 8 * 13].reshape(8, 13)[:, :8].T)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("idx_dtype", [np.int16, np.int32])
+def test_gathered_dot_is_exact_to_rounding(kind, idx_dtype):
+    from numba import njit
+
+    @njit
+    def dots(x, idx, vals, vstride, scale, kp, n, out):
+        for j in range(n):
+            out[j] = infer.gdot(x, 0, idx, j * kp, vals, j * vstride, scale[j], kp)
+
+    rng = np.random.default_rng(5)
+    n, kp, n_in = 9, 40, 300
+    idx = rng.integers(0, n_in, (n, kp)).astype(idx_dtype)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    scale = rng.uniform(0.1, 1, n).astype(np.float32)
+    if kind == "fp32":
+        vals = w = rng.standard_normal((n, kp)).astype(np.float32)
+        scale[:] = 1
+    else:
+        q = rng.integers(-8, 8, (n, kp)).astype(np.int8)
+        vals = q if kind == "int8" else lowbit.pack_nibbles(q)
+        w = scale[:, None] * q.astype(np.float32)
+    flat = np.concatenate([vals.reshape(-1), np.zeros(infer.PAD, vals.dtype)])
+    out = np.zeros(n, np.float32)
+    dots(x, np.concatenate([idx.reshape(-1), np.zeros(infer.PAD, idx_dtype)]), flat, kp // 2 if kind == "int4" else kp,
+         scale, kp, n, out)
+    np.testing.assert_allclose(out, (w.astype(np.float64) * x[idx]).sum(1), rtol=1e-5, atol=1e-5)

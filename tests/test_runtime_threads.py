@@ -1,0 +1,165 @@
+"""The runtime as a guest: many threads predicting at once, children forked after the parent predicted,
+the workqueue threading layer -- always the serial results, never a crash or a hang."""
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import fanin
+from fanin import models
+from fanin.runtime import engine
+
+# the parallel paths need enough work: panels from PARALLEL_PANELS_MACS, rows from PARALLEL_ROWS_MACS
+SMALL, LARGE = 1, 256
+
+
+@pytest.fixture(autouse=True)
+def rule_only(monkeypatch):
+    """The work rule alone picks the path (the timing tuner could choose serial runs on a busy machine, and
+    these tests are about the parallel ones)."""
+    monkeypatch.setattr(engine, "ADAPTIVE", False)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return fanin.compile(models.mlp([784, 512, 512, 10], sparsity=0.9, seed=0))
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """One wide layer: its batch-1 forward splits the rows over threads."""
+    return fanin.compile(models.mlp([4096, 4096, 10], sparsity=[0.9, None], seed=1))
+
+
+def inputs(n_in, batch, seed):
+    return np.random.default_rng(seed).standard_normal((batch, n_in)).astype(np.float32)
+
+
+def serial(net, x):
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)  # thread-local in Numba: only this thread's calls run serially
+    try:
+        return net.predict(x)
+    finally:
+        numba.set_num_threads(saved)
+
+
+def test_paths_are_chosen_by_work(net, wide):
+    threads = max(2, numba.get_num_threads())
+    assert net._engine.chain.plan_for(SMALL, threads) == "rows_serial"
+    assert net._engine.chain.plan_for(LARGE, threads) in ("panels", "layerwise")
+    assert wide._engine.chain.plan_for(1, threads) == "rows"
+    assert net._engine.chain.plan_for(LARGE, 1) == "panels_serial"
+
+
+@pytest.mark.parametrize("batch", [SMALL, 3, 33, LARGE])
+def test_parallel_equals_serial_bitwise(net, batch):
+    x = inputs(784, batch, 0)
+    np.testing.assert_array_equal(net.predict(x), serial(net, x))
+
+
+def test_eight_threads_at_once_give_the_serial_results(net, wide):
+    cases = [(net, inputs(784, b, s)) for s, b in enumerate([SMALL, LARGE, SMALL, 40, LARGE, 2, LARGE, SMALL])]
+    cases += [(wide, inputs(4096, 1, 10 + s)) for s in range(4)]
+    want = [serial(n, x) for n, x in cases]
+    errors, barrier = [], threading.Barrier(len(cases))
+
+    def work(i):
+        n, x = cases[i]
+        try:
+            barrier.wait(timeout=60)
+            for _ in range(5):
+                y = n.predict(x)
+                if not np.array_equal(y, want[i]):
+                    errors.append(f"case {i}: results differ")
+                    return
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(f"case {i}: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a predicting thread hung"
+    assert not errors, errors
+
+
+def _child(net, xs, q):
+    try:
+        q.put(([net.predict(x) for x in xs], engine.parallel_state()))
+    except Exception as exc:  # noqa: BLE001
+        q.put((repr(exc), None))
+
+
+def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
+    t = engine._Tuner()
+    picks = [t.parallel() for _ in range(4)]
+    assert picks[0]  # parallel first: the work rule said it pays
+    for _ in range(2):  # the first call of each option is a warm-up, not counted
+        t.record(True, 10e-9)
+        t.record(False, 1e-9)  # serial measured 10x faster (an oversubscribed machine)
+    picks = [t.parallel() for _ in range(4 * engine.EXPLORE)]
+    assert sum(picks) == 4  # parallel only to re-measure it, one call in EXPLORE
+    t.record(True, 0.1e-9)  # the machine got idle: parallel measures 10x faster than serial did
+    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == engine.EXPLORE - 1
+
+
+def test_a_child_forked_after_the_parent_predicted_predicts_the_same(net):
+    xs = [inputs(784, b, 20 + b) for b in (SMALL, LARGE)]
+    want = [net.predict(x) for x in xs]  # the large batch starts Numba's threads in the parent
+    if sys.platform == "win32" or "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(net, xs, q))
+    p.start()
+    try:
+        got, state = q.get(timeout=120)
+    finally:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert p.exitcode == 0, f"the child died (exit code {p.exitcode})"
+    assert not isinstance(got, str), got
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    layer = engine.parallel_state()["threading_layer"]
+    if layer is not None and layer != "tbb":
+        assert state["disabled"] and "fork" in state["disabled"]
+
+
+WORKQUEUE = textwrap.dedent("""
+    import threading, numpy as np, fanin
+    from fanin import models
+    from fanin.runtime import engine
+    engine.ADAPTIVE = False
+    net = fanin.compile(models.mlp([784, 512, 512, 10], sparsity=0.9, seed=0))
+    xs = [np.random.default_rng(i).standard_normal((256, 784)).astype(np.float32) for i in range(6)]
+    want = [net.predict(x) for x in xs]
+    assert engine.parallel_state()["threading_layer"] == "workqueue", engine.parallel_state()
+    bad = []
+    def work(i):
+        for _ in range(4):
+            if not np.array_equal(net.predict(xs[i]), want[i]):
+                bad.append(i)
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    print("ok" if not bad else f"differ {bad}")
+""")
+
+
+def test_workqueue_layer_is_never_launched_twice_at_once(tmp_path):
+    """Numba's workqueue layer aborts on concurrent parallel launches: the engine serializes them."""
+    script = tmp_path / "wq.py"
+    script.write_text(WORKQUEUE)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}  # the test's own child process, not fanin's doing
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]
