@@ -1,0 +1,290 @@
+"""The Starlette app of ``fanin serve``: request decoding and checks, the endpoints, the metrics.
+
+Every request a client gets wrong is answered with a 4xx and ``{"error": "<one line>"}``: 400 (malformed
+JSON or .npy, bad query), 404/405 (no such endpoint or method), 413 (body over ``max_body`` bytes, more
+than ``max_rows`` rows), 415 (content type other than JSON or .npy), 422 (numbers of the wrong shape,
+rank or dtype, NaN/Inf under the network's ``nan_policy="raise"``). The server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+
+import numpy as np
+from scipy import special
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fanin.serve.batcher import Batcher
+from fanin.serve.config import ServeConfig
+
+__all__ = ["create_app", "RequestError", "decode_inputs"]
+
+log = logging.getLogger("fanin.serve")
+JSON_TYPES = ("application/json",)
+NPY_TYPES = ("application/x-npy", "application/npy", "application/octet-stream")
+ENDPOINTS = "POST /predict, GET /healthz, GET /info, GET /metrics"
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------ decoding
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes whether or not the client announced its length."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise RequestError(400, f"the Content-Length header {length!r} is not a number.")
+        if int(length) > limit:
+            raise RequestError(413, f"the body is {int(length)} bytes; this server takes at most {limit} "
+                                    "(fanin serve --max-body); send fewer rows per request.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over {limit} bytes, the most this server takes (fanin serve "
+                                    "--max-body); send fewer rows per request.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: int, check_finite: bool = True):
+    """The rows a request sends, as float32 (rows, *input_shape); ``RequestError`` says what is wrong."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype in JSON_TYPES:
+        x = _from_json(body)
+    elif ctype in NPY_TYPES:
+        x = _from_npy(body)
+    else:
+        raise RequestError(415, f"unsupported content type {ctype or '(none)'!r}: send application/json "
+                                '({"inputs": [[...], ...]}) or application/x-npy (the bytes of a .npy file).')
+    shape = tuple(input_shape)
+    if x.shape == shape:
+        x = x[None]
+    elif x.shape == (0,):  # {"inputs": []}: no rows
+        x = x.reshape(0, *shape)
+    if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+        raise RequestError(422, f"inputs have shape {x.shape}; this model takes (rows, {', '.join(map(str, shape))}) "
+                                f"or one sample of shape {shape}.")
+    if len(x) > max_rows:
+        raise RequestError(413, f"the request has {len(x)} rows; this server takes at most {max_rows} per request "
+                                "(fanin serve --max-rows): split it.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if check_finite and x.size and not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        raise RequestError(422, f"row(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or Inf; "
+                                "clean the input.")
+    return x
+
+
+def _from_json(body: bytes) -> np.ndarray:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(400, f"the body is not valid JSON ({_one_line(exc)}).") from None
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise RequestError(400, 'the JSON body must be an object {"inputs": [[...], ...]} (one list of numbers '
+                                "per row).")
+    try:
+        x = np.asarray(doc["inputs"], dtype=np.float32)
+    except (ValueError, TypeError, RecursionError):
+        raise RequestError(422, '"inputs" must be a rectangular array of numbers (every row the same length, '
+                                "no strings or nulls).") from None
+    return x
+
+
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?f[248])', 'fortran_order': (False|True), 'shape': \(([0-9, ]*)\), \} *\n")
+
+
+def _npy_fast(body: bytes):
+    """The array of a .npy body in the exact layout numpy.save writes for float arrays, else None (np.load decides)."""
+    if body[:6] != b"\x93NUMPY" or len(body) < 12 or body[6] not in (1, 2, 3):
+        return None
+    start = 10 if body[6] == 1 else 12
+    end = start + int.from_bytes(body[8:start], "little")
+    m = _NPY_HEADER.fullmatch(body, start, end)
+    if m is None:
+        return None
+    dtype = np.dtype(m.group(1).decode())
+    shape = tuple(int(v) for v in m.group(3).split(b",") if v.strip())
+    count = math.prod(shape)
+    if len(body) - end != count * dtype.itemsize:
+        return None
+    return np.frombuffer(body, dtype, count, end).reshape(shape, order="F" if m.group(2) == b"True" else "C")
+
+
+def _from_npy(body: bytes) -> np.ndarray:
+    x = _npy_fast(body)  # numpy's header parser (ast.literal_eval) took 30 % of the event loop's time
+    if x is not None:
+        return x
+    try:
+        x = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise RequestError(400, f"the body is not a .npy array ({_one_line(exc)}); write it with numpy.save.") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise RequestError(422, f"the .npy array has dtype {getattr(x, 'dtype', type(x).__name__)}; send floats "
+                                "(float32; float64/float16 are converted), normalized as in training.")
+    return x
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def encode_outputs(logits: np.ndarray, proba: bool) -> bytes:
+    """The JSON answer: logits (or probabilities) per row and each row's class."""
+    classes = logits.argmax(axis=1) if logits.size else np.empty(0, np.int64)
+    y = special.softmax(logits, axis=1) if proba and logits.size else logits
+    if not np.isfinite(y).all():
+        raise RequestError(500, "the model produced NaN or Inf outputs for this input.")
+    return json.dumps({"probabilities" if proba else "logits": y.tolist(), "classes": classes.tolist()},
+                      separators=(",", ":")).encode()
+
+
+# ------------------------------------------------------------------ metrics
+class Metrics:
+    """Prometheus counters and histograms of one app (all workers' when PROMETHEUS_MULTIPROC_DIR is set)."""
+
+    def __init__(self, max_batch: int):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self._children = {}
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.requests = Counter("fanin_requests", "HTTP requests answered, by endpoint and status code "
+                                "(errors: code >= 400)", ["endpoint", "code"], registry=self.registry)
+        self.latency = Histogram("fanin_request_seconds", "time from reading a /predict request to its answer",
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
+                                 registry=self.registry)
+        rows = [2 ** i for i in range(int(math.log2(max(1, max_batch))) + 1)]
+        self.batch_rows = Histogram("fanin_batch_rows", "rows per predict call (dynamic batching)",
+                                    buckets=rows + ([max_batch] if max_batch not in rows else []),
+                                    registry=self.registry)
+        self.predict_seconds = Histogram("fanin_predict_seconds", "seconds one predict call ran (in the predict thread)",
+                                         buckets=(.0001, .0002, .0005, .001, .002, .005, .01, .02, .05, .1, .5),
+                                         registry=self.registry)
+
+    def count(self, endpoint: str, code: int):
+        key = (endpoint, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(endpoint, str(code))
+        child.inc()
+
+    def on_batch(self, rows, seconds):
+        self.batch_rows.observe(rows)
+        self.predict_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+# ------------------------------------------------------------------ the app
+def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> Starlette:
+    """The ASGI app serving ``net`` (a ``Network``, or anything with ``predict``, ``input_shape``, ``info()``).
+
+    Its lifespan starts a one-thread predict executor and the batcher, warms the kernels up, then calls
+    ``on_ready()``; run it with Uvicorn (``fanin.serve.serve`` does).
+    """
+    cfg = config or ServeConfig()
+    metrics = Metrics(cfg.max_batch)
+    shape = tuple(int(s) for s in net.input_shape)
+    check_finite = getattr(net, "nan_policy", "raise") == "raise"
+    info = net.info()
+    state = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanin-predict",
+                                                         initializer=_set_threads, initargs=(cfg.predict_threads(),))
+        batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch)
+        for rows in sorted({1, cfg.max_batch}):  # load the kernels now, not in the first request
+            await loop.run_in_executor(executor, net.predict, np.zeros((rows, *shape), np.float32))
+        await batcher.start()
+        state["batcher"] = batcher
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            executor.shutdown(wait=True)
+
+    async def predict(request):
+        t0 = time.perf_counter()
+        try:
+            proba = _FLAGS.get(request.query_params.get("proba", "0").lower())
+            if proba is None:
+                raise RequestError(400, f"proba must be 1 or 0, got {request.query_params.get('proba')!r}.")
+            body = await read_body(request, cfg.max_body)
+            x = decode_inputs(body, request.headers.get("content-type", ""), shape, cfg.max_rows, check_finite)
+            y = await state["batcher"].predict(x) if len(x) else np.empty((0, net.n_classes), np.float32)
+            response = Response(encode_outputs(y, proba), media_type="application/json")
+        except RequestError as exc:
+            response = _error(exc.status, str(exc))
+        except ValueError as exc:  # a PredictError the checks above did not foresee
+            response = _error(422, _one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving
+            log.exception("predict failed")
+            response = _error(500, f"predict failed: {_one_line(exc)}")
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.count("/predict", response.status_code)
+        return response
+
+    async def healthz(request):
+        metrics.count("/healthz", 200)
+        return JSONResponse({"status": "ok"})
+
+    async def info_(request):
+        metrics.count("/info", 200)
+        body = {**info, "server": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
+                                   "max_rows": cfg.max_rows, "max_body": cfg.max_body, "workers": cfg.workers,
+                                   "pid": os.getpid()}}
+        return Response(json.dumps(body, default=str), media_type="application/json")
+
+    async def metrics_(request):
+        metrics.count("/metrics", 200)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(request, exc: HTTPException):
+        metrics.count("other", exc.status_code)
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: {ENDPOINTS}).")
+
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
+              Route("/info", info_, methods=["GET"]), Route("/metrics", metrics_, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+def _set_threads(n):
+    if n is not None:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
