@@ -107,10 +107,18 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
+    def to(self, device):
+        """Move every parameter (and gradient) to ``device`` ('cpu' or 'cuda') in place; returns the module.
+        Optimizers and SRigL hold the same parameters and follow them (``fanin.device``)."""
+        from fanin import device as _device
+
+        return _device.move_module(self, device)
+
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Name -> array copy for every parameter and buffer."""
-        state = {name: p.data.copy() for name, p in self.named_parameters()}
+        """Name -> array copy (on the host) for every parameter and buffer."""
+        state = {name: p.data.copy() if isinstance(p.data, np.ndarray) else _host(p.data)
+                 for name, p in self.named_parameters()}
         state.update({name: np.array(b, copy=True) for name, b in self.named_buffers()})
         return state
 
@@ -140,6 +148,18 @@ class Module:
         for name, value in state.items():
             current = getattr(self, name, None)
             target = current.data if isinstance(current, Tensor) else current
+            if isinstance(current, Tensor) and not isinstance(target, np.ndarray):  # on the device: copy over
+                from fanin import device as _device
+
+                if value.shape != tuple(target.shape) and not resize:
+                    raise ValueError(
+                        f"load_state_dict: '{prefix}{name}' has shape {value.shape} in the state but "
+                        f"{tuple(target.shape)} in the model."
+                    )
+                if value.shape != tuple(target.shape):
+                    current.grad, resized = None, True
+                current.data = _device.move(np.array(value, dtype=target.dtype, copy=True), "cuda")
+                continue
             if not isinstance(target, np.ndarray):
                 continue
             if value.shape != target.shape:
@@ -204,10 +224,19 @@ class Sequential(Module):
         return iter(self.layers)
 
 
+def _host(a) -> np.ndarray:
+    """A host copy of a device array (``fanin.device``)."""
+    from fanin import device as _device
+
+    return _device.host(a)
+
+
 def _as_input(x, layer) -> Tensor:
     """Layer input as a floating Tensor (integers are cast to float32; anything else refused)."""
     if isinstance(x, Tensor):
         return x
+    if hasattr(x, "__cuda_array_interface__") or getattr(x, "__cuda_ndarray__", False):
+        return Tensor(x)  # a device array stays on the device
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{layer}: input must be numeric, got dtype {arr.dtype}.")
@@ -513,7 +542,8 @@ class _FanIn(_Quantizable, Module):
         """The (n_out, n_in) weight matrix (ablated rows are zero)."""
         w = np.zeros((self.n_out, self.n_in), np.float32)
         rows = np.nonzero(self.active)[0]
-        w[rows[:, None], self.indices[rows].astype(np.int64)] = self.values.data[rows]
+        vals = self.values.data if isinstance(self.values.data, np.ndarray) else _host(self.values.data)
+        w[rows[:, None], self.indices[rows].astype(np.int64)] = vals[rows]
         return w
 
     def set_connectivity(self, indices, values: np.ndarray, active: np.ndarray | None = None):
@@ -532,7 +562,9 @@ class _FanIn(_Quantizable, Module):
                                  f"the layer {self.n_in}.")
         else:
             topo = kernels.Topology(indices, self.n_in, active)
-        values = np.array(values, dtype=np.float32, copy=True, order="C")
+        on_device = not isinstance(self.values.data, np.ndarray)  # the layer stays where it is
+        values = np.array(values if isinstance(values, np.ndarray) or not hasattr(values, "copy_to_host")
+                          else _host(values), dtype=np.float32, copy=True, order="C")
         if values.shape != topo.indices.shape or topo.n_out != self.n_out:
             raise ValueError(
                 f"{type(self).__name__}: indices {topo.indices.shape} and values {values.shape} must both be "
@@ -540,6 +572,10 @@ class _FanIn(_Quantizable, Module):
             )
         values[~topo.active] = 0
         self.topology = topo
+        if on_device:
+            from fanin import device as _device
+
+            values = _device.move(values, "cuda")
         self.values.data = values
         self.values.grad = None
 

@@ -11,6 +11,7 @@ import math
 import numpy as np
 from scipy import special
 
+from fanin import tensor as _tm
 from fanin.tensor import Tensor, as_array
 
 __all__ = [
@@ -23,9 +24,23 @@ __all__ = [
 
 def _t(x, like=None) -> Tensor:
     """``x`` as a Tensor; constants take the dtype of ``like`` when given."""
+    if _tm._CUDA and _tm.on_cuda(x):  # ops with a device twin dispatch before they get here
+        _cuda_unsupported()
     if isinstance(x, Tensor):
         return x
     return Tensor(as_array(x, None if like is None else like.data.dtype))
+
+
+def _cuda():
+    from fanin import device
+
+    return device
+
+
+def _cuda_unsupported():
+    import sys
+
+    _cuda().unsupported(f"ops.{sys._getframe(2).f_code.co_name}")
 
 
 def _binary_operands(a, b):
@@ -60,6 +75,8 @@ def _check_broadcast(op, a, b):
 
 # ------------------------------------------------------------------ arithmetic
 def add(a, b) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a, b):
+        return _cuda().add(a, b)
     a, b = _binary_operands(a, b)
     _check_broadcast("add", a, b)
 
@@ -70,6 +87,8 @@ def add(a, b) -> Tensor:
 
 
 def sub(a, b) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a, b):
+        return _cuda().sub(a, b)
     a, b = _binary_operands(a, b)
     _check_broadcast("sub", a, b)
 
@@ -80,6 +99,8 @@ def sub(a, b) -> Tensor:
 
 
 def mul(a, b) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a, b):
+        return _cuda().mul(a, b)
     a, b = _binary_operands(a, b)
     _check_broadcast("mul", a, b)
 
@@ -117,6 +138,8 @@ def pow(a, exponent) -> Tensor:
 
 
 def neg(a) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().neg(a)
     a = _t(a)
     return Tensor._make(-a.data, (a,), lambda g: (-g,))
 
@@ -166,6 +189,8 @@ def matmul(a, b) -> Tensor:
 
 def linear(x, weight, bias=None) -> Tensor:
     """``x @ weight.T + bias``: the fused affine map of a dense layer (weight is (out, in))."""
+    if _tm._CUDA and _tm.on_cuda(x, weight, bias):
+        return _cuda().linear(x, weight, bias)
     x = _t(x)
     if x.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -198,6 +223,8 @@ def _norm_axes(axis, ndim):
 
 
 def sum(a, axis=None, keepdims=False) -> Tensor:  # noqa: A001 (mirrors NumPy)
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().sum(a, axis, keepdims)
     a = _t(a)
     axes = _norm_axes(axis, a.ndim)
     out = np.sum(a.data, axis=axes, keepdims=keepdims)
@@ -211,6 +238,8 @@ def sum(a, axis=None, keepdims=False) -> Tensor:  # noqa: A001 (mirrors NumPy)
 
 
 def mean(a, axis=None, keepdims=False) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().mean(a, axis, keepdims)
     a = _t(a)
     axes = _norm_axes(axis, a.ndim)
     count = math.prod(a.shape[ax] for ax in axes)
@@ -226,6 +255,8 @@ def mean(a, axis=None, keepdims=False) -> Tensor:
 
 # ----------------------------------------------------------------- reshaping
 def reshape(a, shape) -> Tensor:
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().reshape(a, shape)
     a = _t(a)
     try:
         out = a.data.reshape(shape)
@@ -238,6 +269,8 @@ def reshape(a, shape) -> Tensor:
 
 def flatten(a, start_dim=1) -> Tensor:
     """Merge every dimension from ``start_dim`` on into one."""
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().reshape(a, tuple(a.shape[:start_dim]) + (-1,))
     a = _t(a)
     return reshape(a, a.shape[:start_dim] + (-1,))
 
@@ -292,6 +325,8 @@ def relu(a) -> Tensor:
     from fanin.kernels import activation, memory
     from fanin.tensor import Panels, make_panels, panels_of
 
+    if _tm._CUDA and _tm.on_cuda(a):
+        return _cuda().relu(a)
     a = _t(a)
     ap = panels_of(a)
     if ap is not None:  # a packed activation stays packed (ReLU(0) = 0 keeps the padding zero)
@@ -341,6 +376,8 @@ def log_softmax(a, axis=-1) -> Tensor:
 
 def cross_entropy(logits, labels) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
+    if _tm._CUDA and _tm.on_cuda(logits):
+        return _cuda().cross_entropy(logits, labels)
     logits = _t(logits)
     labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
     if isinstance(labels, np.ndarray) and labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
@@ -575,6 +612,8 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense
     from fanin.kernels.cpu import SMALL_BATCH
     from fanin.tensor import Panels, make_panels, panels_of
 
+    if _tm._CUDA and _tm.on_cuda(x, values, bias):
+        return _cuda().fanin_linear(x, indices, values, bias, active, capture, dense)
     x = _t(x)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")

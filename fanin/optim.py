@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from fanin import tensor as _tm
 from fanin.kernels import update
 from fanin.tensor import Tensor
 
@@ -26,6 +27,12 @@ def _flat(a: np.ndarray, dtype=None) -> np.ndarray:
     return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "CosineSchedule", "StateShapeError"]
+
+
+def _dev():
+    from fanin import device
+
+    return device
 
 
 class StateShapeError(ValueError):
@@ -83,8 +90,10 @@ class Optimizer:
         st = self.state.setdefault(p, {})
         a = st.get(name)
         if a is None:
-            a = st[name] = np.zeros_like(p.data)
-        elif a.shape != p.data.shape:
+            a = st[name] = np.zeros_like(p.data) if isinstance(p.data, np.ndarray) else _dev().zeros_like(p.data)
+        elif _tm._CUDA and isinstance(a, np.ndarray) != isinstance(p.data, np.ndarray):  # state follows its param
+            a = st[name] = _dev().move(a, "cpu" if isinstance(p.data, np.ndarray) else "cuda")
+        if tuple(a.shape) != tuple(p.data.shape):
             raise self._mismatch(p, name, a.shape, "Call optimizer.remap_state(param, fn) (or select_state) right "
                                                    "after resizing the parameter, to carry its state over.")
         return a
@@ -95,11 +104,17 @@ class Optimizer:
         for p in self.params:
             if p.grad is None:
                 continue
-            if p.grad.shape != p.data.shape:
+            if tuple(p.grad.shape) != tuple(p.data.shape):
                 raise ValueError(
                     f"optimizer: gradient of shape {p.grad.shape} does not match parameter of shape "
                     f"{p.data.shape}; did the layer change shape without calling remap_state()?"
                 )
+            if _tm._CUDA and not isinstance(p.data, np.ndarray):  # on the device: the CUDA twin of the update
+                if isinstance(p.grad, np.ndarray):
+                    raise TypeError(f"optimizer: {self.param_name(p)} is on cuda but its gradient is on the cpu; "
+                                    "zero_grad() after moving the model, then run backward() again.")
+                self._update(p, p.grad)
+                continue
             if not p.data.flags.c_contiguous:
                 p.data = np.ascontiguousarray(p.data)
             self._update(p, p.grad)
@@ -110,8 +125,13 @@ class Optimizer:
     # ------------------------------------------------------- resizable state
     def reset_state(self, param, where=None):
         """Zero the state of ``param`` (everywhere, or where the boolean mask ``where`` is True)."""
-        for arr in self.state.get(param, {}).values():
-            if where is None:
+        st = self.state.get(param, {})
+        for name, arr in st.items():
+            if not isinstance(arr, np.ndarray):  # on the device: through the host (SRigL's schedule, rare)
+                h = _dev().host(arr)
+                h[... if where is None else where] = 0
+                st[name] = _dev().move(h, "cuda")
+            elif where is None:
                 arr[...] = 0
             else:
                 arr[where] = 0
@@ -124,12 +144,14 @@ class Optimizer:
         st = self.state.get(param)
         if not st:
             return
-        new = {name: np.ascontiguousarray(fn(a), dtype=param.data.dtype) for name, a in st.items()}
+        dev = not isinstance(param.data, np.ndarray)  # on the device, fn runs on host copies (SRigL: every delta_t)
+        new = {name: np.ascontiguousarray(fn(_dev().host(a) if dev or not isinstance(a, np.ndarray) else a),
+                                          dtype=param.data.dtype) for name, a in st.items()}
         for name, a in new.items():
-            if a.shape != param.data.shape:
+            if a.shape != tuple(param.data.shape):
                 raise self._mismatch(param, name, a.shape, "remap_state's function must return arrays of the "
                                                            "parameter's new shape; resize the parameter first.")
-        st.update(new)
+        st.update({name: _dev().move(a, "cuda") for name, a in new.items()} if dev else new)
 
     def select_state(self, param, keep, axis: int = 0):
         """Keep the state entries ``keep`` (indices or a boolean mask) along ``axis``: the state of a parameter
@@ -143,7 +165,8 @@ class Optimizer:
         return {
             "lr": self.lr,
             "steps": self.steps,
-            "state": {index[id(p)]: {k: v.copy() for k, v in st.items()} for p, st in self.state.items()},
+            "state": {index[id(p)]: {k: v.copy() if isinstance(v, np.ndarray) else _dev().host(v) for k, v in st.items()}
+                      for p, st in self.state.items()},
         }
 
     def load_state_dict(self, sd: dict):
@@ -156,8 +179,10 @@ class Optimizer:
             p = self.params[int(i)]
             state[p] = {k: np.array(v, dtype=p.data.dtype, copy=True) for k, v in st.items()}
             for k, v in state[p].items():
-                if v.shape != p.data.shape:
+                if v.shape != tuple(p.data.shape):
                     raise self._mismatch(p, k, v.shape, "Load the model's state (its shapes) before the optimizer's.")
+            if not isinstance(p.data, np.ndarray):  # the state lives where its parameter lives
+                state[p] = {k: _dev().move(v, "cuda") for k, v in state[p].items()}
         self.lr = float(sd["lr"])
         self.steps = int(sd["steps"])
         self.state = state
@@ -175,6 +200,10 @@ class SGD(Optimizer):
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
     def _update(self, p, g):
+        if not isinstance(p.data, np.ndarray):
+            buf = self._slot(p, "momentum") if self.momentum else None
+            _dev().backend().sgd_update(p.data, g, buf, self.lr, self.momentum, self.weight_decay, self.nesterov)
+            return
         buf = self._slot(p, "momentum") if self.momentum else _EMPTY[p.data.dtype.char]
         dt = p.data.dtype.type
         update.sgd_update(_flat(p.data), _flat(g, p.data.dtype), _flat(buf), dt(self.lr), dt(self.momentum),
@@ -203,6 +232,9 @@ class Adam(Optimizer):
         decay = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0
         # lr * m_hat / (sqrt(v_hat) + eps) == step * m / (sqrt(v) + eps * sqrt(1 - b2^t))
         eps = self.eps * math.sqrt(1 - b2 ** t)
+        if not isinstance(p.data, np.ndarray):
+            _dev().backend().adam_update(p.data, g, m, v, step, b1, b2, eps, l2, decay)
+            return
         update.adam_update(_flat(p.data), _flat(g, p.data.dtype), _flat(m), _flat(v), dt(step), dt(b1), dt(b2),
                            dt(eps), dt(l2), dt(decay))
 

@@ -24,6 +24,22 @@ import numpy as np
 __all__ = ["Tensor", "Panels", "no_grad", "enable_grad", "is_grad_enabled", "as_array"]
 
 _GRAD_ENABLED = contextvars.ContextVar("fanin_grad_enabled", default=True)
+_CUDA = False  # set by fanin.device once CUDA is in use: until then no op looks for device arrays
+
+
+def _is_device_array(a) -> bool:
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def on_cuda(*xs) -> bool:
+    """True when any operand is a tensor on the CUDA device (or a device array); only asked once CUDA is in use."""
+    for x in xs:
+        if isinstance(x, Tensor):
+            if type(x) is not _PanelTensor and _is_device_array(x.data):
+                return True
+        elif _is_device_array(x):
+            return True
+    return False
 
 
 def is_grad_enabled() -> bool:
@@ -73,8 +89,14 @@ class Tensor:
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
     __array_priority__ = 100.0  # make ndarray <op> Tensor dispatch to Tensor's reflected ops
 
-    def __init__(self, data, requires_grad: bool = False, dtype=None):
-        self.data = as_array(data, dtype)
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+        if device is None and not _is_device_array(data) and not (_CUDA and isinstance(data, Tensor)
+                                                                   and data.device == "cuda"):
+            self.data = as_array(data, dtype)
+        else:  # a device array, or device= given: fanin.device places it (CUDA is imported only then)
+            from fanin import device as _device
+
+            self.data = _device.tensor_data(data, dtype, device)
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._parents = ()
@@ -107,11 +129,31 @@ class Tensor:
     def __len__(self):
         return len(self.data)
 
+    @property
+    def device(self) -> str:
+        """'cpu', or 'cuda' when the data is a device array."""
+        return "cuda" if _is_device_array(self.data) else "cpu"
+
+    def to(self, device) -> "Tensor":
+        """This tensor on ``device`` ('cpu' or 'cuda'): itself when it is there, else a new leaf with a copy."""
+        from fanin import device as _device
+
+        device = _device.normalize(device)
+        if self.device == device:
+            return self
+        return Tensor(_device.move(self.data, device), requires_grad=self.requires_grad)
+
     def numpy(self) -> np.ndarray:
-        """The underlying array (not a copy)."""
+        """The underlying array (not a copy); a TypeError for a tensor on the GPU (``.to('cpu').numpy()``)."""
+        if _is_device_array(self.data):
+            raise TypeError("numpy(): this tensor is on cuda; copy it to the host first with .to('cpu').numpy().")
         return self.data
 
     def item(self) -> float:
+        if _is_device_array(self.data):  # one element from the device
+            from fanin import device as _device
+
+            return _device.host(self.data).item()
         return self.data.item()
 
     def detach(self) -> "Tensor":
@@ -120,11 +162,16 @@ class Tensor:
 
     def __repr__(self):
         flag = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag})"
+        where = ", device='cuda'" if self.device != "cpu" else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{where}{flag})"
 
     # ------------------------------------------------------------------- tape
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
+        if _CUDA and type(self) is not _PanelTensor and _is_device_array(self.data):
+            from fanin import device as _device
+
+            return _device.backward(self, grad)
         if not self.requires_grad:
             raise RuntimeError(
                 "backward() called on a tensor that does not require grad; make sure an input "
@@ -318,6 +365,10 @@ class _PanelTensor(Tensor):
     @property
     def ndim(self):
         return 2
+
+    @property
+    def device(self) -> str:
+        return "cpu"
 
     @property
     def dtype(self):

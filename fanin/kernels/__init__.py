@@ -2,8 +2,10 @@
 
 Each public function validates its arguments once (shapes, dtypes, index range), then hands
 them to the backend for their device: NumPy arrays go to ``fanin.kernels.cpu``; CUDA device
-arrays would go to ``fanin.kernels.cuda``, which does not exist yet (a clear
-``NotImplementedError`` says so). Validation never touches the hot loops.
+arrays (``__cuda_array_interface__``: Numba, CuPy, PyTorch; taken without a copy) go to
+``fanin.kernels.cuda``, imported only then (without numba-cuda or a GPU,
+``fanin.device.CUDAUnavailableError`` says what to do). A ``Topology`` is device-neutral: the
+CUDA backend keeps a device copy of it. Validation never touches the hot loops.
 
 Conventions:
 - floats are float32 (the fast path) or float64 (for gradient checks); when float32 and
@@ -74,6 +76,12 @@ def _topology(indices):
     return indices, None
 
 
+def _on(indices, topo):
+    """What decides the device of a call: plain index arrays do; a Topology is device-neutral (an immutable host
+    value: the CUDA backend keeps its device copy)."""
+    return None if topo is not None else indices
+
+
 def _index_range(fname, be, indices, topo, check, n_in, x_name, x_shape):
     """The index check of a call: O(1) for a Topology (its n_in must be the input width), else a scan."""
     if topo is not None:
@@ -116,7 +124,7 @@ def validate_indices(indices, n_in: int) -> None:
     _v.index_range(fname, be, indices, int(n_in), "a layer", (n_in,))
     row = be.rows_strictly_increasing(indices)
     if row >= 0:
-        r = np.asarray(indices[row])
+        r = _v.host(indices[row])
         dup = np.flatnonzero(np.diff(r.astype(np.int64)) <= 0)[0]
         problem = "repeats" if r[dup] == r[dup + 1] else "is out of order at"
         raise ValueError(
@@ -128,7 +136,7 @@ def validate_indices(indices, n_in: int) -> None:
 def _layer(fname, x, indices, values, bias, check, values_kind="float"):
     """Validate (x, indices, values, bias) of a forward-like call; returns them converted."""
     indices, topo = _topology(indices)
-    be = _v.backend(fname, x=x, indices=indices, values=values, bias=bias)
+    be = _v.backend(fname, x=x, indices=_on(indices, topo), values=values, bias=bias)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
@@ -179,7 +187,7 @@ def fixed_point_forward(x, indices, qvalues, scale, bias=None, *, check=None):
             f"{fname}: qvalues have dtype {qvalues.dtype}, but the fixed-point kernel takes int8; "
             "quantise to integers in [-128, 127] and cast with .astype(np.int8)."
         )
-    _v.backend(fname, scale=scale)
+    _v.backend(fname, x=x, scale=scale)
     scale = _v.float_array(fname, "scale", scale, 1, "(n_out,)")
     _v.per_neuron(fname, "scale", scale, indices.shape[0])
     dt = _v.common_float(x, bias)
@@ -205,7 +213,7 @@ def fanin_backward_values(x, indices, dy, *, check=None, xp=None, dyp=None):
     fname = "fanin_backward_values"
     x, indices, dy, xp, dyp = _v.plain(x, indices, dy, xp, dyp)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, x=x, indices=indices, dy=dy)
+    be = _v.backend(fname, x=x, indices=_on(indices, topo), dy=dy)
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)
@@ -227,7 +235,7 @@ def transpose_structure(indices, n_in: int, *, check=None):
     fname = "transpose_structure"
     indices, = _v.plain(indices)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, indices=indices)
+    be = _v.backend(fname, indices=_on(indices, topo))
     indices = _v.index_array(fname, indices)
     n_in = int(n_in)
     if n_in < 1:
@@ -247,7 +255,7 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
     fname = "fanin_backward_input"
     indices, values, dy, dyp = _v.plain(indices, values, dy, dyp)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, indices=indices, values=values, dy=dy)
+    be = _v.backend(fname, indices=_on(indices, topo), values=values, dy=dy)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
     values = _v.float_array(fname, "values", values, 2, "(n_out, k)")
@@ -296,7 +304,7 @@ def fanin_forward_panels(xp, batch: int, indices, values, bias=None, *, check=No
     fname = "fanin_forward_panels"
     xp, indices, values, bias = _v.plain(xp, indices, values, bias)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, xp=xp, indices=indices, values=values, bias=bias)
+    be = _v.backend(fname, xp=xp, indices=_on(indices, topo), values=values, bias=bias)
     xp = _packed(fname, "xp", xp, batch, be)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
@@ -318,7 +326,7 @@ def fanin_backward_panels(xp, indices, values, dyp, batch: int, *, need_dx=True,
     fname = "fanin_backward_panels"
     xp, indices, values, dyp = _v.plain(xp, indices, values, dyp)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, xp=xp, indices=indices, values=values, dyp=dyp)
+    be = _v.backend(fname, xp=xp, indices=_on(indices, topo), values=values, dyp=dyp)
     xp, dyp = _packed(fname, "xp", xp, batch, be), _packed(fname, "dyp", dyp, batch, be)
     indices = _v.index_array(fname, indices)
     _v.same_shape(fname, "values", values, indices)
@@ -365,6 +373,11 @@ def _batches(fname, name, a):
         widths = {p.shape[1] for p in a}
         if len(widths) > 1:
             raise ValueError(f"{fname}: the batches in {name} have different widths {sorted(widths)}; they must agree.")
+        devices = {_v.device_of(fname, f"{name}[{i}]", p) for i, p in enumerate(a)}
+        if devices == {"cuda"}:  # stacked on the device
+            return _v.backend(fname, **{name: a[0]}).concat_rows(list(a))
+        if len(devices) > 1:
+            raise TypeError(f"{fname}: the batches in {name} are on different devices; move them to one first.")
         return np.concatenate([np.asarray(p) for p in a], axis=0)
     return a
 
@@ -400,7 +413,7 @@ def growth_candidates(x, dy, indices, c: int, block=None, *, sort=True, held=Fal
     x, dy, indices = _v.plain(x, dy, indices)
     x, dy = _batches(fname, "x", x), _batches(fname, "dy", dy)
     indices, topo = _topology(indices)
-    be = _v.backend(fname, x=x, dy=dy, indices=indices)
+    be = _v.backend(fname, x=x, dy=dy, indices=_on(indices, topo))
     x = _v.float_array(fname, "x", x, 2, "(batch, n_in)")
     indices = _v.index_array(fname, indices)
     dy = _dy(fname, dy, x.shape[0], indices.shape[0], x.shape)

@@ -16,17 +16,31 @@ _backends: dict = {}
 
 
 def plain(*arrays):
-    """The arrays with any fanin ``Tensor``/``Parameter`` replaced by its ``.data`` (no copy)."""
+    """The arrays with any fanin ``Tensor``/``Parameter`` replaced by its ``.data`` (no copy), and device arrays of
+    other libraries (``__cuda_array_interface__``: CuPy, PyTorch) wrapped as Numba device arrays, also without a
+    copy, when the CUDA backend can be loaded."""
     from fanin.tensor import Tensor
 
-    return tuple(a.data if isinstance(a, Tensor) else a for a in arrays)
+    out = tuple(a.data if isinstance(a, Tensor) else a for a in arrays)
+    if any(_foreign(a) for a in out):
+        try:
+            be = backend("fanin.kernels", probe=out[[_foreign(a) for a in out].index(True)])
+        except Exception:  # noqa: BLE001 - no usable backend: the device checks below say so, naming the arrays
+            return out
+        out = tuple(be.wrap(a) if _foreign(a) else a for a in out)
+    return out
+
+
+def _foreign(a) -> bool:
+    return (a is not None and not isinstance(a, np.ndarray) and not getattr(a, "__cuda_ndarray__", False)
+            and hasattr(a, "__cuda_array_interface__"))
 
 
 def device_of(fname: str, name: str, a) -> str:
     """'cpu' for NumPy arrays, 'cuda' for CUDA device arrays; a TypeError for anything else."""
     if isinstance(a, np.ndarray):
         return "cpu"
-    if hasattr(a, "__cuda_array_interface__"):
+    if hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False):  # (or a simulator array)
         return "cuda"
     raise TypeError(
         f"{fname}: {name} must be a NumPy array (or a fanin Tensor/Parameter), got {type(a).__name__}; "
@@ -46,11 +60,26 @@ def backend(fname: str, **arrays):
         try:
             _backends[device] = importlib.import_module(f"fanin.kernels.{device}")
         except ImportError as exc:
-            raise NotImplementedError(
-                f"{fname}: the {device.upper()} backend is not available yet ({exc}); "
-                "copy the arrays to the host (np.asarray / .copy_to_host()) to use the CPU kernels."
+            from fanin.device import CUDAUnavailableError
+
+            raise CUDAUnavailableError(
+                f"{fname}: got device arrays, but the {device.upper()} backend cannot be imported ({exc}); install "
+                "the extra (pip install 'fanin[cuda]'), or copy the arrays to the host to use the CPU kernels."
             ) from None
+        if device == "cuda":
+            from fanin import tensor
+
+            tensor._CUDA = True
     return _backends[device]
+
+
+def host(a):
+    """A NumPy view or copy of an array from either device (for error messages and host-side checks)."""
+    return a if isinstance(a, np.ndarray) else np.asarray(a.copy_to_host() if hasattr(a, "copy_to_host") else a)
+
+
+def is_c_contiguous(a) -> bool:
+    return a.flags.c_contiguous if isinstance(a, np.ndarray) else bool(a.is_c_contiguous())
 
 
 def contiguous(a):
@@ -79,6 +108,8 @@ def common_float(*arrays):
 def cast(a, dtype):
     if a is None or a.dtype == dtype:
         return a
+    if not isinstance(a, np.ndarray):  # a device array: cast on the device
+        return _backends["cuda"].astype(a, dtype)
     return a.astype(dtype)
 
 
@@ -131,13 +162,16 @@ def transposed(fname: str, t, indices, n_in: int):
     """
     if t is None:
         return
-    ok = isinstance(t, tuple) and len(t) == 3 and all(isinstance(a, np.ndarray) for a in t)
+    on_host = isinstance(t, tuple) and len(t) == 3 and all(isinstance(a, np.ndarray) for a in t)
+    on_dev = isinstance(t, tuple) and len(t) == 3 and all(hasattr(a, "__cuda_array_interface__")
+                                                          or getattr(a, "__cuda_ndarray__", False) for a in t)
+    ok = on_host or on_dev
     if ok:
         colptr, rows, slots = t
         nnz = indices.shape[0] * indices.shape[1]
-        ok = (colptr.shape == (n_in + 1,) and rows.shape == (nnz,) and slots.shape == (nnz,)
+        ok = (tuple(colptr.shape) == (n_in + 1,) and tuple(rows.shape) == (nnz,) and tuple(slots.shape) == (nnz,)
               and colptr.dtype == np.int64 and rows.dtype == np.int32 and slots.dtype in (np.int32, np.int64)
-              and all(a.flags.c_contiguous for a in t) and int(colptr[-1]) == nnz)
+              and all(is_c_contiguous(a) for a in t) and (on_dev or int(colptr[-1]) == nnz))
     if not ok:
         raise ValueError(
             f"{fname}: transposed must be transpose_structure(indices, n_in) of these indices "
@@ -149,8 +183,8 @@ def transposed_content(fname: str, t, indices, n_in: int):
     """Debug check: ``t`` is exactly ``transpose_structure(indices, n_in)`` (O(nnz))."""
     from fanin.kernels import cpu
 
-    want = cpu.transpose_structure(np.asarray(indices), n_in)
-    if not all(np.array_equal(a, b) for a, b in zip(t, want)):
+    want = cpu.transpose_structure(host(indices), n_in)
+    if not all(np.array_equal(host(a), b) for a, b in zip(t, want)):
         raise ValueError(
             f"{fname}: transposed does not match indices {tuple(indices.shape)} (debug check); it was built from "
             "other indices. Rebuild it with transpose_structure(indices, n_in), or pass a Topology."
@@ -164,7 +198,10 @@ def panels(fname: str, name: str, packed, a, a_name: str, be):
     if packed is None:
         return None
     want = be.panels_shape(*a.shape)
-    if not isinstance(packed, np.ndarray) or tuple(packed.shape) != tuple(want) or not packed.flags.c_contiguous:
+    same_kind = isinstance(packed, np.ndarray) == isinstance(a, np.ndarray) and (
+        isinstance(packed, np.ndarray) or hasattr(packed, "__cuda_array_interface__")
+        or getattr(packed, "__cuda_ndarray__", False))
+    if not same_kind or tuple(packed.shape) != tuple(want) or not is_c_contiguous(packed):
         got = tuple(packed.shape) if hasattr(packed, "shape") else type(packed).__name__
         raise ValueError(
             f"{fname}: {name} must be pack_panels({a_name}) for {a_name} of shape {tuple(a.shape)}, i.e. a "
@@ -179,7 +216,7 @@ def packed(fname: str, name: str, xp, batch: int, be):
         raise ValueError(f"{fname}: batch must be a positive integer, got {batch!r}.")
     xp = float_array(fname, name, xp, 2, "(n, padded batch)")
     want = be.panels_shape(int(batch), xp.shape[0])
-    if tuple(xp.shape) != tuple(want) or not xp.flags.c_contiguous:
+    if tuple(xp.shape) != tuple(want) or not is_c_contiguous(xp):
         raise ValueError(
             f"{fname}: {name} of shape {tuple(xp.shape)} is not the panel layout of a batch of {batch}; it must be "
             f"a C-contiguous {tuple(want)} array, as pack_panels(x) of a ({batch}, {xp.shape[0]}) x returns."

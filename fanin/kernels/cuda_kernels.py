@@ -1,0 +1,956 @@
+"""The ``numba.cuda`` kernels behind ``fanin.kernels.cuda`` (imported only when CUDA is asked for).
+
+Pure kernels on flat device arrays; ``fanin.kernels.cuda`` chooses the launch configuration from the shapes and
+owns every layout. Kernels whose shape of work is a compile-time choice (samples per lane, warps per block, rows
+per warp, weight encoding, float width) come from small factories, cached per key, so each variant is one
+specialised kernel with its shared-memory tiles sized at compile time.
+
+Notation: a *row* is an output of the sparse product: a neuron for the forward, an input for dx (the transposed,
+CSC structure), so both run the same kernel. ``ptr`` (n_rows + 1) are CSR row pointers into ``idx``/``vals``
+(``ptr[j] = j*k`` for a condensed layer). Samples are read through strides, ``x[b, i] = x[b*sb + i*si]``: row-major
+``(B, n)`` has ``(sb, si) = (n, 1)``, the transposed panel layout ``(n, Bp)`` has ``(1, Bp)``.
+
+Launch configurations (derived in ``fanin.kernels.cuda``; numbers for a 4096x4096 layer at 90 %, k = 409):
+
+``rows_kernel`` -- small batches (B < 8), the latency path. One warp per row, 4 warps (128 threads) per block,
+  ``ceil(n_rows / 4)`` blocks. Lanes stride over the row's entries (coalesced ``idx``/``vals`` reads), gather
+  ``x[b, idx]`` (L1/L2 hits: x is 16 KiB at batch 1), and reduce with 5 shuffles per sample. Bytes: the layer's
+  ``nnz * (2 + 4)`` (int16 indices + float32 values; 1 or 0.5 bytes a value for int8 / 4-bit) read once:
+  10 MB at batch 1, ~3 us at H100 HBM bandwidth, against 67 MB for a dense float32 GEMV. FLOPs: 2 * nnz * B.
+
+``tile_kernel`` -- batched forward (and dx over the transposed structure). Grid ``(ceil(B / BT), ceil(n_rows /
+  RB))``, ``32 * WARPS`` threads. A block owns ``RB = WARPS * RPW`` rows and a batch tile of ``BT = 32 * SPL``
+  samples. It walks the inputs in chunks of ``CH`` rows: the block loads the chunk's ``CH x BT`` tile of x into
+  shared memory (coalesced along whichever axis is contiguous; row stride ``BT + 1`` so both the transposing store
+  and the reads are bank-conflict free), then each warp takes its rows one by one: the row's entries that fall in
+  the chunk (``seg``, from sorted rows) are read 32 at a time with one coalesced load of ``idx`` and ``vals``,
+  broadcast by ``shfl`` (offset and weight), and each lane accumulates ``SPL`` samples ``a[q] += w *
+  xs[off, 32q + lane]`` -- a conflict-free shared load per 32 multiply-adds. Per-row sums live in a shared
+  ``RB x BT`` accumulator tile, written out once at the end (coalesced along rows for a row-major output, along
+  samples for the panel layout, whose padding columns are written as zeros).
+  Traffic at B = 256 (SPL 2, WARPS 8, RPW 8: RB 64, CH 125, 256 blocks): shared-memory loads 429 M = nnz * B (one
+  per multiply-add, 4 B each, the floor for a gather formulation, ~60 us at 128 B/clk/SM), shuffles 2 per entry
+  per 64 samples, x tiles from L2 ``n_rows / RB * B * n_in * 4`` = 256 MB, idx+vals 4 * 6 * nnz = 40 MB.
+  FLOPs 2 * nnz * B = 0.86 GFLOP (dense: 8.6 GFLOP).
+
+``dvals_tile_kernel`` -- value gradient ``dv[e] = sum_b dy[b, row] * x[b, idx[e]]``. Grid ``ceil(n_rows / RB)``
+  blocks that loop over batch tiles and input chunks (deterministic: a block owns its rows' outputs; no atomics).
+  The block stages its rows' dy tile and the chunk's x tile in shared memory; per entry a lane forms
+  ``SPL`` products of its samples, and four entries at a time are summed across the warp in 11 shuffles (a joint
+  butterfly: halves exchange different partial sums, so four totals cost about one full reduction). Loads: one
+  conflict-free shared load per 32 multiply-adds, as the forward.
+
+``gemm_kernel`` -- dense ``C = A @ B (+ C) (+ bias)`` with arbitrary strides (dense layers, ``dense_grad``, growth
+  scores ``dy^T x``): 64 x 64 output tiles, K in steps of 16 through shared memory, 256 threads with 4 x 4 outputs
+  each, grid ``(ceil(N/64), ceil(M/64))``. A plain SIMT SGEMM (not tuned; cuBLAS is ~3-5x faster): it serves the
+  small classifier layers and the per-update growth scores.
+
+``topc_kernel`` -- growth candidates: one block (256 threads) per neuron row of ``|G|``. A 4-pass, 8-bit radix
+  select over the float bits (non-negative floats order as their bit patterns) finds the c-th largest free score;
+  a block-wide scan then writes, in input order, every score above it and the first ties by input index (the CPU's
+  tie rule). Held inputs were marked -1 (never selected). Work O(n_in) per row.
+
+Element-wise kernels: grid-stride loops, 256 threads, ``min(ceil(n / 256), 4096)`` blocks. Reductions that must be
+deterministic (the loss) use one block and a shared-memory tree.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+FULL = 0xFFFFFFFF
+SMEM_BYTES = 48 * 1024  # static shared memory per block without an opt-in
+EW_THREADS = 256
+
+_cache: dict = {}
+
+
+class Kernel:
+    """A launchable kernel with a key that rebuilds it (``build(key)``): ``kernel[grid, block](*args)``.
+
+    ``Kernel.RECORD``, when a list, receives ``(key, argument types)`` of every launch (the PTX tests compile
+    exactly the signatures the dispatcher uses); ``Kernel.DRY`` skips the launches themselves."""
+
+    RECORD = None
+    DRY = False
+    __slots__ = ("key", "kern")
+
+    def __init__(self, key, kern):
+        self.key, self.kern = key, kern
+
+    def __getitem__(self, config):
+        return _Launch(self, config)
+
+
+class _Launch:
+    __slots__ = ("k", "config")
+
+    def __init__(self, k, config):
+        self.k, self.config = k, config
+
+    def __call__(self, *args):
+        if Kernel.RECORD is not None:
+            Kernel.RECORD.append((self.k.key, tuple(_describe(a) for a in args)))
+        if not Kernel.DRY:
+            self.k.kern[self.config](*args)
+
+
+def _describe(a):
+    """A picklable description of an argument's Numba type (what the dispatcher specialises on)."""
+    if isinstance(a, (bool, np.bool_)):
+        return ("scalar", "boolean")
+    if isinstance(a, (int, np.integer)) and not isinstance(a, np.generic):
+        return ("scalar", "int64")
+    if isinstance(a, np.generic):
+        return ("scalar", str(numba.from_dtype(a.dtype)))
+    if isinstance(a, float):
+        return ("scalar", "float64")
+    t = numba.typeof(a)
+    return ("array", np.dtype(str(t.dtype) if str(t.dtype) != "bool" else "bool").str, int(t.ndim), t.layout)
+
+
+def signature(desc):
+    """The Numba signature tuple of a ``_describe`` list."""
+    out = []
+    for d in desc:
+        if d[0] == "scalar":
+            out.append(getattr(numba.types, d[1]))
+        else:
+            out.append(numba.types.Array(numba.from_dtype(np.dtype(d[1])), d[2], d[3]))
+    return tuple(out)
+
+
+def build(key):
+    """The kernel a ``Kernel.key`` names (rebuilt in this process: e.g. outside the simulator, for PTX)."""
+    name, *params = key
+    if name.startswith("k_"):
+        return globals()[name]
+    factory = {"rows": rows_kernel, "tile": tile_kernel, "dvals": dvals_tile_kernel, "dvals_rows": dvals_rows_kernel,
+               "transpose": transpose_kernel, "gemm": gemm_kernel, "topc": topc_kernel}[name]
+    return factory(*params)
+
+
+def ew_grid(n: int) -> int:
+    """Blocks for an element-wise grid-stride kernel over n elements."""
+    return max(1, min((int(n) + EW_THREADS - 1) // EW_THREADS, 4096))
+
+
+def _nbtype(dtype):
+    return numba.float64 if np.dtype(dtype) == np.float64 else numba.float32
+
+
+def _memo(key, make):
+    k = _cache.get(key)
+    if k is None:
+        k = _cache[key] = make()
+    return k
+
+
+# ------------------------------------------------------------------ weight decoding (compile-time choice)
+def _weight_fn(bits: int, DT):
+    """Device function ``w(vals, e, t, rb, r, s)``: the float weight of entry e (slot t of row r), times s.
+
+    32: float values; 8: int8 values; 4: two's-complement nibbles, row r's slot t in byte ``r*rb + t//2`` (low
+    nibble first). The product ``s * q`` is the exact float32 weight the runtime uses (lowbit.py's contract)."""
+    def make():
+        if bits == 32:
+            @cuda.jit(device=True, inline="always")
+            def w(vals, e, t, rb, r, s):
+                return vals[e] * s
+        elif bits == 8:
+            @cuda.jit(device=True, inline="always")
+            def w(vals, e, t, rb, r, s):
+                return s * DT(vals[e])
+        else:
+            @cuda.jit(device=True, inline="always")
+            def w(vals, e, t, rb, r, s):
+                v = numba.int32(vals[r * rb + (t >> 1)])
+                v = (v >> ((t & 1) * 4)) & 15
+                v = v - ((v & 8) << 1)
+                return s * DT(v)
+        return w
+    return _memo(("w", bits, DT), make)
+
+
+# ------------------------------------------------------------------ sparse products
+def rows_kernel(bits: int, dtype):
+    """Latency path: one warp per row; see the module doc."""
+    DT = _nbtype(dtype)
+    W = _weight_fn(bits, DT)
+
+    def make():
+        @cuda.jit
+        def k_rows(x, B, n_in, ptr, idx, vals, rb, scale, bias, out, n_rows):
+            gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> 5
+            lane = cuda.threadIdx.x & 31
+            if gw < n_rows:
+                e0 = ptr[gw]
+                e1 = ptr[gw + 1]
+                s = scale[gw]
+                for b in range(B):
+                    acc = DT(0.0)
+                    xb = b * n_in
+                    for e in range(e0 + lane, e1, 32):
+                        acc += W(vals, e, e - e0, rb, gw, s) * x[xb + idx[e]]
+                    acc += cuda.shfl_down_sync(FULL, acc, 16)
+                    acc += cuda.shfl_down_sync(FULL, acc, 8)
+                    acc += cuda.shfl_down_sync(FULL, acc, 4)
+                    acc += cuda.shfl_down_sync(FULL, acc, 2)
+                    acc += cuda.shfl_down_sync(FULL, acc, 1)
+                    if lane == 0:
+                        out[b * n_rows + gw] = bias[gw] + acc
+        return Kernel(("rows", bits, np.dtype(dtype).name), k_rows)
+    return _memo(("rows", bits, DT), make)
+
+
+def tile_geometry(spl: int, warps: int, rpw: int, dtype, staged_rows: bool = True):
+    """(BT, LD, RB, CH): batch tile, padded row stride, rows per block, input rows per chunk."""
+    bt = 32 * spl
+    ld = bt + 1
+    rb = warps * rpw
+    cap = SMEM_BYTES // np.dtype(dtype).itemsize
+    ch = (cap - rb * ld) // ld
+    if ch < 8:
+        raise ValueError(f"tile configuration spl={spl} warps={warps} rpw={rpw} leaves {ch} chunk rows")
+    return bt, ld, rb, ch
+
+
+def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
+    """Batched sparse product (forward, dx over the transposed structure); see the module doc."""
+    DT = _nbtype(dtype)
+    W = _weight_fn(bits, DT)
+    BT, LD, RB, CH = tile_geometry(spl, warps, rpw, dtype)
+    NT = 32 * warps
+    SPL, RPW = spl, rpw
+    X_SIZE, R_SIZE = CH * LD, RB * LD  # shared tiles: compile-time sizes
+
+    def make():
+        @cuda.jit
+        def k_tile(x, sb, si, B_in, ptr, idx, vals, rb, scale, bias, seg, n_chunks, n_in,
+                   out, ob, oj, B_out, B_valid, n_rows):
+            xs = cuda.shared.array(X_SIZE, DT)
+            acs = cuda.shared.array(R_SIZE, DT)
+            a = cuda.local.array(SPL, DT)
+            tid = cuda.threadIdx.x
+            lane = tid & 31
+            w = tid >> 5
+            b0 = cuda.blockIdx.x * BT
+            r0 = cuda.blockIdx.y * RB
+            for i in range(tid, RB * LD, NT):
+                acs[i] = 0
+            for c in range(n_chunks):
+                c0 = c * CH
+                nr = min(CH, n_in - c0)
+                cuda.syncthreads()
+                if si == 1:  # row-major x: consecutive threads read consecutive inputs
+                    for q in range(tid, BT * nr, NT):
+                        s = q // nr
+                        i = q - s * nr
+                        v = DT(0.0)
+                        if b0 + s < B_in:
+                            v = x[(b0 + s) * sb + c0 + i]
+                        xs[i * LD + s] = v
+                else:  # panel layout: consecutive threads read consecutive samples
+                    for q in range(tid, BT * nr, NT):
+                        i = q // BT
+                        s = q - i * BT
+                        v = DT(0.0)
+                        if b0 + s < B_in:
+                            v = x[(c0 + i) * si + (b0 + s) * sb]
+                        xs[i * LD + s] = v
+                cuda.syncthreads()
+                for rr in range(RPW):
+                    rl = w * RPW + rr
+                    r = r0 + rl
+                    if r < n_rows:
+                        lo = seg[r * (n_chunks + 1) + c]
+                        hi = seg[r * (n_chunks + 1) + c + 1]
+                        if lo < hi:
+                            for q in range(SPL):
+                                a[q] = 0
+                            sr = scale[r]
+                            e_row = ptr[r]
+                            for e0 in range(lo, hi, 32):
+                                e = e0 + lane
+                                off = numba.int32(0)
+                                wv = DT(0.0)
+                                if e < hi:
+                                    off = numba.int32((idx[e] - c0) * LD)
+                                    wv = W(vals, e, e - e_row, rb, r, sr)
+                                n = min(32, hi - e0)
+                                for m in range(n):
+                                    o = cuda.shfl_sync(FULL, off, m)
+                                    v = cuda.shfl_sync(FULL, wv, m)
+                                    for q in range(SPL):
+                                        a[q] += v * xs[o + q * 32 + lane]
+                            for q in range(SPL):
+                                acs[rl * LD + q * 32 + lane] += a[q]
+            cuda.syncthreads()
+            if oj == 1:  # row-major output (B, n_rows): consecutive threads write consecutive rows
+                for q in range(tid, RB * BT, NT):
+                    s = q // RB
+                    rl = q - s * RB
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        v = DT(0.0)
+                        if b < B_valid:
+                            v = bias[r] + acs[rl * LD + s]
+                        out[b * ob + r] = v
+            else:  # panel output (n_rows, Bp): consecutive threads write consecutive samples; zero padding
+                for q in range(tid, RB * BT, NT):
+                    rl = q // BT
+                    s = q - rl * BT
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        v = DT(0.0)
+                        if b < B_valid:
+                            v = bias[r] + acs[rl * LD + s]
+                        out[r * oj + b * ob] = v
+        return Kernel(("tile", spl, warps, rpw, bits, np.dtype(dtype).name), k_tile)
+    return _memo(("tile", spl, warps, rpw, bits, DT), make)
+
+
+def dvals_tile_kernel(spl: int, warps: int, rpw: int, dtype):
+    """Value gradient over shared-memory tiles; see the module doc."""
+    DT = _nbtype(dtype)
+    BT, LD, RB, CH = tile_geometry(spl, warps, rpw, dtype)
+    NT = 32 * warps
+    SPL, RPW = spl, rpw
+    X_SIZE, R_SIZE = CH * LD, RB * LD  # shared tiles: compile-time sizes
+
+    def make():
+        @cuda.jit
+        def k_dvals(x, sb, si, B_in, dy, db, dj, ptr, idx, seg, n_chunks, n_in, n_btiles, out, n_rows):
+            xs = cuda.shared.array(X_SIZE, DT)
+            ds = cuda.shared.array(R_SIZE, DT)
+            dv = cuda.local.array(SPL, DT)
+            tid = cuda.threadIdx.x
+            lane = tid & 31
+            w = tid >> 5
+            r0 = cuda.blockIdx.x * RB
+            hi16 = (lane & 16) != 0
+            h8 = (lane & 8) != 0
+            for bt in range(n_btiles):
+                b0 = bt * BT
+                cuda.syncthreads()
+                if dj == 1:  # dy row-major (B, n_rows)
+                    for q in range(tid, RB * BT, NT):
+                        s = q // RB
+                        rl = q - s * RB
+                        v = DT(0.0)
+                        if r0 + rl < n_rows and b0 + s < B_in:
+                            v = dy[(b0 + s) * db + r0 + rl]
+                        ds[rl * LD + s] = v
+                else:  # dy panels (n_rows, Bp)
+                    for q in range(tid, RB * BT, NT):
+                        rl = q // BT
+                        s = q - rl * BT
+                        v = DT(0.0)
+                        if r0 + rl < n_rows and b0 + s < B_in:
+                            v = dy[(r0 + rl) * dj + (b0 + s) * db]
+                        ds[rl * LD + s] = v
+                for c in range(n_chunks):
+                    c0 = c * CH
+                    nr = min(CH, n_in - c0)
+                    cuda.syncthreads()
+                    if si == 1:
+                        for q in range(tid, BT * nr, NT):
+                            s = q // nr
+                            i = q - s * nr
+                            v = DT(0.0)
+                            if b0 + s < B_in:
+                                v = x[(b0 + s) * sb + c0 + i]
+                            xs[i * LD + s] = v
+                    else:
+                        for q in range(tid, BT * nr, NT):
+                            i = q // BT
+                            s = q - i * BT
+                            v = DT(0.0)
+                            if b0 + s < B_in:
+                                v = x[(c0 + i) * si + (b0 + s) * sb]
+                            xs[i * LD + s] = v
+                    cuda.syncthreads()
+                    for rr in range(RPW):
+                        rl = w * RPW + rr
+                        r = r0 + rl
+                        if r < n_rows:
+                            lo = seg[r * (n_chunks + 1) + c]
+                            hi = seg[r * (n_chunks + 1) + c + 1]
+                            if lo < hi:
+                                for q in range(SPL):
+                                    dv[q] = ds[rl * LD + q * 32 + lane]
+                                for e0 in range(lo, hi, 32):
+                                    e = e0 + lane
+                                    off = numba.int32(0)
+                                    if e < hi:
+                                        off = numba.int32((idx[e] - c0) * LD)
+                                    n = min(32, hi - e0)
+                                    mine = DT(0.0)
+                                    for m0 in range(0, n, 4):
+                                        o0 = cuda.shfl_sync(FULL, off, m0)
+                                        o1 = cuda.shfl_sync(FULL, off, (m0 + 1) & 31)
+                                        o2 = cuda.shfl_sync(FULL, off, (m0 + 2) & 31)
+                                        o3 = cuda.shfl_sync(FULL, off, (m0 + 3) & 31)
+                                        p0 = DT(0.0)
+                                        p1 = DT(0.0)
+                                        p2 = DT(0.0)
+                                        p3 = DT(0.0)
+                                        for q in range(SPL):
+                                            d = dv[q]
+                                            col = q * 32 + lane
+                                            p0 += d * xs[o0 + col]
+                                            p1 += d * xs[o1 + col]
+                                            p2 += d * xs[o2 + col]
+                                            p3 += d * xs[o3 + col]
+                                        # joint butterfly: lanes 8i..8i+7 end with the total of entry m0+i
+                                        sa = p0 if hi16 else p2
+                                        sb_ = p1 if hi16 else p3
+                                        ka = p2 if hi16 else p0
+                                        kb = p3 if hi16 else p1
+                                        ra = ka + cuda.shfl_xor_sync(FULL, sa, 16)
+                                        rb_ = kb + cuda.shfl_xor_sync(FULL, sb_, 16)
+                                        snd = ra if h8 else rb_
+                                        kp = rb_ if h8 else ra
+                                        v = kp + cuda.shfl_xor_sync(FULL, snd, 8)
+                                        v += cuda.shfl_xor_sync(FULL, v, 4)
+                                        v += cuda.shfl_xor_sync(FULL, v, 2)
+                                        v += cuda.shfl_xor_sync(FULL, v, 1)
+                                        t = cuda.shfl_sync(FULL, v, ((lane - m0) & 3) * 8)
+                                        if lane >= m0 and lane < m0 + 4:
+                                            mine = t
+                                    if e < hi:
+                                        if bt == 0:
+                                            out[e] = mine
+                                        else:
+                                            out[e] += mine
+        return Kernel(("dvals", spl, warps, rpw, np.dtype(dtype).name), k_dvals)
+    return _memo(("dvals", spl, warps, rpw, DT), make)
+
+
+def dvals_rows_kernel(dtype):
+    """Small batches (and unsorted rows): one thread per entry, ``dv[j*k+t] = sum_b dy[b, j] * x[b, idx]``."""
+    DT = _nbtype(dtype)
+
+    def make():
+        @cuda.jit
+        def k_dvals_rows(x, B, n_in, dy, n_rows, idx, k, out):
+            e = cuda.grid(1)
+            if e < n_rows * k:
+                j = e // k
+                i = idx[e]
+                acc = DT(0.0)
+                for b in range(B):
+                    acc += dy[b * n_rows + j] * x[b * n_in + i]
+                out[e] = acc
+        return Kernel(("dvals_rows", np.dtype(dtype).name), k_dvals_rows)
+    return _memo(("dvals_rows", DT), make)
+
+
+@cuda.jit
+def k_seg(ptr, idx, n_rows, ch, n_chunks, seg):
+    """seg[r*(n_chunks+1) + c] = first entry of row r whose input is >= c*ch (rows sorted); the last = ptr[r+1]."""
+    q = cuda.grid(1)
+    if q < n_rows * (n_chunks + 1):
+        r = q // (n_chunks + 1)
+        c = q - r * (n_chunks + 1)
+        lo = ptr[r]
+        hi = ptr[r + 1]
+        if c == n_chunks:
+            seg[q] = hi
+        else:
+            key = c * ch
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if idx[mid] < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            seg[q] = lo
+
+
+@cuda.jit
+def k_first_unsorted(ptr, idx, n_rows, out):
+    """out[0] = min over rows whose entries are not strictly increasing (unchanged when all are)."""
+    r = cuda.grid(1)
+    if r < n_rows:
+        for e in range(ptr[r] + 1, ptr[r + 1]):
+            if idx[e] <= idx[e - 1]:
+                cuda.atomic.min(out, 0, r)
+                break
+
+
+@cuda.jit
+def k_minmax(a, n, out):
+    """One block of 256 threads: out = [min(a), max(a)] (int64)."""
+    smin = cuda.shared.array(256, numba.int64)
+    smax = cuda.shared.array(256, numba.int64)
+    tid = cuda.threadIdx.x
+    lo = numba.int64(2 ** 62)
+    hi = numba.int64(-(2 ** 62))
+    for i in range(tid, n, 256):
+        v = numba.int64(a[i])
+        lo = min(lo, v)
+        hi = max(hi, v)
+    smin[tid] = lo
+    smax[tid] = hi
+    cuda.syncthreads()
+    step = 128
+    while step > 0:
+        if tid < step:
+            smin[tid] = min(smin[tid], smin[tid + step])
+            smax[tid] = max(smax[tid], smax[tid + step])
+        cuda.syncthreads()
+        step >>= 1
+    if tid == 0:
+        out[0] = smin[0]
+        out[1] = smax[0]
+
+
+# ------------------------------------------------------------------ layouts
+def transpose_kernel(dtype):
+    """dst[c*ldd + r] = src[r*lds + c] for r < R, c < C, and 0 for R <= r < Rpad: a 32x33 shared tile, block (32, 8),
+    grid (ceil(C/32), ceil(Rpad/32)). Packs (B, n) into panels (n, Bp) and back."""
+    DT = _nbtype(dtype)
+
+    def make():
+        @cuda.jit
+        def k_transpose(src, dst, R, C, lds, ldd, Rpad):
+            tile = cuda.shared.array((32, 33), DT)
+            bx = cuda.blockIdx.x * 32
+            by = cuda.blockIdx.y * 32
+            tx = cuda.threadIdx.x
+            ty = cuda.threadIdx.y
+            for j in range(ty, 32, 8):
+                r = by + j
+                c = bx + tx
+                v = DT(0.0)
+                if r < R and c < C:
+                    v = src[r * lds + c]
+                tile[j, tx] = v
+            cuda.syncthreads()
+            for j in range(ty, 32, 8):
+                c = bx + j
+                r = by + tx
+                if c < C and r < Rpad:
+                    dst[c * ldd + r] = tile[tx, j]
+        return Kernel(("transpose", np.dtype(dtype).name), k_transpose)
+    return _memo(("transpose", DT), make)
+
+
+# ------------------------------------------------------------------ dense GEMM
+def gemm_kernel(dtype):
+    """C[m*ldc + n] = beta*C + sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn] (+ bias[n]); see the module doc."""
+    DT = _nbtype(dtype)
+
+    def make():
+        @cuda.jit
+        def k_gemm(A, sam, sak, Bm, sbk, sbn, C, ldc, M, N, K, bias, has_bias, beta):
+            As = cuda.shared.array((16, 64), DT)
+            Bs = cuda.shared.array((16, 64), DT)
+            acc = cuda.local.array(16, DT)
+            tid = cuda.threadIdx.x
+            tx = tid % 16
+            ty = tid // 16
+            m0 = cuda.blockIdx.y * 64
+            n0 = cuda.blockIdx.x * 64
+            for i in range(16):
+                acc[i] = 0
+            for k0 in range(0, K, 16):
+                for l in range(4):
+                    e = tid + l * 256
+                    if sak == 1:
+                        mm = e // 16
+                        kk = e - mm * 16
+                    else:
+                        kk = e // 64
+                        mm = e - kk * 64
+                    m = m0 + mm
+                    kq = k0 + kk
+                    v = DT(0.0)
+                    if m < M and kq < K:
+                        v = A[m * sam + kq * sak]
+                    As[kk, mm] = v
+                    if sbn == 1:
+                        kk = e // 64
+                        nn = e - kk * 64
+                    else:
+                        nn = e // 16
+                        kk = e - nn * 16
+                    n = n0 + nn
+                    kq = k0 + kk
+                    v = DT(0.0)
+                    if n < N and kq < K:
+                        v = Bm[kq * sbk + n * sbn]
+                    Bs[kk, nn] = v
+                cuda.syncthreads()
+                for kk in range(16):
+                    for i in range(4):
+                        av = As[kk, ty + 16 * i]
+                        for j in range(4):
+                            acc[i * 4 + j] += av * Bs[kk, tx + 16 * j]
+                cuda.syncthreads()
+            for i in range(4):
+                m = m0 + ty + 16 * i
+                if m < M:
+                    for j in range(4):
+                        n = n0 + tx + 16 * j
+                        if n < N:
+                            v = acc[i * 4 + j]
+                            if has_bias:
+                                v += bias[n]
+                            if beta != 0:
+                                v += C[m * ldc + n]
+                            C[m * ldc + n] = v
+        return Kernel(("gemm", np.dtype(dtype).name), k_gemm)
+    return _memo(("gemm", DT), make)
+
+
+# ------------------------------------------------------------------ growth candidates
+@cuda.jit
+def k_abs_held(G, n_in, idx, k, n_rows, held):
+    """held[r*k + t] = |G[r, idx[r*k + t]]| for the rows of one block of G."""
+    e = cuda.grid(1)
+    if e < n_rows * k:
+        r = e // k
+        held[e] = abs(G[r * n_in + idx[e]])
+
+
+@cuda.jit
+def k_abs(a, n):
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        a[i] = abs(a[i])
+
+
+@cuda.jit
+def k_mark(G, n_in, idx, k, n_rows):
+    """G[r, idx[r, t]] = -1: held inputs are never candidates."""
+    e = cuda.grid(1)
+    if e < n_rows * k:
+        r = e // k
+        G[r * n_in + idx[e]] = -1.0
+
+
+def topc_kernel(nt: int = 256):
+    """Growth candidates, one block of ``nt`` threads per row; see the module doc."""
+    NT = nt
+
+    def make():
+        @cuda.jit
+        def k_topc(Gb, Gf, n_in, c, m, cand_idx, cand_score):
+            """The m largest scores of row blockIdx.x (float32, held ones -1), in input order, ties to the lower
+            input; slots m..c-1 padded with -1 / -inf. ``Gb`` is ``Gf`` viewed as uint32."""
+            hist = cuda.shared.array(256, numba.int32)
+            sc = cuda.shared.array(NT, numba.int32)
+            sh = cuda.shared.array(4, numba.int64)
+            r = cuda.blockIdx.x
+            tid = cuda.threadIdx.x
+            base_row = r * n_in
+            if m > 0:
+                if tid == 0:
+                    sh[0] = 0
+                    sh[1] = m
+                for p in range(4):
+                    shift = 24 - 8 * p
+                    for q in range(tid, 256, NT):
+                        hist[q] = 0
+                    cuda.syncthreads()
+                    prefix = sh[0]
+                    for i in range(tid, n_in, NT):
+                        bits = numba.int64(Gb[base_row + i])
+                        kk = numba.int64(0) if bits >= 2147483648 else bits + 1
+                        if kk > 0 and (p == 0 or (kk >> (shift + 8)) == (prefix >> (shift + 8))):
+                            cuda.atomic.add(hist, (kk >> shift) & 255, 1)
+                    cuda.syncthreads()
+                    if tid == 0:
+                        want = sh[1]
+                        cum = numba.int64(0)
+                        d = 255
+                        while d > 0:
+                            h = hist[d]
+                            if cum + h >= want:
+                                break
+                            cum += h
+                            d -= 1
+                        sh[0] = prefix | (numba.int64(d) << shift)
+                        sh[1] = want - cum
+                    cuda.syncthreads()
+                T = sh[0]
+                ties = sh[1]
+                sel_base = numba.int64(0)
+                tie_base = numba.int64(0)
+                for i0 in range(0, n_in, NT):
+                    i = i0 + tid
+                    kk = numba.int64(0)
+                    if i < n_in:
+                        bits = numba.int64(Gb[base_row + i])
+                        kk = numba.int64(0) if bits >= 2147483648 else bits + 1
+                    is_tie = 1 if (kk == T and kk > 0) else 0
+                    sc[tid] = is_tie
+                    cuda.syncthreads()
+                    off = 1
+                    while off < NT:  # inclusive scan (Hillis-Steele)
+                        v = sc[tid]
+                        if tid >= off:
+                            v += sc[tid - off]
+                        cuda.syncthreads()
+                        sc[tid] = v
+                        cuda.syncthreads()
+                        off <<= 1
+                    tie_rank = tie_base + sc[tid] - is_tie
+                    tie_total = sc[NT - 1]
+                    sel = 1 if (kk > T or (is_tie == 1 and tie_rank < ties)) else 0
+                    cuda.syncthreads()
+                    sc[tid] = sel
+                    cuda.syncthreads()
+                    off = 1
+                    while off < NT:
+                        v = sc[tid]
+                        if tid >= off:
+                            v += sc[tid - off]
+                        cuda.syncthreads()
+                        sc[tid] = v
+                        cuda.syncthreads()
+                        off <<= 1
+                    if sel == 1:
+                        pos = sel_base + sc[tid] - 1
+                        cand_idx[r * c + pos] = i
+                        cand_score[r * c + pos] = Gf[base_row + i]
+                    sel_base += sc[NT - 1]
+                    tie_base += tie_total
+                    cuda.syncthreads()
+            for p in range(m + tid, c, NT):
+                cand_idx[r * c + p] = -1
+                cand_score[r * c + p] = -math.inf
+        return Kernel(("topc", nt), k_topc)
+    return _memo(("topc", nt), make)
+
+
+# ------------------------------------------------------------------ element-wise
+@cuda.jit
+def k_fill(a, n, v):
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        a[i] = v
+
+
+@cuda.jit
+def k_copy(src, dst, n):
+    """dst = src (casting to dst's dtype)."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        dst[i] = src[i]
+
+
+@cuda.jit
+def k_binary(a, b, out, n, nb, op):
+    """out[i] = a[i] (op) b[i % nb]: op 0 add, 1 sub, 2 mul; nb = b.size (b broadcast over a's leading axes)."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        bv = b[i % nb]
+        if op == 0:
+            out[i] = a[i] + bv
+        elif op == 1:
+            out[i] = a[i] - bv
+        else:
+            out[i] = a[i] * bv
+
+
+@cuda.jit
+def k_rbinary(a, b, out, n, na, op):
+    """out[i] = a[i % na] (op) b[i]: the left operand broadcast."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        av = a[i % na]
+        if op == 0:
+            out[i] = av + b[i]
+        elif op == 1:
+            out[i] = av - b[i]
+        else:
+            out[i] = av * b[i]
+
+
+@cuda.jit
+def k_axpy(y, x, n, alpha):
+    """y += alpha * x."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        y[i] += alpha * x[i]
+
+
+@cuda.jit
+def k_scale_scalar(g, out, n, factor):
+    """out[i] = g[0] * factor (the backward of a sum / mean)."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        out[i] = g[0] * factor
+
+
+@cuda.jit
+def k_relu(x, y, n):
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        v = x[i]
+        y[i] = v if v > 0 else 0
+
+
+@cuda.jit
+def k_relu_grad(g, y, gx, n):
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        gx[i] = g[i] if y[i] > 0 else 0
+
+
+@cuda.jit
+def k_colsum(g, B, n, out):
+    """out[j] = sum_b g[b*n + j] (bias gradients): one thread per column, coalesced across threads."""
+    j = cuda.grid(1)
+    if j < n:
+        acc = 0.0
+        for b in range(B):
+            acc += g[b * n + j]
+        out[j] = acc
+
+
+@cuda.jit
+def k_sum(a, n, out, factor):
+    """One block of 256 threads: out[0] = factor * sum(a) (deterministic tree)."""
+    s = cuda.shared.array(256, numba.float64)
+    tid = cuda.threadIdx.x
+    acc = 0.0
+    for i in range(tid, n, 256):
+        acc += a[i]
+    s[tid] = acc
+    cuda.syncthreads()
+    step = 128
+    while step > 0:
+        if tid < step:
+            s[tid] += s[tid + step]
+        cuda.syncthreads()
+        step >>= 1
+    if tid == 0:
+        out[0] = s[0] * factor
+
+
+@cuda.jit
+def k_zero_rows(a, k, n_rows, active):
+    """a[j*k + t] = 0 where active[j] == 0 (ablated neurons get no value gradient)."""
+    for e in range(cuda.grid(1), n_rows * k, cuda.gridsize(1)):
+        if active[e // k] == 0:
+            a[e] = 0
+
+
+@cuda.jit
+def k_take(a, slots, out, n):
+    """out[e] = a[slots[e]] (values in the transposed structure's order)."""
+    for e in range(cuda.grid(1), n, cuda.gridsize(1)):
+        out[e] = a[slots[e]]
+
+
+@cuda.jit
+def k_ce_rows(z, labels, n, C, logp, rowloss):
+    """Per row (one thread): logp = z - logsumexp(z), rowloss = -logp[label]."""
+    r = cuda.grid(1)
+    if r < n:
+        base = r * C
+        mx = z[base]
+        for c in range(1, C):
+            mx = max(mx, z[base + c])
+        s = 0.0
+        for c in range(C):
+            s += math.exp(z[base + c] - mx)
+        lse = mx + math.log(s)
+        for c in range(C):
+            logp[base + c] = z[base + c] - lse
+        rowloss[r] = lse - z[base + labels[r]]
+
+
+@cuda.jit
+def k_ce_back(logp, labels, g, n, C, dz):
+    """dz = (softmax - onehot(label)) * g[0] / n."""
+    for i in range(cuda.grid(1), n * C, cuda.gridsize(1)):
+        r = i // C
+        c = i - r * C
+        v = math.exp(logp[i])
+        if c == labels[r]:
+            v -= 1
+        dz[i] = v * (g[0] / n)
+
+
+@cuda.jit
+def k_sgd(p, g, buf, n, lr, momentum, weight_decay, nesterov, has_momentum):
+    """fanin.kernels.update.sgd_update on the device."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        gi = g[i] + weight_decay * p[i]
+        if has_momentum:
+            b = momentum * buf[i] + gi
+            buf[i] = b
+            gi = gi + momentum * b if nesterov else b
+        p[i] -= lr * gi
+
+
+@cuda.jit
+def k_adam(p, g, m, v, n, step_size, beta1, beta2, eps, l2, decay):
+    """fanin.kernels.update.adam_update on the device."""
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        gi = g[i] + l2 * p[i]
+        mi = beta1 * m[i] + (1 - beta1) * gi
+        vi = beta2 * v[i] + (1 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) + eps)
+
+
+@cuda.jit
+def k_im2col(x, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo, cols):
+    """cols[(b*ho + oy)*wo + ox, (c*kh + dy)*kw + dx] = x[b, c, oy*sh - ph + dy, ox*sw - pw + dx] (0 outside)."""
+    ncol = C * kh * kw
+    total = B * ho * wo * ncol
+    for q in range(cuda.grid(1), total, cuda.gridsize(1)):
+        row = q // ncol
+        col = q - row * ncol
+        b = row // (ho * wo)
+        rem = row - b * ho * wo
+        oy = rem // wo
+        ox = rem - oy * wo
+        c = col // (kh * kw)
+        t = col - c * kh * kw
+        dy = t // kw
+        dx = t - dy * kw
+        iy = oy * sh - ph + dy
+        ix = ox * sw - pw + dx
+        v = 0.0
+        if 0 <= iy < H and 0 <= ix < W:
+            v = x[((b * C + c) * H + iy) * W + ix]
+        cols[q] = v
+
+
+@cuda.jit
+def k_col2im(cols, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo, out):
+    """Adjoint of im2col as a gather (one thread per pixel, no atomics): sums every patch entry of the pixel."""
+    ncol = C * kh * kw
+    total = B * C * H * W
+    for q in range(cuda.grid(1), total, cuda.gridsize(1)):
+        ix = q % W
+        t = q // W
+        iy = t % H
+        t //= H
+        c = t % C
+        b = t // C
+        acc = 0.0
+        for dy in range(kh):
+            ny = iy + ph - dy
+            if ny >= 0 and ny % sh == 0:
+                oy = ny // sh
+                if oy < ho:
+                    for dx in range(kw):
+                        nx = ix + pw - dx
+                        if nx >= 0 and nx % sw == 0:
+                            ox = nx // sw
+                            if ox < wo:
+                                acc += cols[((b * ho + oy) * wo + ox) * ncol + (c * kh + dy) * kw + dx]
+        out[q] = acc
+
+
+MODULE_KERNELS = ("k_seg", "k_first_unsorted", "k_minmax", "k_abs_held", "k_abs", "k_mark", "k_fill", "k_copy",
+                  "k_binary", "k_rbinary", "k_axpy", "k_scale_scalar", "k_relu", "k_relu_grad", "k_colsum", "k_sum",
+                  "k_zero_rows", "k_take", "k_ce_rows", "k_ce_back", "k_sgd", "k_adam", "k_im2col", "k_col2im")
+for _name in MODULE_KERNELS:
+    globals()[_name] = Kernel((_name,), globals()[_name])
+del _name
