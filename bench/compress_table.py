@@ -10,6 +10,12 @@ finished runs are cached in bench/runs/ (with the float runs' final checkpoints,
 quantization reads), so an interrupted sweep continues where it stopped. Post-training quantization
 needs no retraining: every output channel's weights become ``b``-bit integers with the scale that fits
 its largest weight (``fanin.compress.quantize`` with ``b`` = 8 or 4, ``e = log2(max|w| / (2**(b-1) - 1))``).
+
+    .venv/bin/python bench/compress_table.py ... --scheduler local             # the runs as Dask tasks, this machine
+    .venv/bin/python bench/compress_table.py ... --scheduler tcp://host:8786   # on a Dask cluster
+
+With --scheduler the missing runs are submitted to Dask (`fanin.distributed.run_commands`, docs/DISTRIBUTED.md),
+their files written into the same cache as they finish, and the table is made from the cache as without it.
 """
 from __future__ import annotations
 
@@ -35,8 +41,9 @@ def _slug(args):
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in args))
 
 
-def run_one(model, start, gamma, seed, epochs, extra, cached_only=False):
-    """One `fanin train` run (``gamma`` None: the float model, with its final checkpoint kept)."""
+def cell(model, start, gamma, seed, epochs, extra):
+    """(name, command, files it writes, command as shown) of one `fanin train` run (``gamma`` None: the float
+    model, with its final checkpoint kept)."""
     what = "float" if gamma is None else f"g{gamma:g}"
     name = f"compress-{model}-{start}-{what}-s{seed}-e{epochs}" + (f"-{_slug(extra)}" if extra else "")
     out = RUNS / f"{name}.json"
@@ -49,6 +56,12 @@ def run_one(model, start, gamma, seed, epochs, extra, cached_only=False):
     else:
         cmd += ["--compress", f"{gamma:g}"]
     shown = "fanin train " + " ".join(cmd[4:]).replace(str(RUNS) + "/", "bench/runs/")
+    return name, cmd, [out] + ([RUNS / f"{name}.npz"] if gamma is None else []), shown
+
+
+def run_one(model, start, gamma, seed, epochs, extra, cached_only=False):
+    """One `fanin train` run (``gamma`` None: the float model, with its final checkpoint kept)."""
+    name, cmd, (out, *_), shown = cell(model, start, gamma, seed, epochs, extra)
     if out.exists() and (gamma is not None or (RUNS / f"{name}.npz").exists()):
         return json.loads(out.read_text()), shown, RUNS / f"{name}.npz"
     if cached_only:
@@ -169,8 +182,25 @@ def main(argv=None):
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `fanin train` arguments")
     ap.add_argument("--out", default=str(ROOT / "docs" / "COMPRESSION.md"))
     ap.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new ones")
+    ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
+                    help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
+    ap.add_argument("--workers", type=int, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=int, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
+    global RUNS
+    RUNS = pathlib.Path(args.runs).resolve() if args.runs else RUNS
     RUNS.mkdir(parents=True, exist_ok=True)
+    if args.scheduler and not args.cached_only:
+        from fanin.distributed import run_commands
+
+        jobs = []
+        for start in args.starts:
+            for g in [None, *args.gammas]:
+                name, cmd, outputs, _ = cell(args.model, start, g, args.seed, args.epochs, args.extra)
+                jobs.append((name, cmd[1:], outputs))
+        run_commands(jobs, scheduler=args.scheduler, workers=args.workers, threads=args.threads)
+        args.cached_only = True  # the table from the cache, as without --scheduler
     results, commands = {}, []
     for start in args.starts:
         run, cmd, ckpt = run_one(args.model, start, None, args.seed, args.epochs, args.extra, args.cached_only)
@@ -191,7 +221,9 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT / "bench"))
     import common
 
-    shown = [a for a in (argv or sys.argv[1:]) if a != "--cached-only"]
+    from fanin.distributed.sweeps import table_argv
+
+    shown = table_argv(argv or sys.argv[1:])
     body = (common.header(f".venv/bin/python bench/compress_table.py {shlex.join(shown)}")
             + f"\n{args.epochs} epochs, seed {args.seed}" + (f", `{' '.join(args.extra)}`" if args.extra else "")
             + "; self-compression with the CLI defaults (init 8 bits, b and e by Adam lr 0.03, fixed after 60 % of the steps); % of bits against the fp32 dense network "

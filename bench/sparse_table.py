@@ -6,6 +6,12 @@ ablation, over sparsities and seeds; writes docs/RESULTS.md and docs/sparse_accu
 
 Each run is one `fanin train ... --json` subprocess (the exact command is printed and recorded);
 finished runs are cached in bench/runs/ so an interrupted sweep continues where it stopped.
+
+    .venv/bin/python bench/sparse_table.py ... --scheduler local               # the runs as Dask tasks, this machine
+    .venv/bin/python bench/sparse_table.py ... --scheduler tcp://host:8786     # on a Dask cluster
+
+With --scheduler the missing runs are submitted to Dask (`fanin.distributed.run_commands`, docs/DISTRIBUTED.md),
+written into the same cache as they finish, and the table is made from the cache as without it.
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ METHODS = {
 }
 
 
-def run_one(model, method, sparsity, seed, epochs, extra, cached_only=False):
-    """One `fanin train` run (or its cached JSON); ``method`` is a key of METHODS."""
+def cell(model, method, sparsity, seed, epochs, extra):
+    """(name, command, JSON path, command as shown) of one `fanin train` run; ``method`` is a key of METHODS."""
     name = f"{model}-{method}-{'dense' if method == 'dense' else sparsity}-s{seed}-e{epochs}"
     if extra:  # runs with other training arguments are cached under their own names
         name += "-" + "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in extra))
@@ -41,6 +47,12 @@ def run_one(model, method, sparsity, seed, epochs, extra, cached_only=False):
     if model == "mlp":
         cmd += ["--sizes", "784-1024-1024-10"]
     shown = "fanin train " + " ".join(cmd[4:]).replace(str(out), f"bench/runs/{name}.json")
+    return name, cmd, out, shown
+
+
+def run_one(model, method, sparsity, seed, epochs, extra, cached_only=False):
+    """One `fanin train` run (or its cached JSON); ``method`` is a key of METHODS."""
+    name, cmd, out, shown = cell(model, method, sparsity, seed, epochs, extra)
     if out.exists():
         return json.loads(out.read_text()), shown
     if cached_only:
@@ -110,18 +122,33 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="a side study: its own section of --out (title + tag), no figure")
     ap.add_argument("--gamma-sal", type=float, nargs="+", default=[],
                     help="also run SRigL with these gamma_sal values (rows 'srigl, gamma_sal G')")
+    ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
+                    help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
+    ap.add_argument("--workers", type=int, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=int, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
+    global RUNS
+    RUNS = pathlib.Path(args.runs).resolve() if args.runs else RUNS
     RUNS.mkdir(parents=True, exist_ok=True)
     results, commands = {}, []
     variants = [(m, m, args.extra) for m in args.methods]  # (row label, method, extra arguments)
     variants += [(f"srigl, gamma_sal {g}", "srigl", ["--gamma-sal", str(g), *args.extra]) for g in args.gamma_sal]
-    for seed in args.seeds:
-        for label, method, extra in variants:
-            for s in ([None] if method == "dense" else args.sparsities):
-                res, cmd = run_one(args.model, method, s, seed, args.epochs, extra, args.cached_only)
-                if res is not None:
-                    results.setdefault((label, s), []).append(res)
-                    commands.append(cmd)
+    cells = [(label, method, s, seed, extra) for seed in args.seeds for label, method, extra in variants
+             for s in ([None] if method == "dense" else args.sparsities)]
+    if args.scheduler and not args.cached_only:
+        from fanin.distributed import run_commands
+
+        jobs = []
+        for label, method, s, seed, extra in cells:
+            name, cmd, out, _ = cell(args.model, method, s, seed, args.epochs, extra)
+            jobs.append((name, cmd[1:], [out]))
+        run_commands(jobs, scheduler=args.scheduler, workers=args.workers, threads=args.threads)
+    for label, method, s, seed, extra in cells:
+        res, cmd = run_one(args.model, method, s, seed, args.epochs, extra, args.cached_only or bool(args.scheduler))
+        if res is not None:
+            results.setdefault((label, s), []).append(res)
+            commands.append(cmd)
     table = summarize(args.model, results)
     print(table)
     (ROOT / "docs").mkdir(exist_ok=True)
@@ -130,7 +157,9 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT / "bench"))
     import common
 
-    shown_args = [a for a in (argv or sys.argv[1:]) if a != "--cached-only"]  # the command that makes the runs
+    from fanin.distributed.sweeps import table_argv
+
+    shown_args = table_argv(argv or sys.argv[1:])  # the command that makes the runs
     body = (common.header(f".venv/bin/python bench/sparse_table.py {shlex.join(shown_args)}")
             + f"\n{args.epochs} epochs, " + ("`" + " ".join(args.extra) + "`, " if args.extra else "SGD + Nesterov momentum 0.9, lr 0.05 ")
             + "cosine schedule, batch 128, weight decay 5e-4; "

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", default=None, help="continue from this checkpoint")
     t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
     t.add_argument("--out", default=None, metavar="MODEL.fanin", help="save the trained network as a .fanin file")
+    m = t.add_argument_group("data-parallel training over MPI (docs/DISTRIBUTED.md)")
+    m.add_argument("--distributed", action="store_true",
+                   help="train on every rank of an MPI job, launched with `mpiexec -n N fanin train ... --distributed` "
+                        "(or srun); --batch-size is the global batch, split over the ranks; rank 0 prints and writes")
+    m.add_argument("--mpi-timeout", type=_positive, default=300.0, metavar="SECONDS",
+                   help="abort the job when a rank waits this long for the others in one step (default 300)")
 
     e = sub.add_parser("export", help="turn a training checkpoint into a .fanin model file")
     e.add_argument("checkpoint", help="a checkpoint written by fanin train --checkpoint-every")
@@ -119,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", metavar="INPUT.npy", help="float samples (batch, *input shape), normalized as in training")
     r.add_argument("--proba", action="store_true", help="print class probabilities instead of logits")
     r.add_argument("--out", default=None, metavar="OUT.npy", help="also write the logits (or probabilities) here")
+
+    sv = sub.add_parser("serve", help="serve a .fanin model over HTTP: POST /predict, /healthz, /info, /metrics "
+                                      "(the serve extra)")
+    sv.add_argument("model", metavar="MODEL.fanin")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
+    sv.add_argument("--workers", type=_positive_int, default=1,
+                    help="processes sharing the port, each loading the model file (spawned, not forked)")
+    sv.add_argument("--max-batch", type=_positive_int, default=64,
+                    help="rows per predict call when stacking concurrent requests (default 64; 1: no batching)")
+    sv.add_argument("--max-wait-ms", type=_non_negative, default=2.0,
+                    help="how long a batch waits for more requests (default 2 ms)")
+    sv.add_argument("--max-rows", type=_positive_int, default=1024, help="rows one request may send (413 above)")
+    sv.add_argument("--max-body-mb", type=_positive, default=16.0, help="MiB one request may send (413 above)")
+    sv.add_argument("--threads", type=_positive_int, default=None,
+                    help="Numba threads per worker (default: cores / workers - 1, at least 1: the event loop needs a core)")
+    sv.add_argument("--graceful-timeout", type=_non_negative, default=30.0,
+                    help="seconds requests in flight get to finish after SIGTERM (default 30)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
+    cv = sub.add_parser("convert", help="masked dense PyTorch (.pt) or safetensors weights -> a .fanin model")
+    cv.add_argument("weights", metavar="WEIGHTS", help="a torch.save'd state_dict or a .safetensors file")
+    cv.add_argument("--arch", required=True,
+                    help="mlp:784,1024,1024,10 (a torch nn.Sequential of Linear/ReLU), or cnn (fanin.models.cnn's "
+                         "layer order; widths read from the weights), or cnn:32,64,128,10")
+    cv.add_argument("--image-size", type=_positive_int, default=28, help="cnn: input height and width (default 28)")
+    cv.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="post-training per-neuron quantization (power-of-two scales)")
+    cv.add_argument("--out", required=True, metavar="MODEL.fanin")
 
     d = sub.add_parser("download", help="fetch Fashion-MNIST into the user cache (needs a network)")
     d.add_argument("--dir", default=None)
@@ -197,6 +232,21 @@ def compression_summary(sc, epochs) -> str:
 def cmd_train(args) -> int:
     import json
 
+    dp = None  # --distributed: this rank's DataParallel; set up before NumPy loads (it pins BLAS threads)
+    if args.distributed:
+        from fanin.distributed import DistributedError, world
+
+        try:
+            dp = world(timeout=args.mpi_timeout)
+        except DistributedError as exc:
+            print(f"fanin: {exc}", file=sys.stderr)
+            return 2
+    root = dp is None or dp.root
+
+    def say(*a, **k):  # only rank 0 prints progress
+        if root:
+            print(*a, **k)
+
     import numpy as np
 
     from fanin import optim
@@ -214,6 +264,12 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       seed=args.seed)
+    if dp is not None:
+        try:
+            dp.check_batch(cfg.batch_size)
+        except ValueError as exc:  # the same on every rank: said once
+            say(f"fanin: {exc}", file=sys.stderr)
+            return 2
     model = build_model(args)
     opt = make_optimizer(model.parameters(), cfg)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
@@ -227,45 +283,54 @@ def cmd_train(args) -> int:
         return 2
     rng = np.random.default_rng(cfg.seed)
     start_epoch, history = 0, []
+    hooks = [h for h in (updater, compressor) if h is not None]
+    if dp is not None:
+        dp.attach(hooks)  # before a resume: SRigL keeps this rank's share of the captured rows
     if args.resume:
-        try:
-            start_epoch, history = restore_training_state(load_checkpoint(args.resume), model, opt, schedule,
-                                                          updater, rng, compressor)
-        except (CheckpointError, KeyError, ValueError) as exc:
-            print(f"fanin: cannot resume: {exc}", file=sys.stderr)
+        try:  # distributed: rank 0 reads the checkpoint and sends it to the others (no shared disk needed)
+            state = load_checkpoint(args.resume) if dp is None else dp.root_call(lambda: load_checkpoint(args.resume))
+            start_epoch, history = restore_training_state(state, model, opt, schedule, updater, rng, compressor)
+        except (CheckpointError, KeyError, ValueError) as exc:  # distributed: the same on every rank, said once
+            say(f"fanin: cannot resume: {exc}", file=sys.stderr)
             return 2
-        print(f"resumed from {args.resume} after epoch {start_epoch}")
+        say(f"resumed from {args.resume} after epoch {start_epoch}")
     ckpt = args.checkpoint or f"checkpoints/{args.model}-{args.method}.npz"
 
     def on_epoch_end(epoch, rng_):
         if args.checkpoint_every and epoch % args.checkpoint_every == 0:
-            state = training_state(model, opt, schedule, updater, rng_, epoch, history + new, compressor)
+            state = training_state(model, opt, schedule, updater, rng_, epoch, history + new, compressor)  # all ranks
             state["args"] = {k: v for k, v in vars(args).items() if k not in ("resume",)}  # for `fanin export`
-            save_checkpoint(ckpt, state)
+            if root:
+                save_checkpoint(ckpt, state)
 
     n_params = sum(p.size for p in model.parameters())
-    print(f"model {args.model} ({args.method}): {n_params} stored parameters; {len(train[0])} training images; "
-          f"{cfg.optimizer} lr={lr} batch={cfg.batch_size} seed={cfg.seed}")
+    ranks = ""
+    if dp is not None:
+        import numba
+
+        ranks = f"; {dp.size} MPI ranks x {numba.get_num_threads()} threads"
+    say(f"model {args.model} ({args.method}): {n_params} stored parameters; {len(train[0])} training images; "
+        f"{cfg.optimizer} lr={lr} batch={cfg.batch_size} seed={cfg.seed}{ranks}")
     start = time.perf_counter()
     new = []
-    hooks = [h for h in (updater, compressor) if h is not None]
     fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, schedule=schedule,
         hooks=hooks, loss_terms=[compressor.size_loss] if compressor is not None else [],
-        progress=not args.no_progress, start_epoch=start_epoch, rng=rng, on_epoch_end=on_epoch_end, history=new)
+        progress=not args.no_progress, start_epoch=start_epoch, rng=rng, on_epoch_end=on_epoch_end, history=new,
+        comm=dp)
     history += new
     wall = time.perf_counter() - start
     if new:
         per_epoch = np.mean([h["time"] for h in new])
-        print(f"train time: {wall:.1f}s ({per_epoch:.1f}s per epoch of training)")
+        say(f"train time: {wall:.1f}s ({per_epoch:.1f}s per epoch of training)")
     if updater is not None and hasattr(updater, "status"):
-        print("sparsity: " + ", ".join(f"{k}={v}" for k, v in updater.status().items()))
+        say("sparsity: " + ", ".join(f"{k}={v}" for k, v in updater.status().items()))
     if compressor is not None:
-        print(compression_summary(compressor, new))
-    if args.json:
+        say(compression_summary(compressor, new))
+    if args.json and root:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)
-    print(f"test accuracy: {history[-1]['test_acc']:.4f}")
-    if args.out:
+    say(f"test accuracy: {history[-1]['test_acc']:.4f}")
+    if args.out and root:
         from fanin.io import save
 
         path = save(model, args.out, input_shape=_input_shape(args.model),
@@ -399,6 +464,58 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {v}")
+    return v
+
+
+def cmd_serve(args) -> int:
+    from fanin.io import FormatError, load
+    from fanin.serve import ServeConfig, missing_extra
+
+    problem = missing_extra()
+    if problem:
+        return _fail(problem)
+    try:
+        net = load(args.model)  # validated here, before any worker starts: a bad file stops the server
+    except (FormatError, OSError) as exc:
+        return _fail(str(exc))
+    try:
+        config = ServeConfig(model=str(args.model), host=args.host, port=args.port, workers=args.workers,
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows,
+                             max_body=int(args.max_body_mb * (1 << 20)), threads=args.threads,
+                             graceful_timeout=args.graceful_timeout, access_log=args.access_log)
+    except ValueError as exc:
+        return _fail(str(exc))
+    from fanin.serve.server import bind, serve
+
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose another --port "
+                     "or --host.")
+    return serve(config, net if args.workers == 1 else None, sock=sock)
+
+
+def cmd_convert(args) -> int:
+    from fanin.convert import ConvertError, convert
+
+    try:
+        net = convert(args.weights, args.arch, args.out, image_size=args.image_size,
+                      quantize={"int8": 8, "int4": 4}.get(args.quantize))
+    except (ConvertError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    layers = [l for l in net.info()["layers"] if "n_in" in l]
+    print(f"model written to {args.out} ({net}); fan-ins: " +
+          ", ".join(f"{l['fan_in']}{'' if l['sparse'] else ' (dense)'}" for l in layers))
+    return 0
+
+
 def cmd_download(args) -> int:
     from fanin.data import DatasetNotFound, download_fashion_mnist
 
@@ -417,7 +534,7 @@ def main(argv=None) -> int:
 
         tuning.apply()
     return {"train": cmd_train, "download": cmd_download, "export": cmd_export, "eval": cmd_eval, "info": cmd_info,
-            "predict": cmd_predict}[args.command](args)
+            "predict": cmd_predict, "serve": cmd_serve, "convert": cmd_convert}[args.command](args)
 
 
 if __name__ == "__main__":

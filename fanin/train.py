@@ -1,6 +1,11 @@
-"""Fit and evaluate loops with a progress line per epoch."""
+"""Fit and evaluate loops with a progress line per epoch.
+
+With ``comm`` (an mpi4py communicator or a ``fanin.distributed.DataParallel``) the same loops train data
+parallel: each MPI rank takes its shard of every batch and the ranks stay identical (docs/DISTRIBUTED.md).
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -98,41 +103,63 @@ class Progress:
             self.stream.flush()
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000):
-    """(mean loss, accuracy) of ``model`` on ``x``, ``y`` in eval mode."""
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, comm=None):
+    """(mean loss, accuracy) of ``model`` on ``x``, ``y`` in eval mode (``comm``: each rank scores its shard)."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
+    n = len(y)
+    if comm is not None:
+        x, y = comm.shard(x), comm.shard(y)
     with no_grad():
         for xb, yb in batches(x, y, batch_size, shuffle=False):
             logits = model(Tensor(xb))
             total_loss += float(ops.cross_entropy(logits, yb).data) * len(yb)
             correct += int((logits.data.argmax(axis=1) == yb).sum())
     model.train(was_training)
-    return total_loss / len(y), correct / len(y)
+    if comm is not None:
+        total_loss, correct = comm.allreduce_sum([total_loss, correct])
+    return total_loss / n, correct / n
 
 
 def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=(), progress=None,
-                loss_terms=()):
-    """One pass over (x, y): forward, backward, optimizer step, then each hook's ``step()``."""
+                loss_terms=(), comm=None):
+    """One pass over (x, y): forward, backward, optimizer step, then each hook's ``step()``.
+
+    ``comm`` (a ``fanin.distributed.DataParallel``): this rank computes its shard of each batch, weighted by its
+    share, and one allreduce sums the gradients of all ranks before the optimizer step.
+    """
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
     start = time.perf_counter()
     for xb, yb in batches(x, y, batch_size, shuffle=True, rng=rng):
-        logits = model(Tensor(xb))
-        loss = ops.cross_entropy(logits, yb)
-        for term in loss_terms:
-            loss = loss + term()
-        optimizer.zero_grad()
-        loss.backward()
+        n = len(yb)
+        if comm is not None:
+            xb, yb = comm.shard(xb), comm.shard(yb)
+        if len(yb):
+            logits = model(Tensor(xb))
+            loss = ops.cross_entropy(logits, yb)
+            for term in loss_terms:
+                loss = loss + term()
+            optimizer.zero_grad()
+            loss.backward(None if comm is None else comm.loss_weight(len(yb), n, loss.data.dtype))
+            batch_loss, batch_correct = float(loss.data) * len(yb), int((logits.data.argmax(axis=1) == yb).sum())
+        else:  # this rank's shard of a last batch shorter than the number of ranks
+            optimizer.zero_grad()
+            comm.no_rows(model)
+            batch_loss, batch_correct = 0.0, 0
+        if comm is not None:
+            batch_loss, batch_correct = comm.allreduce_step(model, optimizer, batch_loss, batch_correct)
         optimizer.step()
         if schedule is not None:
             schedule.step()
         for hook in hooks:
             hook.step()
-        seen += len(yb)
-        loss_sum += float(loss.data) * len(yb)
-        correct += int((logits.data.argmax(axis=1) == yb).sum())
+        if comm is not None:
+            comm.after_step(model, hooks)
+        seen += n
+        loss_sum += batch_loss
+        correct += batch_correct
         if progress is not None:
             rate = seen / max(1e-9, time.perf_counter() - start)
             progress.update(1, loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", samples_s=f"{rate:.0f}")
@@ -143,29 +170,48 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
 
 def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
         schedule=None, hooks=(), loss_terms=(), progress: bool = True, start_epoch: int = 0,
-        rng=None, on_epoch_end=None, history=None):
+        rng=None, on_epoch_end=None, history=None, comm=None):
     """Train for ``epochs`` over ``train`` = (x, y); evaluate on ``test`` after each epoch.
 
     ``hooks`` are objects with ``step()`` called after every optimizer step (e.g. SRigL) and an
     optional ``status()`` dict shown on the progress line. ``on_epoch_end(epoch, rng)`` runs after
     each epoch (checkpoints). Returns one dict per epoch (appended to ``history`` if given).
+
+    ``comm``: an mpi4py communicator (or a ``fanin.distributed.DataParallel``) to train data parallel, every
+    rank calling ``fit`` with the same arguments: ``batch_size`` is the global batch, split over the ranks;
+    only rank 0 prints; ``on_epoch_end`` runs on every rank (write files on rank 0 only). An exception on one
+    rank aborts all of them (MPI_Abort).
     """
     x, y = train
     rng = rng if rng is not None else np.random.default_rng(seed)
     steps_per_epoch = -(-len(x) // batch_size)
     history = [] if history is None else history
-    for epoch in range(start_epoch, epochs):
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress)
-        stats = train_epoch(model, optimizer, x, y, batch_size, rng, schedule, hooks, bar, loss_terms)
-        for hook in hooks:
-            if hasattr(hook, "status"):
-                stats.update(hook.status())
-        if test is not None:
-            stats["test_loss"], stats["test_acc"] = evaluate(model, *test)
-        stats["epoch"] = epoch + 1
-        stats["samples_per_s"] = len(x) / stats["time"]
-        bar.close(**{k: v for k, v in stats.items() if k not in ("epoch", "time", "samples_per_s")})
-        history.append(stats)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, rng)
+    guard = contextlib.nullcontext()
+    if comm is not None:
+        from fanin.distributed import data_parallel
+
+        comm = data_parallel(comm)
+        comm.check_batch(batch_size)
+        comm.attach(hooks)
+        progress = progress and comm.root
+        guard = comm.guard()
+    with guard:
+        if comm is not None:
+            comm.check(model, hooks, "start-up")
+        for epoch in range(start_epoch, epochs):
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress)
+            stats = train_epoch(model, optimizer, x, y, batch_size, rng, schedule, hooks, bar, loss_terms, comm)
+            for hook in hooks:
+                if hasattr(hook, "status"):
+                    stats.update(hook.status())
+            if test is not None:
+                stats["test_loss"], stats["test_acc"] = evaluate(model, *test, comm=comm)
+            if comm is not None:
+                comm.check(model, hooks, f"epoch {epoch + 1}")
+            stats["epoch"] = epoch + 1
+            stats["samples_per_s"] = len(x) / stats["time"]
+            bar.close(**{k: v for k, v in stats.items() if k not in ("epoch", "time", "samples_per_s")})
+            history.append(stats)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, rng)
     return history

@@ -193,6 +193,9 @@ class SRigL:
         self.t = 0
         self.history: list = []
         self._resized: set = set()
+        # data-parallel training (fanin.distributed): gathers every rank's captured rows of the update's batches,
+        # so each rank scores the global batch and makes the same decisions; None in a single process
+        self.exchange = None
         shapes = [dense_shape(layer) for _, layer in self.layers]
         self.densities = layer_densities(shapes, self.sparsity, distribution, [0] if dense_first else (), power)
         self.budgets, self.k0, self._shapes = [], [], []
@@ -275,8 +278,11 @@ class SRigL:
                     f"SRigL: layer '{name}' has no captured gradients at step {self.t}; call srigl.step() once "
                     "after every optimizer.step(), after loss.backward()."
                 )
-            x = np.concatenate([a for a, _ in layer.capture[-self.grad_accumulation:]])
-            dy = np.concatenate([b for _, b in layer.capture[-self.grad_accumulation:]])
+            pairs = layer.capture[-self.grad_accumulation:]
+            if self.exchange is not None:
+                pairs = self.exchange.gather_pairs(pairs)
+            x = np.concatenate([a for a, _ in pairs])
+            dy = np.concatenate([b for _, b in pairs])
             ablate = self.ablation and layer is not self.output_layer
             idx, vals, act, src, info = srigl_update(layer, x, dy, budget, k0, frac, self.gamma_sal, ablate,
                                                      self.exact, name)
@@ -299,8 +305,9 @@ class SRigL:
 
     def state_dict(self) -> dict:
         """Step, update history and any gradients captured for the next update."""
-        capture = [[list(pair) for pair in layer.capture] if layer.capture is not None else None
-                   for _, layer in self.layers]
+        capture = [[list(pair) for pair in (layer.capture if self.exchange is None else
+                                            self.exchange.gather_pairs(layer.capture))]
+                   if layer.capture is not None else None for _, layer in self.layers]  # data parallel: all rows
         return {"t": self.t, "history": self.history, "capture": capture}
 
     def load_state_dict(self, sd: dict):
@@ -312,5 +319,6 @@ class SRigL:
         self.history = list(sd.get("history", []))
         self._arm_capture()
         for (_, layer), cap in zip(self.layers, sd.get("capture") or [None] * len(self.layers)):
-            if cap is not None:
-                layer.capture = [tuple(pair) for pair in cap]
+            if cap is not None:  # data parallel: the state holds every rank's rows, this rank keeps its own
+                layer.capture = [tuple(pair) if self.exchange is None else
+                                 tuple(self.exchange.local_rows(a) for a in pair) for pair in cap]
