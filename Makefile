@@ -4,18 +4,28 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench data venv clean mutation deepsparse-venv
+.PHONY: demo test test-gpu bench data venv clean mutation deepsparse-venv
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,progress]'
 	touch $@
 
 venv: $(VENV)/.installed-dev
 
-$(VENV)/.installed-bench: $(VENV)/.installed-dev
-	$(PY) -m pip install -q -e '.[dev,bench]'
+# What the test suite exercises beyond the core: the progress bar, the HTTP server (serve), safetensors and the
+# CPU build of PyTorch (convert's round trip), numba-cuda with NVVM (simulator and PTX tests), mpi4py with the
+# MPICH wheel and dask.distributed (2-rank and sweep tests). Without these the tests that need them skip.
+$(VENV)/.installed-test: $(VENV)/.installed-dev
+	$(PY) -m pip install -q -e '.[dev,progress,serve,convert,cuda,distributed]' torch==2.13.0
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e '.[dev,bench,serve,progress]'
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } || \
+		echo "wrk (bench_serve.py load generator) is missing: apt-get install wrk"
 	touch $@
 
 # Fashion-MNIST from Debian (as root with apt-get), else say how to get it.
@@ -32,8 +42,13 @@ data:
 demo: venv data
 	$(VENV)/bin/fanin train --data fashion-mnist --model mlp --epochs 10
 
-test: venv data
+test: $(VENV)/.installed-test data
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The real-GPU checks of issue 14 (tests/test_cuda_device.py, PTX, bench/bench_cuda.py) on a machine with an NVIDIA
+# GPU: tools/gpu_check.sh writes its logs to gpu-out/.
+test-gpu: $(VENV)/.installed-test
+	PY=$(PY) bash tools/gpu_check.sh
 
 # Mutation testing (tools/mutation, docs/TESTING.md): not part of `test`; ~25 min on 2 cores.
 # MUTANTS judged per target, SEED of the sample, WORKERS in parallel, TARGETS (comma-separated:
