@@ -1,7 +1,7 @@
 """The condensed kernels and SRigL training on an NVIDIA GPU, against PyTorch dense (cuBLAS) and torch.sparse_csr
 (cuSPARSE), in one run.
 
-    python bench/bench_cuda.py [--quick] [--rounds 5] [--epochs 2] [--out bench/RESULTS.md]
+    python bench/bench_cuda.py [--quick] [--sweep] [--rounds 5] [--epochs 2] [--train-rounds 3] [--out FILE]
 
 Output starts with ``nvidia-smi --query-gpu=name,driver_version --format=csv`` (which card and driver made the
 numbers). Kernel times are CUDA-event times per call: each contender runs ``reps`` calls between two events after a
@@ -17,7 +17,12 @@ Table (the kernel table of bench/bench_kernels.py, on the GPU): layers 4096x4096
 - forward+backward at batch 256 (fanin: forward, dx, dvalues; dense: three GEMMs).
 Training: epochs of the SRigL-90 % MLP 784-4096-4096-10 (fanin, SGD momentum, SRigL every 100 steps with its
 update on the host) vs the dense MLP in PyTorch on the same GPU, batch 256, on Fashion-MNIST if found (else
-random data of its shape, said so). Anything that cannot run is listed at the end with the reason.
+random data of its shape, said so). Before the timed epochs a throwaway model of the same shapes runs a few steps
+with SRigL updates (every kernel compiles on its first launch: that is excluded), then a few plain steps give the
+cost of a step without updates; every timed epoch counts (median), PyTorch warmed up likewise.
+``--sweep`` adds the tile kernels' launch configurations (forward, dx, dvalues at 4096x4096, batch 256), and every
+kernel line is followed by the host-side time a call (Python and launches): when it is about the event time the
+GPU waited for the host. Anything that cannot run is listed at the end with the reason.
 """
 from __future__ import annotations
 
@@ -80,21 +85,27 @@ class Timer:
         from numba import cuda
 
         self.cuda, self.rounds = cuda, rounds
+        self.host: dict = {}  # name -> median host-side seconds a call (Python + launches, before the sync)
 
-    def per_call(self, fn, reps: int) -> float:
+    def per_call(self, fn, reps: int, host=None) -> float:
         c = self.cuda
         try:
             start, stop = c.event(timing=True), c.event(timing=True)
         except TypeError:  # the simulator's events take no arguments
             start, stop = c.event(), c.event()
         start.record()
+        t0 = time.perf_counter()
         for _ in range(reps):
             fn()
+        if host is not None:
+            host.append((time.perf_counter() - t0) / reps)
         stop.record()
         stop.synchronize()
         return start.elapsed_time(stop) / 1e3 / reps
 
     def compare(self, fns: dict, target_s: float = 0.05) -> dict:
+        """Median event time a call of each fn; ``self.host[name]``: its host-side time a call. When the two are
+        about equal the GPU waited for the host (launch-bound), not the other way round."""
         reps = {}
         for name, fn in fns.items():  # warm-up (compiles), then size reps to ~target_s per round
             fn()
@@ -103,9 +114,11 @@ class Timer:
             t = self.per_call(fn, 3)
             reps[name] = int(max(3, min(2000, target_s / max(t, 1e-7)))) if self.rounds > 1 else 1
         times = {name: [] for name in fns}
+        host = {name: [] for name in fns}
         for _ in range(self.rounds):
             for name, fn in fns.items():
-                times[name].append(self.per_call(fn, reps[name]))
+                times[name].append(self.per_call(fn, reps[name], host[name]))
+        self.host.update({name: float(np.median(v)) for name, v in host.items()})
         return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -199,7 +212,57 @@ def kernel_table(shapes, batches, timer, torch):
             rows.append(row)
             log(f"  {row['layer']} B={B}: " + ", ".join(f"{k} {us(v)} us" for k, v in row.items()
                                                           if isinstance(v, float)))
+            log(f"    host side a call (Python + launches; about the event time = launch-bound): fanin "
+                f"{us(timer.host['fanin'])} us" + (f", fanin_fb {us(timer.host['fanin_fb'])} us" if B >= 8 else "")
+                + (f", dense {us(timer.host['dense'])} us" if 'dense' in timer.host else ""))
     return rows
+
+
+def plan_sweep(timer, n=4096, B=256, simulate=False):
+    """Tile-kernel launch configurations (spl, warps, rows a warp) of the forward, dx and dvalues at n x n, 90 %,
+    batch B: the default plan first, then forced ones (fanin.kernels.cuda.PLAN_OVERRIDE / DVALS_PLAN_OVERRIDE)."""
+    from numba import cuda
+
+    from fanin import kernels as K
+    from fanin.kernels import cuda as KC
+
+    if simulate:
+        n, B = 40, 9
+    rng = np.random.default_rng(1)
+    topo, vals, _ = layer(n, n, 0.9, rng)
+    dvals = cuda.to_device(vals)
+    dx = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
+    ddy = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
+    fwd = [None, (2, 8, 8), (2, 8, 4), (1, 8, 8), (2, 4, 8)]
+    dv = [None, (2, 8, 8), (2, 8, 4), (2, 8, 2), (2, 8, 1), (1, 8, 2)]
+    if simulate:
+        fwd, dv = fwd[:2], dv[:2]
+    lines = [f"plan sweep {n}x{n} at 90 %, batch {B} (spl, warps, rows a warp; None = the default "
+             f"{KC._plan(n, B)} fwd/dx, {KC._dvals_plan(n, B)} dvalues):"]
+    try:
+        fns = {}
+        for plan in fwd:
+            def f(plan=plan):
+                KC.PLAN_OVERRIDE = plan
+                K.fanin_forward(dx, topo, dvals)
+
+            def g(plan=plan):
+                KC.PLAN_OVERRIDE = plan
+                K.fanin_backward_input(topo, dvals, ddy, n)
+            fns[f"fwd {plan}"] = f
+            fns[f"dx {plan}"] = g
+        for plan in dv:
+            def h(plan=plan):
+                KC.PLAN_OVERRIDE = None  # (the fwd/dx contenders leave theirs set; it would force dvalues too)
+                KC.DVALS_PLAN_OVERRIDE = plan
+                K.fanin_backward_values(dx, topo, ddy)
+            fns[f"dvalues {plan}"] = h
+        t = timer.compare(fns)
+    finally:
+        KC.PLAN_OVERRIDE = KC.DVALS_PLAN_OVERRIDE = None
+    for name, v in t.items():
+        lines.append(f"  {name}: {us(v)} us")
+    return lines
 
 
 def kernel_markdown(rows) -> str:
@@ -273,8 +336,8 @@ def training(epochs, rounds, batch, torch, data_dir=None, sizes=(784, 4096, 4096
     sr = fanin.sparsity.SRigL(model, opt, sparsity=0.9, distribution="erk", delta_t=min(100, max(1, steps // 2)),
                               total_steps=steps * max(1, epochs * rounds))
 
-    def fanin_epoch():
-        for i in range(steps):
+    def run_steps(model, opt, sr, n_steps):
+        for i in range(n_steps):
             xb = fanin.Tensor(xd[i * batch:(i + 1) * batch])
             loss = fanin.ops.cross_entropy(model(xb), yd[i * batch:(i + 1) * batch])
             opt.zero_grad()
@@ -282,6 +345,28 @@ def training(epochs, rounds, batch, torch, data_dir=None, sizes=(784, 4096, 4096
             opt.step()
             sr.step()
         cuda.synchronize()
+
+    def fanin_epoch():
+        run_steps(model, opt, sr, steps)
+
+    # warm-up outside the timing: the first launch of each kernel compiles it (seconds each), and so does the first
+    # SRigL update's (growth scores, selection); a throwaway model of the same shapes with an update at step 2
+    # compiles every kernel an epoch launches, leaving the timed model's schedule untouched
+    t = time.perf_counter()
+    wm = fanin.models.mlp(sizes, sparsity=0.9, seed=1).to("cuda")
+    wo = fanin.optim.SGD(wm.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    ws = fanin.sparsity.SRigL(wm, wo, sparsity=0.9, distribution="erk", delta_t=2, total_steps=8)
+    run_steps(wm, wo, ws, min(4, steps))
+    warm = time.perf_counter() - t
+    ws.update_enabled = False  # then plain steps of the warm model: what an epoch costs without SRigL updates
+    run_steps(wm, wo, ws, 2)
+    n_plain = min(20, steps)
+    t = time.perf_counter()
+    run_steps(wm, wo, ws, n_plain)
+    per_step = (time.perf_counter() - t) / n_plain
+    del wm, wo, ws
+    log(f"  warm-up (compiles every kernel of a step and of an SRigL update; not timed): {warm:.2f} s; then "
+        f"{per_step * 1e3:.2f} ms a step without SRigL updates ({per_step * steps:.2f} s for {steps} steps)")
 
     torch_epoch = None
     if torch:
@@ -292,15 +377,20 @@ def training(epochs, rounds, batch, torch, data_dir=None, sizes=(784, 4096, 4096
         topt = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         tx, ty = torch.from_numpy(x[:n]).cuda(), torch.from_numpy(y[:n].astype(np.int64)).cuda()
 
-        def torch_epoch():
+        def torch_steps(n_steps):
             torch.backends.cuda.matmul.allow_tf32 = False
-            for i in range(steps):
+            for i in range(n_steps):
                 out = tm(tx[i * batch:(i + 1) * batch])
                 loss = torch.nn.functional.cross_entropy(out, ty[i * batch:(i + 1) * batch])
                 topt.zero_grad(set_to_none=True)
                 loss.backward()
                 topt.step()
             torch.cuda.synchronize()
+
+        def torch_epoch():
+            torch_steps(steps)
+
+        torch_steps(min(5, steps))  # warm-up: cuBLAS handles and workspaces, the optimizer's state
 
     times = {"fanin SRigL-90 %": [], "PyTorch dense fp32": []}
     for r in range(rounds):
@@ -313,7 +403,7 @@ def training(epochs, rounds, batch, torch, data_dir=None, sizes=(784, 4096, 4096
                 torch_epoch()
                 times["PyTorch dense fp32"].append(time.perf_counter() - t)
         log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v))
-    med = {k: float(np.median(v[1:] if len(v) > 2 else v)) for k, v in times.items() if v}  # first epoch compiles
+    med = {k: float(np.median(v)) for k, v in times.items() if v}  # after the warm-up: every epoch counts
     return med, source, steps, sr.status()
 
 
@@ -326,6 +416,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--data", default=None, help="folder with Fashion-MNIST's four .gz files")
     ap.add_argument("--out", help="write a 'GPU (bench_cuda.py)' section into this markdown file")
+    ap.add_argument("--sweep", action="store_true", help="also time the tile kernels' launch configurations at "
+                    "4096x4096, batch 256 (forward, dx, dvalues)")
     ap.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)  # tiny shapes under the simulator:
     # exercises this script's code without a GPU (its numbers mean nothing)
     args = ap.parse_args(argv)
@@ -368,6 +460,10 @@ def main(argv=None):
         line = f"- {name}: {got:.2f}x ({'met' if got >= want else 'NOT met'})"
         log(line)
         md.append(line)
+    if args.sweep:
+        log("")
+        for ln in plan_sweep(timer, simulate=args.simulate):
+            log(ln)
     if args.train_rounds:
         log(f"\ntraining: MLP {'-'.join(map(str, (30, 20, 20, 10) if args.simulate else (784, 4096, 4096, 10)))}, "
             f"batch {9 if args.simulate else args.batch}:")

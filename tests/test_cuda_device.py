@@ -41,7 +41,9 @@ def _layer(rng, n_out, n_in, sparsity, ablate=0):
     k = max(1, int(n_in * (1 - sparsity)))
     idx = np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k]
     idx.sort(axis=1)
-    vals = rng.standard_normal((n_out, k)).astype(np.float32) / np.sqrt(k)
+    # cast after scaling: float32 / np.sqrt(k) (a NumPy float64 scalar) is float64 under NumPy 2's promotion rules,
+    # which made every product below a float64 one (mixed float32/float64 arrays compute in float64)
+    vals = (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32)
     active = np.ones(n_out, bool)
     active[:ablate] = False
     vals[~active] = 0
@@ -72,12 +74,17 @@ def test_forward_backward_match_cpu(n_out, n_in, sparsity):
         y = K.fanin_forward(dx_, topo, dvals, dbias)
         _close(y, K.fanin_forward(x, topo, vals, bias))
         gx, gv = K.fanin_backward(dx_, topo, dvals, ddy)
+        assert (y.dtype, gx.dtype, gv.dtype) == (np.float32,) * 3, "float32 in, float32 out"
         rgx, rgv = K.fanin_backward(x, topo, vals, dy)
         _close(gx, rgx)
         _close(gv, rgv, 2e-4)
-        # no atomics: a second run is bitwise identical
+        # no atomics: a second run is bitwise identical, and fanin_backward is its two halves
         np.testing.assert_array_equal(K.fanin_forward(dx_, topo, dvals, dbias).copy_to_host(), y.copy_to_host())
+        gx2, gv2 = K.fanin_backward(dx_, topo, dvals, ddy)
+        np.testing.assert_array_equal(gx2.copy_to_host(), gx.copy_to_host())
+        np.testing.assert_array_equal(gv2.copy_to_host(), gv.copy_to_host())
         np.testing.assert_array_equal(K.fanin_backward_values(dx_, topo, ddy).copy_to_host(), gv.copy_to_host())
+        np.testing.assert_array_equal(K.fanin_backward_input(topo, dvals, ddy, n_in).copy_to_host(), gx.copy_to_host())
         if B >= 8:  # the packed-panel path of training
             xp, dyp = K.pack_panels(dx_), K.pack_panels(ddy)
             _close(K.fanin_forward_panels(xp, B, topo, dvals, dbias), K.fanin_forward_panels(K.pack_panels(x), B, topo,
@@ -130,13 +137,28 @@ def test_growth_candidates_match_cpu():
     _close(K.dense_grad(cuda.to_device(x), cuda.to_device(dy)), K.dense_grad(x, dy))
 
 
-def test_training_steps_match_cpu():
+def _mlp(sizes, classifier):
+    import fanin
+
+    model = fanin.models.mlp(sizes, sparsity=[0.9, 0.9, None], seed=0)
+    if classifier == "full fan-in":  # a condensed classifier at k = n_in (what SRigL's ERK gives), one neuron ablated
+        n_in, n_out = sizes[-2], sizes[-1]
+        layer = fanin.nn.FanInLinear(n_in, n_out, k=n_in, seed=0)
+        active = np.ones(n_out, bool)
+        active[1] = False
+        layer.set_connectivity(np.tile(np.arange(n_in), (n_out, 1)), fanin.device.host(model[-1].weight.data), active)
+        model.layers[-1] = layer
+    return model
+
+
+@pytest.mark.parametrize("classifier", ["dense", "full fan-in"])
+def test_training_steps_match_cpu(classifier):
     import fanin
 
     rng = np.random.default_rng(3)
     sizes = [784, 1024, 1024, 10]
-    cpu = fanin.models.mlp(sizes, sparsity=[0.9, 0.9, None], seed=0)
-    dev = fanin.models.mlp(sizes, sparsity=[0.9, 0.9, None], seed=0).to("cuda")
+    cpu = _mlp(sizes, classifier)
+    dev = _mlp(sizes, classifier).to("cuda")
     oc = fanin.optim.SGD(cpu.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     od = fanin.optim.SGD(dev.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     for _ in range(3):

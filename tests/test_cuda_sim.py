@@ -184,8 +184,14 @@ def test_eight_warp_configurations():
         KC.PLAN_OVERRIDE = (1, 8, 8)  # the configuration large layers get on a GPU
         _close(_h(K.fanin_forward(_dev(x), topo, _dev(vals))), K.fanin_forward(x, topo, vals))
         _close(_h(K.fanin_backward_values(_dev(x), topo, _dev(dy))), K.fanin_backward_values(x, topo, dy))
-    finally:
         KC.PLAN_OVERRIDE = None
+        for plan in ((1, 8, 1), (1, 8, 2), (2, 8, 4)):  # fewer rows a warp: what grids smaller than the GPU get
+            KC.PLAN_OVERRIDE = KC.DVALS_PLAN_OVERRIDE = plan
+            _close(_h(K.fanin_forward(_dev(x), topo, _dev(vals))), K.fanin_forward(x, topo, vals))
+            KC.PLAN_OVERRIDE = None
+            _close(_h(K.fanin_backward_values(_dev(x), topo, _dev(dy))), K.fanin_backward_values(x, topo, dy))
+    finally:
+        KC.PLAN_OVERRIDE = KC.DVALS_PLAN_OVERRIDE = None
 
 
 @sim
@@ -330,6 +336,45 @@ def test_training_steps_match_cpu_and_stay_on_device():
     cpu.load_state_dict(sd)
     dev.to("cpu")
     assert all(p.device == "cpu" for p in dev.parameters())
+
+
+@sim
+def test_full_fan_in_layer_runs_as_dense_products_on_the_device():
+    """A condensed layer at k = n_in (SRigL's ERK keeps a small classifier dense) takes GEMMs on the device, as
+    BLAS on the host: its value gradient is dy^T x, and ablated neurons get none."""
+    import fanin
+    from fanin.kernels import cuda_kernels as CK
+
+    rng = np.random.default_rng(11)
+    B, n_in, n_out = 9, 12, 5
+    models = []
+    for _ in range(2):
+        layer = fanin.nn.FanInLinear(n_in, n_out, k=n_in, seed=0)
+        active = np.ones(n_out, bool)
+        active[1] = False
+        layer.set_connectivity(np.tile(np.arange(n_in), (n_out, 1)),
+                               rng.standard_normal((n_out, n_in)).astype(np.float32) if not models else
+                               models[0].values.data.copy(), active)
+        models.append(layer)
+    cpu, dev = models[0], models[1].to("cuda")
+    x = rng.standard_normal((B, n_in)).astype(np.float32)
+    dy = rng.standard_normal((B, n_out)).astype(np.float32)
+    xc, xd = fanin.Tensor(x, requires_grad=True), fanin.Tensor(x, device="cuda", requires_grad=True)
+    yc = cpu(xc)
+    CK.Kernel.RECORD = []
+    try:
+        yd = dev(xd)
+        (yd * fanin.Tensor(dy, device="cuda")).sum().backward()
+        launched = {key[0] for key, _ in CK.Kernel.RECORD}
+    finally:
+        CK.Kernel.RECORD = None
+    (yc * fanin.Tensor(dy)).sum().backward()
+    assert "gemm" in launched and not launched & {"tile", "dvals", "rows", "dvals_rows"}, launched
+    _close(_h(yd.data), yc.data)
+    _close(_h(xd.grad), xc.grad)
+    _close(_h(dev.values.grad), cpu.values.grad)
+    assert not _h(dev.values.grad)[1].any()
+    _close(_h(dev.bias.grad), cpu.bias.grad)
 
 
 @sim

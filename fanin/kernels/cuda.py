@@ -18,13 +18,16 @@ Paths:
 - dx: the same two kernels over the transposed structure (CSC) -- a gather per input, no atomics, deterministic.
   The structure depends on the topology only and is built once on the host (O(nnz), ``cpu.transpose_structure``)
   then kept on the device; each call permutes the values into its order (``k_take``, nnz reads and writes).
-- dvalues: ``dvals_tile_kernel`` (deterministic, no atomics); ``dvals_rows_kernel`` below ``SMALL_BATCH``.
+- dvalues: ``dvals_tile_kernel`` (deterministic, no atomics); ``dvals_rows_kernel`` below ``SMALL_BATCH``. Its grid
+  is rows only, so its plan (``_dvals_plan``) takes fewer rows a block until the grid covers the SMs; the tile
+  kernels' (``_plan``) do the same when batch tiles x row blocks fall short of them.
 - growth candidates: ``gemm_kernel`` for ``|dy^T x|`` one block of neurons at a time (~64 MiB of scores), held
   inputs marked, ``topc_kernel`` per row. ``sort=True`` sorts the (n_out, c) result on the host; float64 inputs
   run the whole selection on the host (gradient checks only).
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -65,11 +68,28 @@ elif not cuda.is_available():
 from fanin.kernels import cpu  # noqa: E402
 from fanin.kernels import cuda_kernels as K  # noqa: E402
 
+# Numba frees device memory in batches: by default every 10 dropped arrays it calls cuMemFree, which waits for the
+# device to go idle. A training step drops ~30 temporaries, so the host stopped to wait for the GPU several times a
+# step and could not queue the next launches meanwhile. Freeing every DEALLOCS_COUNT arrays instead (still at most
+# NUMBA_CUDA_MAX_PENDING_DEALLOCS_RATIO of the memory pending, and flushed on an out-of-memory retry) keeps the
+# launch queue full. Left alone when the user set the variable.
+DEALLOCS_COUNT = 256
+if not SIMULATOR and "NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT" not in os.environ:
+    os.environ["NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT"] = str(DEALLOCS_COUNT)  # survives Numba's config reloads
+    try:
+        from numba.core import config as _numba_config
+    except ImportError:  # pragma: no cover - numba-cuda without numba.core
+        from numba.cuda.core import config as _numba_config
+    if getattr(_numba_config, "CUDA_DEALLOCS_COUNT", None) is not None:
+        _numba_config.CUDA_DEALLOCS_COUNT = max(int(_numba_config.CUDA_DEALLOCS_COUNT), DEALLOCS_COUNT)
+
 TB = cpu.TB
 SMALL_BATCH = cpu.SMALL_BATCH
 ROWS_WARPS = 4  # warps (rows) per block of the latency kernel
-# (spl, warps, rpw) forced for every tile launch, e.g. by tests or a benchmark sweep; None: chosen from shapes
+# (spl, warps, rpw) forced for every tile launch (forward, dx and dvalues), e.g. by tests or a benchmark sweep;
+# None: chosen from shapes. DVALS_PLAN_OVERRIDE forces the value-gradient kernel's alone (it wins over PLAN_OVERRIDE).
 PLAN_OVERRIDE = None
+DVALS_PLAN_OVERRIDE = None
 
 
 # ================================================================ arrays
@@ -251,14 +271,54 @@ def _host_transposed(idx_host, n_in):
 
 
 # ================================================================ plans
+_SMS = []
+
+
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (read once)."""
+    if not _SMS:
+        try:
+            _SMS.append(int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+        except Exception:  # noqa: BLE001 - no device attribute (simulator): a mid-size GPU
+            _SMS.append(108)
+    return _SMS[0]
+
+
+def _rows_per_warp(n_rows: int, batch_tiles: int) -> int:
+    """The most rows per warp (8, 4, 2, 1; 8 warps a block) whose grid still gives every SM a block: fewer rows
+    per block re-read more x tiles from L2, but a grid smaller than the GPU leaves SMs idle (a 4096-row value
+    gradient, whose grid is rows only, had 64 blocks on a 132-SM H100)."""
+    sms = _sm_count()
+    for rpw in (8, 4, 2):
+        if batch_tiles * -(-n_rows // (8 * rpw)) >= sms:
+            return rpw
+    return 1
+
+
 def _plan(n_rows: int, bx: int):
-    """(spl, warps, rpw) of the tile kernels for n_rows outputs and a batch extent bx (see cuda_kernels)."""
+    """(spl, warps, rpw) of the tile kernels for n_rows outputs and a batch extent bx (see cuda_kernels).
+
+    Grid ``(ceil(bx / BT), ceil(n_rows / RB))``: 8 warps of 8 rows (RB 64) unless that grid is smaller than the
+    GPU's SM count; then fewer rows per warp (``_rows_per_warp``)."""
     if PLAN_OVERRIDE is not None:
         return PLAN_OVERRIDE
     spl = 1 if bx <= 32 else 2
     if SIMULATOR or n_rows < 512:
         return spl, 2, 2
-    return spl, 8, 8
+    return spl, 8, _rows_per_warp(n_rows, -(-int(bx) // (32 * spl)))
+
+
+def _dvals_plan(n_rows: int, bx: int):
+    """(spl, warps, rpw) of ``dvals_tile_kernel``: its grid is ``ceil(n_rows / RB)`` blocks (each block loops over
+    the batch tiles, so its rows' sums stay in one block: deterministic), so RB is chosen to cover the SMs."""
+    if DVALS_PLAN_OVERRIDE is not None:
+        return DVALS_PLAN_OVERRIDE
+    if PLAN_OVERRIDE is not None:
+        return PLAN_OVERRIDE
+    spl = 1 if bx <= 32 else 2
+    if SIMULATOR or n_rows < 512:
+        return spl, 2, 2
+    return spl, 8, _rows_per_warp(n_rows, 1)
 
 
 def _dt(a):
@@ -434,7 +494,7 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
 
 def _dvalues(st: _DevStructure, k, x, sb, si, b_in, n_in, dy, db, dj, out_flat):
     dt = _dt(out_flat)
-    spl, warps, rpw = _plan(st.n_rows, b_in)
+    spl, warps, rpw = _dvals_plan(st.n_rows, b_in)
     bt, _, rb_rows, ch = K.tile_geometry(spl, warps, rpw, dt)
     seg, n_chunks = st.seg(ch, n_in)
     kern = K.dvals_tile_kernel(spl, warps, rpw, dt)

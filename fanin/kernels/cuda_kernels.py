@@ -22,12 +22,14 @@ Launch configurations (derived in ``fanin.kernels.cuda``; numbers for a 4096x409
   RB))``, ``32 * WARPS`` threads. A block owns ``RB = WARPS * RPW`` rows and a batch tile of ``BT = 32 * SPL``
   samples. It walks the inputs in chunks of ``CH`` rows: the block loads the chunk's ``CH x BT`` tile of x into
   shared memory (coalesced along whichever axis is contiguous; row stride ``BT + 1`` so both the transposing store
-  and the reads are bank-conflict free), then each warp takes its rows one by one: the row's entries that fall in
-  the chunk (``seg``, from sorted rows) are read 32 at a time with one coalesced load of ``idx`` and ``vals``,
-  broadcast by ``shfl`` (offset and weight), and each lane accumulates ``SPL`` samples ``a[q] += w *
-  xs[off, 32q + lane]`` -- a conflict-free shared load per 32 multiply-adds. Per-row sums live in a shared
-  ``RB x BT`` accumulator tile, written out once at the end (coalesced along rows for a row-major output, along
-  samples for the panel layout, whose padding columns are written as zeros).
+  and the reads are bank-conflict free; row-major x goes warp per sample, lanes along inputs, with no integer
+  division in the index math: a 64-bit division per element cost more than the multiply-adds), then each warp
+  takes its rows one by one: the row's entries that fall in the chunk (``seg``, from sorted rows) are read 32 at a
+  time with one coalesced load of ``idx`` and ``vals``, broadcast by ``shfl`` (offset and weight), and each lane
+  accumulates ``SPL`` samples ``a[q] += w * xs[off, 32q + lane]`` -- a conflict-free shared load per 32
+  multiply-adds. Per-row sums live in a shared ``RB x BT`` accumulator tile, written out once at the end
+  (coalesced along rows for a row-major output, along samples for the panel layout, whose padding columns are
+  written as zeros).
   Traffic at B = 256 (SPL 2, WARPS 8, RPW 8: RB 64, CH 125, 256 blocks): shared-memory loads 429 M = nnz * B (one
   per multiply-add, 4 B each, the floor for a gather formulation, ~60 us at 128 B/clk/SM), shuffles 2 per entry
   per 64 samples, x tiles from L2 ``n_rows / RB * B * n_in * 4`` = 256 MB, idx+vals 4 * 6 * nnz = 40 MB.
@@ -35,6 +37,7 @@ Launch configurations (derived in ``fanin.kernels.cuda``; numbers for a 4096x409
 
 ``dvals_tile_kernel`` -- value gradient ``dv[e] = sum_b dy[b, row] * x[b, idx[e]]``. Grid ``ceil(n_rows / RB)``
   blocks that loop over batch tiles and input chunks (deterministic: a block owns its rows' outputs; no atomics).
+  RB is chosen so the grid covers the SMs (4096 rows on a 132-SM H100: 2 rows a warp, RB 16, 256 blocks).
   The block stages its rows' dy tile and the chunk's x tile in shared memory; per entry a lane forms
   ``SPL`` products of its samples, and four entries at a time are summed across the warp in 11 shuffles (a joint
   butterfly: halves exchange different partial sums, so four totals cost about one full reduction). Loads: one
@@ -224,7 +227,7 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
     W = _weight_fn(bits, DT)
     BT, LD, RB, CH = tile_geometry(spl, warps, rpw, dtype)
     NT = 32 * warps
-    SPL, RPW = spl, rpw
+    SPL, RPW, WARPS = spl, rpw, warps
     X_SIZE, R_SIZE = CH * LD, RB * LD  # shared tiles: compile-time sizes
 
     def make():
@@ -245,14 +248,15 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
                 c0 = c * CH
                 nr = min(CH, n_in - c0)
                 cuda.syncthreads()
-                if si == 1:  # row-major x: consecutive threads read consecutive inputs
-                    for q in range(tid, BT * nr, NT):
-                        s = q // nr
-                        i = q - s * nr
-                        v = DT(0.0)
-                        if b0 + s < B_in:
-                            v = x[(b0 + s) * sb + c0 + i]
-                        xs[i * LD + s] = v
+                if si == 1:  # row-major x: a warp reads 32 consecutive inputs of one sample (no division)
+                    for s in range(w, BT, WARPS):
+                        ok = b0 + s < B_in
+                        xb = (b0 + s) * sb + c0
+                        for i in range(lane, nr, 32):
+                            v = DT(0.0)
+                            if ok:
+                                v = x[xb + i]
+                            xs[i * LD + s] = v
                 else:  # panel layout: consecutive threads read consecutive samples
                     for q in range(tid, BT * nr, NT):
                         i = q // BT
@@ -320,7 +324,7 @@ def dvals_tile_kernel(spl: int, warps: int, rpw: int, dtype):
     DT = _nbtype(dtype)
     BT, LD, RB, CH = tile_geometry(spl, warps, rpw, dtype)
     NT = 32 * warps
-    SPL, RPW = spl, rpw
+    SPL, RPW, WARPS = spl, rpw, warps
     X_SIZE, R_SIZE = CH * LD, RB * LD  # shared tiles: compile-time sizes
 
     def make():
@@ -358,14 +362,15 @@ def dvals_tile_kernel(spl: int, warps: int, rpw: int, dtype):
                     c0 = c * CH
                     nr = min(CH, n_in - c0)
                     cuda.syncthreads()
-                    if si == 1:
-                        for q in range(tid, BT * nr, NT):
-                            s = q // nr
-                            i = q - s * nr
-                            v = DT(0.0)
-                            if b0 + s < B_in:
-                                v = x[(b0 + s) * sb + c0 + i]
-                            xs[i * LD + s] = v
+                    if si == 1:  # row-major x: as the forward's (no division)
+                        for s in range(w, BT, WARPS):
+                            ok = b0 + s < B_in
+                            xb = (b0 + s) * sb + c0
+                            for i in range(lane, nr, 32):
+                                v = DT(0.0)
+                                if ok:
+                                    v = x[xb + i]
+                                xs[i * LD + s] = v
                     else:
                         for q in range(tid, BT * nr, NT):
                             i = q // BT
