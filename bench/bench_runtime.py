@@ -234,6 +234,43 @@ def section_big(args):
               f"{ratio(wall, 'numpy dense', name):.2f}x |")
 
 
+def section_layers(args):
+    """Batch 1 through a one-layer Network at every layer shape and sparsity of bench_kernels.py, against SciPy
+    CSR (``W_csr @ x``, the structure built once, outside the timing) and NumPy dense. Target (issue 12): never
+    slower than SciPy CSR."""
+    import scipy.sparse as sp
+
+    from fanin import nn
+
+    print("\n## One layer through a Network, batch 1, against SciPy CSR and NumPy dense\n")
+    print("| layer (out x in) | sparsity | fan-in | fanin us | scipy csr us | numpy dense us | vs scipy csr | "
+          "vs numpy dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    worst = None
+    for n_out, n_in in [(4096, 4096), (768, 3072), (3072, 768)]:
+        for s in [0.8, 0.9, 0.95, 0.99]:
+            layer = nn.FanInLinear(n_in, n_out, sparsity=s, seed=0)
+            plan = runtime.lower(nn.Sequential([layer]))
+            net = runtime.Network(plan)
+            twin = dense_twin(plan)
+            a = plan["ops"][0]["arrays"]
+            idx, vals = np.asarray(a["indices"]), np.asarray(a["values"], np.float32)
+            bias = np.asarray(a.get("bias", np.zeros(n_out)), np.float32)
+            csr = sp.csr_matrix((vals.ravel(), idx.ravel().astype(np.int32), np.arange(0, idx.size + 1, idx.shape[1])),
+                                shape=(n_out, n_in))
+            x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
+            xt = np.ascontiguousarray(x[0])
+            np.testing.assert_allclose(net.predict(x)[0], csr @ xt + bias, rtol=1e-4, atol=1e-4)
+            con = {"fanin": lambda: net.predict(x), "scipy csr": lambda: csr @ xt + bias, "numpy": lambda: twin(x)}
+            wall, _ = interleaved(con, args.rounds)
+            r = ratio(wall, "scipy csr", "fanin")
+            worst = r if worst is None else min(worst, r)
+            print(f"| {n_out}x{n_in} | {s:.0%} | {idx.shape[1]} | {fmt_us(statistics.median(wall['fanin']))} | "
+                  f"{fmt_us(statistics.median(wall['scipy csr']))} | {fmt_us(statistics.median(wall['numpy']))} | "
+                  f"{r:.2f}x | {ratio(wall, 'numpy', 'fanin'):.2f}x |", flush=True)
+    print(f"\nworst ratio against SciPy CSR: {worst:.2f}x ({'met' if worst >= 1 else 'MISSED'}: never slower)")
+
+
 def section_fork(args):
     import multiprocessing as mp
 
@@ -295,6 +332,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--layers", action="store_true", help="batch 1, one layer per bench_kernels shape, vs SciPy CSR")
     ap.add_argument("--fork", action="store_true")
     ap.add_argument("--threads", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
@@ -321,6 +359,8 @@ def main():
     section_mlp(args)
     if not args.skip_big:
         section_big(args)
+    if args.layers:
+        section_layers(args)
     if args.fork:
         section_fork(args)
     if args.threads:
