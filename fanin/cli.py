@@ -38,6 +38,11 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _gamma(text: str):
+    """--compress's value: a gamma >= 0, or "default" (argparse passes a string ``const`` through ``type`` too)."""
+    return text if text == "default" else _non_negative(text)
+
+
 def _positive(text: str) -> float:
     v = _non_negative(text)
     if v == 0:
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation")
     s.add_argument("--grad-accumulation", type=_positive_int, default=1, help="batches of gradient behind each update")
     q = t.add_argument_group("self-compression (SPEC.md section 3)")
-    q.add_argument("--compress", type=_non_negative, nargs="?", const="default", default=None, metavar="GAMMA",
+    q.add_argument("--compress", type=_gamma, nargs="?", const="default", default=None, metavar="GAMMA",
                    help="learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
                         "(without a value: fanin.compress.DEFAULT_GAMMA, 0.1)")
     q.add_argument("--compress-lr", type=_positive, default=0.03, help="Adam learning rate of the bits and exponents")

@@ -480,3 +480,24 @@ def test_after_t_end_bits_and_channels_stay_while_weights_train():
         np.testing.assert_array_equal(layer.bits.data, b)
         np.testing.assert_array_equal(layer.exponent.data, e)
     assert model[0].weight.shape == w.shape and not np.array_equal(model[0].weight.data, w)
+
+
+def test_cli_compress_flag_with_and_without_a_value(capsys):
+    """`fanin train --compress` (no value) means DEFAULT_GAMMA; a value is a gamma; a bad one is a one-line exit 2."""
+    from fanin import cli, models
+
+    p = cli.build_parser()
+    args = p.parse_args(["train", "--model", "mlp", "--compress", "--epochs", "1"])
+    assert args.compress == "default" and args.epochs == 1
+    assert p.parse_args(["train", "--compress", "0.25"]).compress == 0.25
+    assert p.parse_args(["train"]).compress is None
+    model = models.mlp([12, 8, 4], seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sc = cli.build_compressor(args, model, opt, None, total_steps=10)
+    assert sc.gamma == compress.DEFAULT_GAMMA
+    for bad in (["--compress", "-1"], ["--compress", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--compress" in err, err
