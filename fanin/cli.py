@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", default=None, help="continue from this checkpoint")
     t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
     t.add_argument("--out", default=None, metavar="MODEL.fanin", help="save the trained network as a .fanin file")
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the training step runs (cuda: MLPs on an NVIDIA GPU with the cuda extra; the SRigL "
+                        "update runs on the host)")
     m = t.add_argument_group("data-parallel training over MPI (docs/DISTRIBUTED.md)")
     m.add_argument("--distributed", action="store_true",
                    help="train on every rank of an MPI job, launched with `mpiexec -n N fanin train ... --distributed` "
@@ -276,6 +279,19 @@ def cmd_train(args) -> int:
             say(f"fanin: {exc}", file=sys.stderr)
             return 2
     model = build_model(args)
+    if args.device == "cuda":
+        bad = [f for f, on in (("--compress", args.compress is not None), ("--distributed", dp is not None),
+                               ("--resume", bool(args.resume)), ("--checkpoint-every", bool(args.checkpoint_every)))
+               if on]
+        if bad:
+            print(f"fanin: --device cuda does not support {', '.join(bad)} yet; train on the cpu for those.",
+                  file=sys.stderr)
+            return 2
+        try:
+            model.to("cuda")
+        except Exception as exc:  # no GPU / driver / numba-cuda, or a layer without CUDA kernels: one line
+            print(f"fanin: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
     opt = make_optimizer(model.parameters(), cfg)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -335,6 +351,8 @@ def cmd_train(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)
     say(f"test accuracy: {history[-1]['test_acc']:.4f}")
+    if args.device == "cuda":
+        model.to("cpu")  # export and checkpoints read host arrays
     if args.out and root:
         from fanin.io import save
 

@@ -272,8 +272,10 @@ def read_header(buf) -> tuple[dict, int]:
     return header, d_off
 
 
-def load(path, *, mmap: bool = True, nan_policy: str = "raise"):
+def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "cpu"):
     """The ``Network`` stored at ``path``, validated completely first (module docstring).
+
+    ``device="cuda"``: the network on the GPU (``Network.to("cuda")``: a ``fanin.device.DeviceNetwork``).
 
     ``mmap=True`` maps the file and uses the float arrays in place (workers of a pre-fork server share
     the pages; the file must then not be modified in place while it is in use — fanin.save never does,
@@ -281,6 +283,8 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise"):
     """
     from fanin.runtime import Network
 
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"load: device must be 'cpu' or 'cuda', got {device!r}.")
     path = pathlib.Path(path)
     try:
         with open(path, "rb") as f:
@@ -299,9 +303,10 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise"):
         meta = header.get("meta", {})
         if not isinstance(meta, dict):
             raise FormatError("'meta' must be an object.")
-        return Network(plan, meta, nan_policy=nan_policy)
+        net = Network(plan, meta, nan_policy=nan_policy)
     except FormatError as exc:
         raise FormatError(f"{path}: {exc}") from None
+    return net if device == "cpu" else net.to(device)
 
 
 def _resolve(header, buf, d_off, mmapped):

@@ -103,6 +103,26 @@ class Progress:
             self.stream.flush()
 
 
+def _device(model) -> str:
+    """'cuda' when the model's parameters live on the GPU (``model.to("cuda")``), else 'cpu'."""
+    for p in model.parameters():
+        return p.device
+    return "cpu"
+
+
+def _host(a) -> np.ndarray:
+    """A NumPy view or copy of a tensor's data (a device array is copied: a loss or a (batch, classes) block)."""
+    if isinstance(a, np.ndarray):
+        return a
+    from fanin import device
+
+    return device.host(a)
+
+
+def _input(xb, dev):
+    return Tensor(xb) if dev == "cpu" else Tensor(xb, device=dev)
+
+
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, comm=None):
     """(mean loss, accuracy) of ``model`` on ``x``, ``y`` in eval mode (``comm``: each rank scores its shard)."""
     was_training = model.training
@@ -111,11 +131,12 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, comm=N
     n = len(y)
     if comm is not None:
         x, y = comm.shard(x), comm.shard(y)
+    dev = _device(model)
     with no_grad():
         for xb, yb in batches(x, y, batch_size, shuffle=False):
-            logits = model(Tensor(xb))
-            total_loss += float(ops.cross_entropy(logits, yb).data) * len(yb)
-            correct += int((logits.data.argmax(axis=1) == yb).sum())
+            logits = model(_input(xb, dev))
+            total_loss += float(_host(ops.cross_entropy(logits, yb).data)) * len(yb)
+            correct += int((_host(logits.data).argmax(axis=1) == yb).sum())
     model.train(was_training)
     if comm is not None:
         total_loss, correct = comm.allreduce_sum([total_loss, correct])
@@ -130,6 +151,7 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
     share, and one allreduce sums the gradients of all ranks before the optimizer step.
     """
     model.train()
+    dev = _device(model)
     seen, correct, loss_sum = 0, 0, 0.0
     start = time.perf_counter()
     for xb, yb in batches(x, y, batch_size, shuffle=True, rng=rng):
@@ -137,13 +159,14 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
         if comm is not None:
             xb, yb = comm.shard(xb), comm.shard(yb)
         if len(yb):
-            logits = model(Tensor(xb))
+            logits = model(_input(xb, dev))
             loss = ops.cross_entropy(logits, yb)
             for term in loss_terms:
                 loss = loss + term()
             optimizer.zero_grad()
             loss.backward(None if comm is None else comm.loss_weight(len(yb), n, loss.data.dtype))
-            batch_loss, batch_correct = float(loss.data) * len(yb), int((logits.data.argmax(axis=1) == yb).sum())
+            batch_loss = float(_host(loss.data)) * len(yb)
+            batch_correct = int((_host(logits.data).argmax(axis=1) == yb).sum())
         else:  # this rank's shard of a last batch shorter than the number of ranks
             optimizer.zero_grad()
             comm.no_rows(model)

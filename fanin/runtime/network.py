@@ -84,6 +84,13 @@ class Network:
 
     __call__ = predict
 
+    def to(self, device):
+        """This network on ``device``: itself for 'cpu'; for 'cuda' a ``fanin.device.DeviceNetwork`` with the
+        weights copied to the GPU once (MLP plans; the cuda extra and an NVIDIA GPU)."""
+        from fanin import device as _device
+
+        return _device.to_device(self, device)
+
     # ------------------------------------------------------------------ info
     def info(self) -> dict:
         """Layers, fan-ins, bits and sizes (against the fp32 dense network of the same shapes)."""

@@ -17,6 +17,16 @@ from fanin.kernels import select
 from fanin.nn import Conv2d, FanInConv2d, FanInLinear, Linear, kaiming_normal, random_fanin_indices
 from fanin.sparsity.distribution import check_sparsity, drop_fraction, layer_densities
 
+
+def _gather_rows(a, src):
+    """select.gather_rows on the host: a layer or optimizer state on the GPU is copied over first (the update
+    runs on the host; set_connectivity and the optimizer put the result back on the parameter's device)."""
+    if not isinstance(a, np.ndarray):
+        from fanin import device
+
+        a = device.host(a)
+    return select.gather_rows(a, src)
+
 __all__ = ["SRigL", "LayerUpdate", "srigl_update", "sparse_layers", "dense_shape"]
 
 # layers up to this many dense weights use the exact dense gradient for growth scores
@@ -141,7 +151,7 @@ def srigl_update(layer, x, dy, budget: int, k0: int, frac: float, gamma_sal: flo
     if np.any(filled != k_new):
         bad = int(np.nonzero(filled != k_new)[0][0])
         raise RuntimeError(f"SRigL: neuron {bad} received {filled[bad]} connections instead of {k_new} (a bug).")
-    new_values = select.gather_rows(values, src)
+    new_values = _gather_rows(values, src)
     # keep and regrown_held are disjoint; every chosen connection is new (src -1), need[j] of them per row
     info = LayerUpdate(
         k_old=k, k_new=k_new, n_prune=int((k - kept - regrown_held.sum(axis=1))[active].sum()),
@@ -287,7 +297,7 @@ class SRigL:
             idx, vals, act, src, info = srigl_update(layer, x, dy, budget, k0, frac, self.gamma_sal, ablate,
                                                      self.exact, name)
             layer.set_connectivity(idx, vals, act)
-            self.optimizer.remap_state(layer.values, lambda a, s=src: select.gather_rows(a, s))
+            self.optimizer.remap_state(layer.values, lambda a, s=src: _gather_rows(a, s))
             layer.capture = None
             record["layers"].append({"name": name, **dataclasses.asdict(info)})
         self.history.append(record)
