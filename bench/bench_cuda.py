@@ -20,6 +20,9 @@ update on the host) vs the dense MLP in PyTorch on the same GPU, batch 256, on F
 random data of its shape, said so). Before the timed epochs a throwaway model of the same shapes runs a few steps
 with SRigL updates (every kernel compiles on its first launch: that is excluded), then a few plain steps give the
 cost of a step without updates; every timed epoch counts (median), PyTorch warmed up likewise.
+Host overhead: the host time a call of a batch-1 forward and a batch-256 fwd+bwd with fanin's fast kernel launch
+on and off (``fanin.kernels.cuda_kernels.FAST_LAUNCH``; off is Numba's own launch path), launch and pool counts, and a
+cProfile of 200 batch-1 forwards at 4096x4096 (top 12 functions by own time): where the host time of a call goes.
 ``--sweep`` adds the tile kernels' launch configurations (forward, dx, dvalues at 4096x4096, batch 256), and every
 kernel line is followed by the host-side time a call (Python and launches): when it is about the event time the
 GPU waited for the host. Anything that cannot run is listed at the end with the reason.
@@ -265,6 +268,96 @@ def plan_sweep(timer, n=4096, B=256, simulate=False):
     return lines
 
 
+def _host_per_call(fn, calls: int, rounds: int = 5) -> float:
+    """Median host seconds a call of fn over ``rounds`` loops of ``calls`` (the GPU synchronised, and Numba's
+    pending frees flushed, before each loop: a flush inside would wait for the GPU)."""
+    from numba import cuda
+
+    times = []
+    for _ in range(rounds):
+        cuda.synchronize()
+        try:
+            cuda.current_context().deallocations.clear()
+        except Exception:  # noqa: BLE001 - the simulator has no deallocation queue
+            pass
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) / calls)
+    cuda.synchronize()
+    return float(np.median(times))
+
+
+def host_profile(n=4096, calls=200, top=12, simulate=False) -> list:
+    """Where the host time of a call goes: ``fanin_forward`` at n x n, 90 %, batch 1 (device arrays, a Topology),
+    timed with the fast launch path (cuda_kernels.Kernel) on and off, fwd+bwd at batch 256 likewise, then cProfile
+    of ``calls`` batch-1 forwards (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    from numba import cuda
+
+    from fanin import kernels as K
+    from fanin.kernels import cuda_kernels as CK
+
+    if simulate:
+        n, calls = 40, 3
+    rng = np.random.default_rng(2)
+    topo, vals, _ = layer(n, n, 0.9, rng)
+    dvals = cuda.to_device(vals)
+    bias = cuda.to_device(np.zeros(n, np.float32))
+    x1 = cuda.to_device(rng.standard_normal((1, n)).astype(np.float32))
+    B = 9 if simulate else 256
+    xb = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
+    dyb = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
+
+    def fwd():
+        K.fanin_forward(x1, topo, dvals, bias)
+
+    def fb():
+        K.fanin_forward(xb, topo, dvals, bias)
+        K.fanin_backward(xb, topo, dvals, dyb)
+
+    from fanin.kernels import cuda as KC
+
+    lines = [f"host overhead: fanin_forward {n}x{n} at 90 %, batch 1, and fwd+bwd at batch {B} (device arrays, a "
+             f"Topology); host us a call, medians of 5 loops:"]
+    fast, pool = CK.FAST_LAUNCH, KC.POOL_LIMIT
+    configs = [("Numba's launch, Numba's allocation", False, 0), ("fast launch, Numba's allocation", True, 0),
+               ("fast launch, fanin's pool", True, pool)]
+    if not fast:  # fast launches switched off (FANIN_FAST_LAUNCH=0, or the simulator)
+        configs = configs[:1]
+    try:
+        for name, on, limit in configs:
+            CK.FAST_LAUNCH, KC.POOL_LIMIT = on, limit
+            fwd(), fb(), fwd(), fb()  # compiled, fast-launch entries made
+            a, b = _host_per_call(fwd, calls), _host_per_call(fb, max(2, calls // 10))
+            lines.append(f"  {name}: forward B=1 {us(a)} us, fwd+bwd B={B} {us(b)} us")
+        CK.FAST_LAUNCH, KC.POOL_LIMIT = fast, pool
+        st = CK.FAST_STATS
+        lines.append(f"  so far: {st['fast']} fast launches, {st['numba']} through Numba; fast-launch entries "
+                     f"{st['entries']}, refused {st['refused']}" + (f" (first: {CK._REFUSED[0]})" if CK._REFUSED else "")
+                     + f"; pool hits {KC.POOL_STATS['hits']}, misses {KC.POOL_STATS['misses']}")
+        fwd()
+        cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            fwd()
+        pr.disable()
+        cuda.synchronize()
+    finally:
+        CK.FAST_LAUNCH, KC.POOL_LIMIT = fast, pool
+    stats = pstats.Stats(pr).stats
+    total = sum(v[2] for v in stats.values())
+    lines.append(f"  cProfile of {calls} batch-1 forwards (profiled: {us(total / calls)} us a call; top {top} by own "
+                 "time; us a call, own / with callees, calls a call):")
+    for (fname, line, func), (cc, nc, tt, ct, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        where = func if fname == "~" else f"{'/'.join(fname.split('/')[-2:])}:{line}({func})"
+        lines.append(f"    {us(tt / calls):>7} {us(ct / calls):>8} {nc / calls:6.1f}  {where}")
+    return lines
+
+
 def kernel_markdown(rows) -> str:
     head = ["layer (90 %)", "batch", "fanin fwd us", "dense fp32 us", "dense TF32 us", "cuSPARSE us",
             "vs dense fp32", "vs TF32", "vs cuSPARSE", "fwd+bwd fanin us", "fwd+bwd dense fp32 us", "fwd+bwd vs dense"]
@@ -460,6 +553,11 @@ def main(argv=None):
         line = f"- {name}: {got:.2f}x ({'met' if got >= want else 'NOT met'})"
         log(line)
         md.append(line)
+    log("")
+    prof = host_profile(simulate=args.simulate)
+    for ln in prof:
+        log(ln)
+    md += ["", "```"] + prof + ["```"]
     if args.sweep:
         log("")
         for ln in plan_sweep(timer, simulate=args.simulate):

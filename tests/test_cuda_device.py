@@ -202,3 +202,36 @@ def test_torch_tensors_are_taken_without_a_copy():
     assert KC.wrap(x).device_ctypes_pointer.value == x.data_ptr()
     y = K.fanin_forward(x, topo, w)
     _close(y, K.fanin_forward(x.cpu().numpy(), topo, vals))
+
+
+def test_launches_take_the_fast_path_with_the_same_results():
+    """After a signature's first launch (through Numba, which compiles it) the kernels launch on the fast path
+    (cuda_kernels.Kernel), with parameters checked against Numba's; results equal Numba's own launches bit for bit."""
+    from numba import cuda
+
+    from fanin import kernels as K
+    from fanin.kernels import cuda_kernels as CK
+
+    if not CK.FAST_LAUNCH:
+        pytest.skip("fast launches are off (FANIN_FAST_LAUNCH=0)")
+    rng = np.random.default_rng(6)
+    topo, vals = _layer(rng, 1024, 1024, 0.9)
+    dvals = cuda.to_device(vals)
+    outs = {}
+    for fast in (False, True, True):
+        CK.FAST_LAUNCH = fast
+        before = dict(CK.FAST_STATS)
+        got = []
+        for B in (1, 64):
+            x = cuda.to_device(np.random.default_rng(B).standard_normal((B, 1024)).astype(np.float32))
+            dy = cuda.to_device(np.random.default_rng(B + 1).standard_normal((B, 1024)).astype(np.float32))
+            got.append(K.fanin_forward(x, topo, dvals).copy_to_host())
+            got += [a.copy_to_host() for a in K.fanin_backward(x, topo, dvals, dy)]
+        outs.setdefault(fast, []).append(got)
+        if fast:
+            assert CK.FAST_STATS["refused"] == before["refused"], CK._REFUSED
+    CK.FAST_LAUNCH = True
+    assert CK.FAST_STATS["fast"] > 0, CK.FAST_STATS
+    for a, b, c in zip(outs[False][0], outs[True][0], outs[True][1]):
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(c, a)

@@ -27,7 +27,9 @@ Paths:
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -83,6 +85,9 @@ if not SIMULATOR and "NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT" not in os.environ:
     if getattr(_numba_config, "CUDA_DEALLOCS_COUNT", None) is not None:
         _numba_config.CUDA_DEALLOCS_COUNT = max(int(_numba_config.CUDA_DEALLOCS_COUNT), DEALLOCS_COUNT)
 
+# Launches skip Numba's per-call dispatch on a GPU (cuda_kernels.Kernel); FANIN_FAST_LAUNCH=0 keeps Numba's path.
+K.enable_fast_launch(not SIMULATOR and os.environ.get("FANIN_FAST_LAUNCH", "1") not in ("", "0"))
+
 TB = cpu.TB
 SMALL_BATCH = cpu.SMALL_BATCH
 ROWS_WARPS = 4  # warps (rows) per block of the latency kernel
@@ -119,15 +124,117 @@ def wrap(a):
     return a
 
 
+_CTX = []  # (thread id, context) of the thread that made the first array
+if SIMULATOR:
+    _DNA = None
+else:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DNA
+    from numba.cuda.cudadrv.driver import MemoryPointer as _MemoryPointer
+
+    class _PoolPointer(_MemoryPointer):
+        """The owner of one array's pooled buffer (a Numba ``MemoryPointer`` whose finalizer returns the buffer to
+        the pool). The ctypes pointer is kept as an attribute, as Numba's own ``OwnedPointer`` does (the base class
+        rebuilds it on every access, and every launch reads it)."""
+
+        device_ctypes_pointer = None  # shadows the base class's property: set per instance
+
+        def __init__(self, entry, nbytes, finalizer):
+            super().__init__(entry[2], entry[1], nbytes, finalizer=finalizer)
+            self.device_ctypes_pointer = entry[3]
+
+
+def _context():
+    """The CUDA context of this thread's arrays, or None. Looked up once, in the first thread that allocates
+    (``cuda.device_array`` asks the driver for the current context on every allocation); other threads (whose
+    context may not be current) keep Numba's lookup."""
+    if not _CTX:
+        from numba.cuda.cudadrv import devices
+
+        _CTX.append((threading.get_ident(), devices.get_context()))
+    tid, ctx = _CTX[0]
+    return ctx if tid == threading.get_ident() else None
+
+
+# A pool of device buffers, by exact size (a training step allocates the same shapes every step). Numba allocates
+# each array with cuMemAlloc and frees it with cuMemFree (which waits for the GPU) in batches, with several Python
+# objects of bookkeeping per array; here a buffer whose last array (and view) is dropped goes back to the pool and
+# the next request of its size takes it. Reuse is ordered by the stream: every fanin launch and copy is on the
+# default stream, so work queued on a buffer before its release runs before work queued after its reuse. Idle
+# buffers are kept up to POOL_LIMIT bytes (FANIN_CUDA_POOL_MB, default 1024; 0 turns the pool off) and released
+# when an allocation runs out of memory. Only in the thread that owns the context (``_context``).
+POOL_LIMIT = int(os.environ.get("FANIN_CUDA_POOL_MB", "1024")) << 20
+POOL_STATS = {"hits": 0, "misses": 0}
+_pool: dict = {}  # nbytes -> [(numba allocation, device pointer, context, ctypes pointer), ...] idle
+_pool_bytes = [0]
+
+
+def _release(entry, nbytes):
+    """A pooled buffer's array is gone: keep the buffer for the next request of its size (or let Numba free it)."""
+    if _pool_bytes[0] + nbytes <= POOL_LIMIT:
+        _pool.setdefault(nbytes, []).append(entry)
+        _pool_bytes[0] += nbytes
+
+
+def release_pool():
+    """Give the idle pooled buffers back to Numba (freed with its next batch of deallocations)."""
+    _pool.clear()
+    _pool_bytes[0] = 0
+
+
+def _memalloc(ctx, nbytes):
+    if POOL_LIMIT <= 0:
+        return ctx.memalloc(nbytes)
+    idle = _pool.get(nbytes)
+    if idle:
+        entry = idle.pop()
+        _pool_bytes[0] -= nbytes
+        POOL_STATS["hits"] += 1
+    else:
+        try:
+            mem = ctx.memalloc(nbytes)
+        except Exception:  # noqa: BLE001 - out of memory (or any failure): give the idle buffers back, try once more
+            if not _pool:
+                raise
+            release_pool()
+            ctx.deallocations.clear()
+            mem = ctx.memalloc(nbytes)
+        entry = (mem, mem.device_pointer, mem.context, mem.device_ctypes_pointer)
+        POOL_STATS["misses"] += 1
+    # a fresh owner per array: when it (every array and view on it) is collected, its finalizer returns the buffer
+    return _PoolPointer(entry, nbytes, functools.partial(_release, entry, nbytes))
+
+
 def empty(shape, dtype):
-    return cuda.device_array(shape, np.dtype(dtype))
+    """An uninitialised C-contiguous device array (``cuda.device_array`` without its per-call context lookup, its
+    memory from the pool)."""
+    dtype = np.dtype(dtype)
+    if SIMULATOR:
+        return cuda.device_array(shape, dtype)
+    ctx = _context()
+    if ctx is None:
+        return cuda.device_array(shape, dtype)
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    else:
+        shape = tuple(int(s) for s in shape)
+    n = 1
+    for s in shape:
+        n *= s
+    if n <= 0:
+        return cuda.device_array(shape, dtype)
+    strides = []
+    st = dtype.itemsize
+    for s in reversed(shape):
+        strides.append(st)
+        st *= s
+    return _DNA(shape, tuple(reversed(strides)), dtype, gpu_data=_memalloc(ctx, n * dtype.itemsize))
 
 
 def zeros(shape, dtype):
     out = empty(shape, dtype)
     n = out.size
     if n:
-        K.k_fill[K.ew_grid(n), K.EW_THREADS](out.reshape(-1), n, np.dtype(dtype).type(0))
+        K.k_fill[K.ew_grid(n), K.EW_THREADS](_view1(out), n, np.dtype(dtype).type(0))
     return out
 
 
@@ -135,7 +242,7 @@ def full(shape, dtype, value):
     out = empty(shape, dtype)
     n = out.size
     if n:
-        K.k_fill[K.ew_grid(n), K.EW_THREADS](out.reshape(-1), n, np.dtype(dtype).type(value))
+        K.k_fill[K.ew_grid(n), K.EW_THREADS](_view1(out), n, np.dtype(dtype).type(value))
     return out
 
 
@@ -147,12 +254,28 @@ def to_host(a) -> np.ndarray:
     return a.copy_to_host() if is_device(a) else np.asarray(a)
 
 
+def _view1(a):
+    """``a.reshape(-1)`` of a C-contiguous device array, the view built directly (``reshape`` goes through Numba's
+    dummy-array machinery: several microseconds a call, and the hot paths make a few views per kernel call)."""
+    if a.ndim == 1:
+        return a
+    if SIMULATOR or type(a) is not _DNA:
+        return a.reshape(-1)
+    d = a.__dict__  # kept on the array (its shape and memory never change): weights and inputs are reused
+    v = d.get("_fanin_1d")
+    if v is None:
+        if not a.size or not a.is_c_contiguous():
+            return a.reshape(-1)
+        v = d["_fanin_1d"] = _DNA((a.size,), (a.dtype.itemsize,), a.dtype, gpu_data=a.gpu_data)
+    return v
+
+
 def flat(a):
     """A 1-D view of a C-contiguous device array (a copy if it is not contiguous)."""
     a = wrap(a)
     if not a.is_c_contiguous():
         a = copy(a)
-    return a.reshape(-1) if a.ndim != 1 else a
+    return _view1(a)
 
 
 def copy(a, dtype=None):
@@ -163,7 +286,7 @@ def copy(a, dtype=None):
     n = a.size
     if n:
         src = a if a.is_c_contiguous() else cuda.to_device(a.copy_to_host())
-        K.k_copy[K.ew_grid(n), K.EW_THREADS](src.reshape(-1), out.reshape(-1), n)
+        K.k_copy[K.ew_grid(n), K.EW_THREADS](_view1(src), _view1(out), n)
     return out
 
 
@@ -231,7 +354,7 @@ def _forward_structure(indices) -> _DevStructure:
         def make():
             ptr = to_device(np.arange(n_rows + 1, dtype=np.int64) * k)
             sorted_ = (not indices.flags.writeable) or _rows_sorted_host(indices)  # a Topology's are sorted
-            return _DevStructure(ptr, to_device(indices.reshape(-1)), n_rows, sorted_)
+            return _DevStructure(ptr, to_device(_view1(indices)), n_rows, sorted_)
         return _cached(indices, make)
     d = wrap(indices)
     ptr = _row_ptr(n_rows, k)
@@ -299,13 +422,27 @@ def _plan(n_rows: int, bx: int):
     """(spl, warps, rpw) of the tile kernels for n_rows outputs and a batch extent bx (see cuda_kernels).
 
     Grid ``(ceil(bx / BT), ceil(n_rows / RB))``: 8 warps of 8 rows (RB 64) unless that grid is smaller than the
-    GPU's SM count; then fewer rows per warp (``_rows_per_warp``)."""
+    GPU's SM count; then fewer rows per warp (``_rows_per_warp``). One sample per lane (BT 32) from 512 rows on:
+    on an H100 at 4096x4096, 90 %, batch 256, (1, 8, 8) took the forward from 847 to 690 us and dx from 1016 to
+    699 us against the earlier (2, 8, 8) (bench_cuda.py --sweep): twice the batch tiles, so each block's x tile
+    and accumulators are half the size and the grid twice as large, for the same shared-memory loads."""
     if PLAN_OVERRIDE is not None:
         return PLAN_OVERRIDE
-    spl = 1 if bx <= 32 else 2
-    if SIMULATOR or n_rows < 512:
-        return spl, 2, 2
-    return spl, 8, _rows_per_warp(n_rows, -(-int(bx) // (32 * spl)))
+    key = (n_rows, bx)
+    plan = _plans.get(key)
+    if plan is None:
+        if SIMULATOR or n_rows < 512:
+            plan = (1 if bx <= 32 else 2), 2, 2
+        else:
+            plan = 1, 8, _rows_per_warp(n_rows, -(-int(bx) // 32))
+        if len(_plans) > 1024:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
+
+
+_plans: dict = {}
+_dvals_plans: dict = {}
 
 
 def _dvals_plan(n_rows: int, bx: int):
@@ -315,10 +452,15 @@ def _dvals_plan(n_rows: int, bx: int):
         return DVALS_PLAN_OVERRIDE
     if PLAN_OVERRIDE is not None:
         return PLAN_OVERRIDE
-    spl = 1 if bx <= 32 else 2
-    if SIMULATOR or n_rows < 512:
-        return spl, 2, 2
-    return spl, 8, _rows_per_warp(n_rows, 1)
+    key = (n_rows, bx)
+    plan = _dvals_plans.get(key)
+    if plan is None:
+        spl = 1 if bx <= 32 else 2
+        plan = (spl, 2, 2) if SIMULATOR or n_rows < 512 else (spl, 8, _rows_per_warp(n_rows, 1))
+        if len(_dvals_plans) > 1024:
+            _dvals_plans.clear()
+        _dvals_plans[key] = plan
+    return plan
 
 
 def _dt(a):
@@ -347,7 +489,7 @@ def _rows(st: _DevStructure, vals, rb, scale, bias, x2d, out2d):
     kern = K.rows_kernel(_bits_of(vals), _dt(out2d))
     threads = 32 * ROWS_WARPS
     grid = max(1, -(-st.n_rows // ROWS_WARPS))
-    kern[grid, threads](x2d.reshape(-1), B, n_in, st.ptr, st.idx, vals, rb, scale, bias, out2d.reshape(-1),
+    kern[grid, threads](_view1(x2d), B, n_in, st.ptr, st.idx, vals, rb, scale, bias, _view1(out2d),
                         st.n_rows)
 
 
@@ -379,7 +521,7 @@ def panels_shape(B: int, n: int) -> tuple:
 def _transpose(src2d, rows, cols, lds, dst_flat, ldd, rpad):
     kern = K.transpose_kernel(_dt(dst_flat))
     grid = (max(1, -(-cols // 32)), max(1, -(-rpad // 32)))
-    kern[grid, (32, 8)](src2d.reshape(-1), dst_flat, rows, cols, lds, ldd, rpad)
+    kern[grid, (32, 8)](_view1(src2d), dst_flat, rows, cols, lds, ldd, rpad)
 
 
 def pack_panels(x):
@@ -390,7 +532,7 @@ def pack_panels(x):
         return None
     shape = panels_shape(B, n)
     xp = empty(shape, x.dtype)
-    _transpose(x, B, n, n, xp.reshape(-1), shape[1], shape[1])
+    _transpose(x, B, n, n, _view1(xp), shape[1], shape[1])
     return xp
 
 
@@ -398,7 +540,7 @@ def unpack_panels(xp, B):
     xp = wrap(xp)
     n, bp = xp.shape
     out = empty((int(B), n), xp.dtype)
-    _transpose(xp, n, int(B), bp, out.reshape(-1), n, n)
+    _transpose(xp, n, int(B), bp, _view1(out), n, n)
     return out
 
 
@@ -406,7 +548,7 @@ def transpose(x):
     x = wrap(x)
     r, c = x.shape
     out = empty((c, r), x.dtype)
-    _transpose(x, r, c, c, out.reshape(-1), r, r)
+    _transpose(x, r, c, c, _view1(out), r, r)
     return out
 
 
@@ -432,11 +574,11 @@ def _forward(x, indices, vals_flat, rb, scale, bias, xp=None):
         return out
     if xp is not None:
         xp = wrap(xp)
-        _spmm(st, vals_flat, rb, scale, bias, xp.reshape(-1), 1, xp.shape[1], xp.shape[1], int(x.shape[1]),
-              out.reshape(-1), n_out, 1, B, B)
+        _spmm(st, vals_flat, rb, scale, bias, _view1(xp), 1, xp.shape[1], xp.shape[1], int(x.shape[1]),
+              _view1(out), n_out, 1, B, B)
     else:
-        _spmm(st, vals_flat, rb, scale, bias, x.reshape(-1), int(x.shape[1]), 1, B, int(x.shape[1]),
-              out.reshape(-1), n_out, 1, B, B)
+        _spmm(st, vals_flat, rb, scale, bias, _view1(x), int(x.shape[1]), 1, B, int(x.shape[1]),
+              _view1(out), n_out, 1, B, B)
     return out
 
 
@@ -485,10 +627,10 @@ def fanin_backward_input(indices, values, dy, n_in, dyp=None, transposed=None):
         _rows(st, vt, 0, one, zero, dy, out)
     elif dyp is not None:
         dyp = wrap(dyp)
-        _spmm(st, vt, 0, one, zero, dyp.reshape(-1), 1, dyp.shape[1], dyp.shape[1], n_out, out.reshape(-1), n_in, 1,
+        _spmm(st, vt, 0, one, zero, _view1(dyp), 1, dyp.shape[1], dyp.shape[1], n_out, _view1(out), n_in, 1,
               B, B)
     else:
-        _spmm(st, vt, 0, one, zero, dy.reshape(-1), n_out, 1, B, n_out, out.reshape(-1), n_in, 1, B, B)
+        _spmm(st, vt, 0, one, zero, _view1(dy), n_out, 1, B, n_out, _view1(out), n_in, 1, B, B)
     return out
 
 
@@ -513,20 +655,20 @@ def fanin_backward_values(x, indices, dy, xp=None, dyp=None):
         return out
     st = _forward_structure(indices)
     if B == 0:
-        K.k_fill[K.ew_grid(out.size), K.EW_THREADS](out.reshape(-1), out.size, dt.type(0))
+        K.k_fill[K.ew_grid(out.size), K.EW_THREADS](_view1(out), out.size, dt.type(0))
         return out
     if B < SMALL_BATCH or not st.sorted:
         n = n_out * k
-        K.dvals_rows_kernel(dt)[max(1, -(-n // 256)), 256](x.reshape(-1), B, n_in, dy.reshape(-1), n_out, st.idx, k,
-                                                           out.reshape(-1))
+        K.dvals_rows_kernel(dt)[max(1, -(-n // 256)), 256](_view1(x), B, n_in, _view1(dy), n_out, st.idx, k,
+                                                           _view1(out))
         return out
     if xp is not None and dyp is not None:  # both packed: the padded sample extent Bp
         xp, dyp = wrap(xp), wrap(dyp)
         bp = int(xp.shape[1])
-        xs, dys = (xp.reshape(-1), 1, bp, bp), (dyp.reshape(-1), 1, bp)
+        xs, dys = (_view1(xp), 1, bp, bp), (_view1(dyp), 1, bp)
     else:
-        xs, dys = (x.reshape(-1), n_in, 1, B), (dy.reshape(-1), n_out, 1)
-    _dvalues(st, k, xs[0], xs[1], xs[2], xs[3], n_in, dys[0], dys[1], dys[2], out.reshape(-1))
+        xs, dys = (_view1(x), n_in, 1, B), (_view1(dy), n_out, 1)
+    _dvalues(st, k, xs[0], xs[1], xs[2], xs[3], n_in, dys[0], dys[1], dys[2], _view1(out))
     return out
 
 
@@ -549,7 +691,7 @@ def forward_panels(xp, B, indices, values, bias=None, row_ptr=None):
     vals = flat(wrap(values))
     if not st.sorted:  # unsorted plain indices: rows kernel on rows, then pack
         return pack_panels(_forward(unpack_panels(xp, B), indices, vals, 0, None, bias))
-    _spmm(st, vals, 0, scale, bias, xp.reshape(-1), 1, bp, bp, n_in, out.reshape(-1), 1, bp, bp, int(B))
+    _spmm(st, vals, 0, scale, bias, _view1(xp), 1, bp, bp, n_in, _view1(out), 1, bp, bp, int(B))
     return out
 
 
@@ -561,8 +703,8 @@ def backward_input_panels(indices, values, dyp, B, n_in, transposed=None):
     st = _transposed_structure(indices, int(n_in), transposed)
     vt = _values_transposed(flat(astype(values, dt)), st, dt)
     out = empty((int(n_in), bp), dt)
-    _spmm(st, vt, 0, _const(n_in, dt, 1.0), _const(n_in, dt, 0.0), dyp.reshape(-1), 1, bp, bp, n_out,
-          out.reshape(-1), 1, bp, bp, int(B))
+    _spmm(st, vt, 0, _const(n_in, dt, 1.0), _const(n_in, dt, 0.0), _view1(dyp), 1, bp, bp, n_out,
+          _view1(out), 1, bp, bp, int(B))
     return out
 
 
@@ -576,7 +718,7 @@ def backward_values_panels(xp, indices, dyp):
     st = _forward_structure(indices)
     if not st.sorted:
         return fanin_backward_values(unpack_panels(xp, bp), indices, unpack_panels(dyp, bp))
-    _dvalues(st, k, xp.reshape(-1), 1, bp, bp, n_in, dyp.reshape(-1), 1, bp, out.reshape(-1))
+    _dvalues(st, k, _view1(xp), 1, bp, bp, n_in, _view1(dyp), 1, bp, _view1(out))
     return out
 
 
@@ -604,7 +746,7 @@ def dense_grad(x, dy):
     n_out = int(dy.shape[1])
     dt = _dt(x)
     out = empty((n_out, n_in), dt)
-    gemm(flat(dy), 1, n_out, flat(x), n_in, 1, out.reshape(-1), n_in, n_out, n_in, B)
+    gemm(flat(dy), 1, n_out, flat(x), n_in, 1, _view1(out), n_in, n_out, n_in, B)
     return out
 
 
@@ -629,20 +771,20 @@ def growth_candidates(x, dy, indices, c, block=None, sort=True, held=False):
     for j0 in range(0, n_out, block):
         j1 = min(n_out, j0 + block)
         rows = j1 - j0
-        gf = g.reshape(-1)[: rows * n_in]
+        gf = _view1(g)[: rows * n_in]
         # G[j0:j1] = dy[:, j0:j1]^T x
         gemm(dyf[j0:], 1, n_out, xf, n_in, 1, gf, n_in, rows, n_in, B)
         idx_blk = st.idx[j0 * k: j1 * k]
         nk = rows * k
         if nk:
-            K.k_abs_held[max(1, -(-nk // 256)), 256](gf, n_in, idx_blk, k, rows, held_score.reshape(-1)[j0 * k:])
+            K.k_abs_held[max(1, -(-nk // 256)), 256](gf, n_in, idx_blk, k, rows, _view1(held_score)[j0 * k:])
         K.k_abs[K.ew_grid(rows * n_in), K.EW_THREADS](gf, rows * n_in)
         if nk:
             K.k_mark[max(1, -(-nk // 256)), 256](gf, n_in, idx_blk, k, rows)
         if c:
             nt = 32 if SIMULATOR else 256
-            K.topc_kernel(nt)[rows, nt](gf.view(np.uint32), gf, n_in, c, m, cand_idx.reshape(-1)[j0 * c:],
-                                cand_score.reshape(-1)[j0 * c:])
+            K.topc_kernel(nt)[rows, nt](gf.view(np.uint32), gf, n_in, c, m, _view1(cand_idx)[j0 * c:],
+                                _view1(cand_score)[j0 * c:])
     if sort and c:  # (n_out, c) on the host: score descending, ties by input index
         ci, cs = cand_idx.copy_to_host(), cand_score.copy_to_host()
         order = np.lexsort((ci, -cs), axis=1)
@@ -659,7 +801,7 @@ def im2col(x, kh, kw, stride, padding, ho, wo):
     n = cols.size
     if n:
         K.k_im2col[K.ew_grid(n), K.EW_THREADS](flat(x), B, C, H, W, kh, kw, stride[0], stride[1], padding[0],
-                                               padding[1], ho, wo, cols.reshape(-1))
+                                               padding[1], ho, wo, _view1(cols))
     return cols
 
 
@@ -670,7 +812,7 @@ def col2im(cols, x_shape, kh, kw, stride, padding, ho, wo):
     n = out.size
     if n:
         K.k_col2im[K.ew_grid(n), K.EW_THREADS](flat(cols), B, C, H, W, kh, kw, stride[0], stride[1], padding[0],
-                                               padding[1], ho, wo, out.reshape(-1))
+                                               padding[1], ho, wo, _view1(out))
     return out
 
 
@@ -684,7 +826,7 @@ def concat_rows(parts):
     for p in parts:
         b1 = b0 + int(p.shape[0])
         if p.size:
-            K.k_copy[K.ew_grid(p.size), K.EW_THREADS](flat(p), out[b0:b1].reshape(-1), p.size)
+            K.k_copy[K.ew_grid(p.size), K.EW_THREADS](flat(p), _view1(out[b0:b1]), p.size)
         b0 = b1
     return out
 
@@ -700,10 +842,10 @@ def binary(a, b, op: int):
     a, b = wrap(a), wrap(b)
     if a.size >= b.size:
         out = empty(a.shape, _dt(a) if a.dtype.kind == "f" else a.dtype)
-        _ew(K.k_binary, a.size, flat(a), flat(b), out.reshape(-1), a.size, max(1, b.size), op)
+        _ew(K.k_binary, a.size, flat(a), flat(b), _view1(out), a.size, max(1, b.size), op)
     else:
         out = empty(b.shape, b.dtype)
-        _ew(K.k_rbinary, b.size, flat(a), flat(b), out.reshape(-1), b.size, max(1, a.size), op)
+        _ew(K.k_rbinary, b.size, flat(a), flat(b), _view1(out), b.size, max(1, a.size), op)
     return out
 
 
@@ -716,21 +858,21 @@ def axpy(y, x, alpha=1.0):
 def scale_scalar(g, shape, dtype, factor):
     """An array of ``shape`` filled with g[0] * factor (g a one-element device array)."""
     out = empty(shape, dtype)
-    _ew(K.k_scale_scalar, out.size, flat(g), out.reshape(-1), out.size, np.dtype(dtype).type(factor))
+    _ew(K.k_scale_scalar, out.size, flat(g), _view1(out), out.size, np.dtype(dtype).type(factor))
     return out
 
 
 def relu(x):
     x = wrap(x)
     out = empty(x.shape, x.dtype)
-    _ew(K.k_relu, x.size, flat(x), out.reshape(-1), x.size)
+    _ew(K.k_relu, x.size, flat(x), _view1(out), x.size)
     return out
 
 
 def relu_grad(g, y):
     g, y = wrap(g), wrap(y)
     gx = empty(y.shape, y.dtype)
-    _ew(K.k_relu_grad, y.size, flat(astype(g, y.dtype)), flat(y), gx.reshape(-1), y.size)
+    _ew(K.k_relu_grad, y.size, flat(astype(g, y.dtype)), flat(y), _view1(gx), y.size)
     return gx
 
 
@@ -759,21 +901,21 @@ def cross_entropy(z, labels):
     logp = empty((n, C), z.dtype)
     rowloss = empty((n,), z.dtype)
     if n:
-        K.k_ce_rows[max(1, -(-n // 128)), 128](flat(z), labels, n, C, logp.reshape(-1), rowloss)
+        K.k_ce_rows[max(1, -(-n // 128)), 128](flat(z), labels, n, C, _view1(logp), rowloss)
     return total(rowloss, 1.0 / max(1, n)), logp
 
 
 def cross_entropy_backward(logp, labels, g):
     n, C = int(logp.shape[0]), int(logp.shape[1])
     dz = empty((n, C), logp.dtype)
-    _ew(K.k_ce_back, n * C, logp.reshape(-1), labels, flat(g), n, C, dz.reshape(-1))
+    _ew(K.k_ce_back, n * C, _view1(logp), labels, flat(g), n, C, _view1(dz))
     return dz
 
 
 def zero_rows(a, active_dev):
     """Zero the rows of a (n_rows, k) device array where active is 0, in place."""
     n_rows, k = int(a.shape[0]), int(a.shape[1])
-    _ew(K.k_zero_rows, n_rows * k, a.reshape(-1), k, n_rows, active_dev)
+    _ew(K.k_zero_rows, n_rows * k, _view1(a), k, n_rows, active_dev)
     return a
 
 

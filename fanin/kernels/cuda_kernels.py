@@ -58,7 +58,10 @@ deterministic (the loss) use one block and a shared-memory tree.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import threading
 
 import numba
 import numpy as np
@@ -75,30 +78,224 @@ class Kernel:
     """A launchable kernel with a key that rebuilds it (``build(key)``): ``kernel[grid, block](*args)``.
 
     ``Kernel.RECORD``, when a list, receives ``(key, argument types)`` of every launch (the PTX tests compile
-    exactly the signatures the dispatcher uses); ``Kernel.DRY`` skips the launches themselves."""
+    exactly the signatures the dispatcher uses); ``Kernel.DRY`` skips the launches themselves.
+
+    On a GPU (``FAST_LAUNCH``, set by ``fanin.kernels.cuda`` outside the simulator) a launch skips Numba's per-call
+    dispatch: Numba's own path types every argument (``typeof``), looks up the overload, builds a strided-memory-view
+    shim per array, converts every argument with ``_prepare_args`` (importing four modules per array) and makes a
+    new ``LaunchConfig``: tens of microseconds per launch, growing with the arguments (19 for the tile kernel),
+    more than the kernel itself at batch 1 (a batch-1 forward, one launch, took 196 us of host time on an H100
+    machine with Numba's path; ``bench/bench_cuda.py`` prints both paths' host time). ``_Launch`` objects are cached
+    per launch configuration; the first launch of each argument signature goes through Numba (it compiles), then the
+    resolved kernel, its cuda.core ``LaunchConfig`` and stream are kept and later launches marshal the arguments
+    directly (``_marshal``: one pass, the same parameter list ``_prepare_args`` produces, checked against it when
+    the entry is made: on any difference that signature keeps Numba's path)."""
 
     RECORD = None
     DRY = False
-    __slots__ = ("key", "kern")
+    __slots__ = ("key", "kern", "_launches")
 
     def __init__(self, key, kern):
         self.key, self.kern = key, kern
+        self._launches = {}
 
     def __getitem__(self, config):
-        return _Launch(self, config)
+        try:
+            return self._launches[config]
+        except KeyError:
+            if len(self._launches) > 256:
+                self._launches.clear()
+            launch = self._launches[config] = _Launch(self, config)
+            return launch
+        except TypeError:  # an unhashable configuration (lists): not cached
+            return _Launch(self, config)
+
+
+# Fast launches (see Kernel): on by default on a GPU; FANIN_FAST_LAUNCH=0 in the environment turns them off.
+FAST_LAUNCH = False
+_FAST_THREAD = None  # the thread whose context the entries' kernels were loaded in: other threads take Numba's path
+FAST_STATS = {"fast": 0, "numba": 0, "entries": 0, "refused": 0}
+_REFUSED: list = []  # (kernel key, reason) of signatures kept on Numba's path (at most 32)
 
 
 class _Launch:
-    __slots__ = ("k", "config")
+    __slots__ = ("k", "config", "cfg", "fast")
 
     def __init__(self, k, config):
         self.k, self.config = k, config
+        self.cfg = None  # Numba's configured launcher, made on first use
+        self.fast = {}  # signature key -> (cuda.core kernel, LaunchConfig, stream) or None (Numba's path)
 
     def __call__(self, *args):
         if Kernel.RECORD is not None:
             Kernel.RECORD.append((self.k.key, tuple(_describe(a) for a in args)))
-        if not Kernel.DRY:
-            self.k.kern[self.config](*args)
+        if Kernel.DRY:
+            return
+        if FAST_LAUNCH and threading.get_ident() == _FAST_THREAD:
+            sig, params = _marshal(args)
+            if sig is not None:
+                entry = self.fast.get(sig, False)
+                if entry:
+                    _core_launch(entry[2], entry[1], entry[0], *params)
+                    FAST_STATS["fast"] += 1
+                    return
+            cfg = self.cfg
+            if cfg is None:  # Numba's configured launcher (immutable on a GPU; the simulator's is the kernel itself)
+                cfg = self.cfg = self.k.kern[self.config]
+            cfg(*args)
+            FAST_STATS["numba"] += 1
+            if sig is not None and entry is False:
+                self.fast[sig] = _fast_entry(self.k, cfg, args, params)
+            return
+        self.k.kern[self.config](*args)
+        FAST_STATS["numba"] += 1
+
+
+_core_launch = None  # cuda.core's launch, as Numba's dispatcher imports it (set by _fast_entry)
+_DeviceNDArray = None
+_C_INT = {}  # numba integer type name -> ctypes class
+
+
+def _marshal(args):
+    """(signature key, kernel parameters) of a launch, or (None, None) when an argument is not one the fast path
+    knows (then Numba launches it). The parameters are those Numba's ``_Kernel._prepare_args`` produces: per array
+    meminfo 0, parent 0, size, itemsize, data pointer, shape, strides (bytes); Python ints as ctypes int64, floats
+    as double, NumPy scalars as their ctypes type, booleans as they are."""
+    if _DeviceNDArray is None:
+        return None, None
+    sig = []
+    params = []
+    for a in args:
+        t = type(a)
+        if t is _DeviceNDArray:
+            d = a.__dict__  # an array's shape, strides and memory never change: its part is kept on it
+            c = d.get("_fanin_kp")
+            if c is None:
+                c = d["_fanin_kp"] = _array_part(a)
+            if c is False:
+                return None, None
+            sig += c[0]
+            params += c[1]
+        elif t is int:
+            sig.append(int)
+            params.append(ctypes.c_int64(a))
+        elif t is bool or t is np.bool_:
+            sig.append(t)
+            params.append(a)
+        elif t is float or t is np.float64:
+            sig.append(t)
+            params.append(ctypes.c_double(a))
+        elif t is np.float32:
+            sig.append(t)
+            params.append(ctypes.c_float(a))
+        elif t is np.int64 or t is np.int32 or t is np.uint32 or t is np.uint64:
+            sig.append(t)
+            params.append(_C_INT[t](a))
+        else:
+            return None, None
+    return tuple(sig), params
+
+
+def _array_part(a):
+    """(signature items, parameters) of a device array argument, or False (0-d: Numba's path)."""
+    strides = a.strides
+    nd = len(strides)
+    if nd == 1:
+        n = a.size
+        s = strides[0]
+        itemsize = a.dtype.itemsize
+        layout = "C" if (n == 0 or s == itemsize or (n == 1 and s != 0)) else "A"
+        return (a.dtype, layout), (0, 0, n, itemsize, a.device_ctypes_pointer.value, n, s)
+    if nd == 0:
+        return False
+    return ((a.dtype, a._numba_type_),
+            (0, 0, a.size, a.dtype.itemsize, a.device_ctypes_pointer.value, *a.shape, *strides))
+
+
+def _sig_mismatch(args, argtypes):
+    """Why the signature key ``_marshal`` made for args would not name exactly ``argtypes`` (Numba's typing of
+    them), or '' -- so one key never stands for two overloads (e.g. a strided 1-D array is layout 'A')."""
+    want = {int: "int64", bool: "bool", np.bool_: "bool", float: "float64", np.float64: "float64",
+            np.float32: "float32", np.int64: "int64", np.int32: "int32", np.uint32: "uint32", np.uint64: "uint64"}
+    for i, (a, ty) in enumerate(zip(args, argtypes)):
+        if type(a) is _DeviceNDArray:
+            if not isinstance(ty, numba.types.Array) or ty.ndim != a.ndim or ty.dtype != numba.from_dtype(a.dtype):
+                return f"argument {i}: {ty} is not the array type the key assumes"
+            if a.ndim == 1:
+                n, s, itemsize = a.size, a.strides[0], a.dtype.itemsize
+                layout = "C" if (n == 0 or s == itemsize or (n == 1 and s != 0)) else "A"
+                if ty.layout != layout:
+                    return f"argument {i}: layout {ty.layout}, key {layout}"
+        elif str(ty) != want.get(type(a)):
+            return f"argument {i}: {type(a).__name__} typed {ty}"
+    return ""
+
+
+def _same_param(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, ctypes._SimpleCData):
+        return a.value == b.value
+    return a == b
+
+
+def _fast_entry(k: Kernel, cfg, args, params):
+    """The fast-launch entry of a signature just launched through Numba, or None (it stays on Numba's path)."""
+    global _core_launch
+    try:
+        from numba.cuda import dispatcher as nd
+
+        disp = k.kern
+        if (disp.specialized or getattr(disp, "_launch_config_sensitive", False) or disp.targetoptions.get("extensions")
+                or cfg.pre_launch_callbacks):
+            return _refuse(k, "dispatcher not plain (specialized, launch-config sensitive or with extensions)")
+        argtypes = tuple(disp.typeof_pyval(a) for a in args)
+        kern = disp.overloads.get(argtypes)
+        if kern is None:
+            return _refuse(k, "no exact overload for the argument types")
+        if kern.debug or kern.cooperative or kern.extensions:
+            return _refuse(k, "debug, cooperative or extended kernel")
+        bad = _sig_mismatch(args, argtypes)
+        if bad:
+            return _refuse(k, bad)
+        ref, retr = [], []
+        for ty, v in zip(kern.argument_types, args):
+            kern._prepare_args(ty, v, cfg.stream, retr, ref)
+        if retr or len(ref) != len(params) or not all(_same_param(a, b) for a, b in zip(ref, params)):
+            return _refuse(k, f"parameters differ from Numba's: {ref!r} vs {params!r}"[:300])
+        cufunc = kern._codelibrary.get_cufunc()
+        if nd.CUDA_CORE_GE_1_0:
+            lc = nd.LaunchConfig(grid=cfg.griddim, block=cfg.blockdim, shmem_size=cfg.sharedmem,
+                                 is_cooperative=False)
+        else:
+            lc = nd.LaunchConfig(grid=cfg.griddim, block=cfg.blockdim, shmem_size=cfg.sharedmem,
+                                 cooperative_launch=False)
+        _core_launch = nd.launch
+        FAST_STATS["entries"] += 1
+        return (cufunc.kernel, lc, cfg.stream)
+    except Exception as exc:  # noqa: BLE001 - any surprise in Numba's internals: keep Numba's path
+        return _refuse(k, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _refuse(k, why):
+    FAST_STATS["refused"] += 1
+    if len(_REFUSED) < 32:
+        _REFUSED.append((k.key, why))
+    return None
+
+
+def enable_fast_launch(on: bool = True) -> bool:
+    """Turn the fast launch path on (on a GPU; never under the simulator) or off; returns the setting."""
+    global FAST_LAUNCH, _DeviceNDArray, _FAST_THREAD
+    if on:
+        _FAST_THREAD = threading.get_ident()
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        _DeviceNDArray = DeviceNDArray
+        _C_INT.update({np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
+                       np.uint64: ctypes.c_uint64})
+    FAST_LAUNCH = bool(on)
+    return FAST_LAUNCH
 
 
 def _describe(a):
@@ -145,6 +342,27 @@ def _nbtype(dtype):
     return numba.float64 if np.dtype(dtype) == np.float64 else numba.float32
 
 
+_front: dict = {}
+
+
+def _fronted(factory):
+    """Cache a kernel factory on its raw arguments: a hit costs one dict lookup (the factories normalise the dtype,
+    size the tiles and build the weight decoder before their own memo: microseconds on every launch)."""
+    name = factory.__name__
+
+    @functools.wraps(factory)
+    def cached(*args):
+        key = (name, *args)
+        try:
+            return _front[key]
+        except KeyError:
+            k = _front[key] = factory(*args)
+            return k
+        except TypeError:  # an unhashable argument
+            return factory(*args)
+    return cached
+
+
 def _memo(key, make):
     k = _cache.get(key)
     if k is None:
@@ -179,6 +397,7 @@ def _weight_fn(bits: int, DT):
 
 
 # ------------------------------------------------------------------ sparse products
+@_fronted
 def rows_kernel(bits: int, dtype):
     """Latency path: one warp per row; see the module doc."""
     DT = _nbtype(dtype)
@@ -209,6 +428,7 @@ def rows_kernel(bits: int, dtype):
     return _memo(("rows", bits, DT), make)
 
 
+@functools.lru_cache(maxsize=256)
 def tile_geometry(spl: int, warps: int, rpw: int, dtype, staged_rows: bool = True):
     """(BT, LD, RB, CH): batch tile, padded row stride, rows per block, input rows per chunk."""
     bt = 32 * spl
@@ -221,6 +441,7 @@ def tile_geometry(spl: int, warps: int, rpw: int, dtype, staged_rows: bool = Tru
     return bt, ld, rb, ch
 
 
+@_fronted
 def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
     """Batched sparse product (forward, dx over the transposed structure); see the module doc."""
     DT = _nbtype(dtype)
@@ -319,6 +540,7 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
     return _memo(("tile", spl, warps, rpw, bits, DT), make)
 
 
+@_fronted
 def dvals_tile_kernel(spl: int, warps: int, rpw: int, dtype):
     """Value gradient over shared-memory tiles; see the module doc."""
     DT = _nbtype(dtype)
@@ -437,6 +659,7 @@ def dvals_tile_kernel(spl: int, warps: int, rpw: int, dtype):
     return _memo(("dvals", spl, warps, rpw, DT), make)
 
 
+@_fronted
 def dvals_rows_kernel(dtype):
     """Small batches (and unsorted rows): one thread per entry, ``dv[j*k+t] = sum_b dy[b, j] * x[b, idx]``."""
     DT = _nbtype(dtype)
@@ -517,6 +740,7 @@ def k_minmax(a, n, out):
 
 
 # ------------------------------------------------------------------ layouts
+@_fronted
 def transpose_kernel(dtype):
     """dst[c*ldd + r] = src[r*lds + c] for r < R, c < C, and 0 for R <= r < Rpad: a 32x33 shared tile, block (32, 8),
     grid (ceil(C/32), ceil(Rpad/32)). Packs (B, n) into panels (n, Bp) and back."""
@@ -548,6 +772,7 @@ def transpose_kernel(dtype):
 
 
 # ------------------------------------------------------------------ dense GEMM
+@_fronted
 def gemm_kernel(dtype):
     """C[m*ldc + n] = beta*C + sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn] (+ bias[n]); see the module doc."""
     DT = _nbtype(dtype)
@@ -640,6 +865,7 @@ def k_mark(G, n_in, idx, k, n_rows):
         G[r * n_in + idx[e]] = -1.0
 
 
+@_fronted
 def topc_kernel(nt: int = 256):
     """Growth candidates, one block of ``nt`` threads per row; see the module doc."""
     NT = nt
