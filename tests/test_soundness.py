@@ -238,3 +238,17 @@ def test_messages_name_the_exact_problem():
     for stride, padding in ((1, (0, -1)), ((1, 0), 0), (1, (-1, 0))):  # each condition on its own
         with pytest.raises(ValueError, match="must be positive and padding .* non-negative"):
             kernels.im2col(np.ones((1, 1, 4, 4), np.float32), 3, 3, stride, padding)
+
+
+def test_a_gradient_of_another_shape_is_refused_in_either_direction():
+    """A gradient larger or smaller than its parameter (a layer resized without remap) is an error, never applied."""
+    from fanin import nn, optim
+
+    for shape in ((2, 4), (4, 4), (3, 3), (3, 5)):
+        for opt_cls in (optim.SGD, optim.Adam):
+            p = nn.Parameter(np.ones((3, 4), np.float32))
+            opt = opt_cls([p], lr=0.1)
+            p.grad = np.ones(shape, np.float32)
+            with pytest.raises(ValueError, match="does not match parameter"):
+                opt.step()
+            np.testing.assert_array_equal(p.data, 1)
