@@ -252,3 +252,24 @@ def test_a_gradient_of_another_shape_is_refused_in_either_direction():
             with pytest.raises(ValueError, match="does not match parameter"):
                 opt.step()
             np.testing.assert_array_equal(p.data, 1)
+
+
+def test_optimizer_argument_checks_and_parameters_without_gradients():
+    from fanin import nn, optim
+
+    a, b = nn.Parameter(np.ones(2, np.float32)), nn.Parameter(np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="parameter 1 is a ndarray"):
+        optim.SGD([a, np.ones(2)], lr=0.1)
+    with pytest.raises(TypeError, match="parameter 0 is a tuple"):  # 3-tuples are not (name, parameter) pairs
+        optim.SGD([("w", a, 1)], lr=0.1)
+    for betas in ((1.0, 0.9), (0.9, 1.0), (-0.1, 0.9), (0.9, -0.1)):
+        with pytest.raises(ValueError, match="betas"):
+            optim.Adam([a], betas=betas)
+    optim.Adam([a], betas=(0.0, 0.0))  # the lower bound is allowed
+    for cls in (optim.SGD, optim.Adam):  # a parameter without a gradient is skipped, not the end of the list
+        a, b = nn.Parameter(np.ones(2, np.float32)), nn.Parameter(np.ones(3, np.float32))
+        opt = cls([a, b], lr=0.1)
+        b.grad = np.ones(3, np.float32)
+        opt.step()
+        np.testing.assert_array_equal(a.data, 1)
+        assert np.all(b.data < 1)
