@@ -273,3 +273,14 @@ def test_optimizer_argument_checks_and_parameters_without_gradients():
         opt.step()
         np.testing.assert_array_equal(a.data, 1)
         assert np.all(b.data < 1)
+
+
+def test_adamw_defaults_decouple_a_weight_decay_of_one_percent():
+    from fanin import nn, optim
+
+    p = nn.Parameter(np.full(4, 2.0, np.float32))
+    opt = optim.AdamW([p], lr=0.1)
+    assert opt.weight_decay == 0.01 and opt.betas == (0.9, 0.999)
+    p.grad = np.zeros(4, np.float32)  # no gradient signal: only the decoupled decay moves the weights
+    opt.step()
+    np.testing.assert_allclose(p.data, 2.0 * (1 - 0.1 * 0.01), rtol=1e-6)
