@@ -38,7 +38,7 @@ def test_simulator_run():
     out = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, out
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("2 passed") and "failed" not in last, out  # both @sim tests ran
+    assert last.startswith("3 passed") and "failed" not in last, out  # every @sim test ran
 
 
 def _data(rng, n, n_in, classes):
@@ -129,3 +129,27 @@ def test_cli_device_cuda_errors_are_one_line(extra, fragment, capsys):
         assert fragment in err
     else:
         assert "cuda" in err.lower() or "CUDA" in err
+
+
+@sim
+def test_optimizer_state_follows_the_model_back_to_the_cpu():
+    import fanin
+
+    rng = np.random.default_rng(5)
+    x, y = _data(rng, 8, 6, 3)
+    results = []
+    for hop in (False, True):
+        model = fanin.models.mlp([6, 5, 3], sparsity=[0.5, None], seed=4)
+        opt = fanin.optim.Adam(model.parameters(), lr=0.01)
+        for step in range(2):
+            if hop:
+                model.to("cuda" if step == 0 else "cpu")
+            xt = fanin.Tensor(x, device="cuda") if hop and step == 0 else fanin.Tensor(x)
+            loss = fanin.ops.cross_entropy(model(xt), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert all(isinstance(v, np.ndarray) for st in opt.state.values() for v in st.values())
+        results.append([np.array(p.data) for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -129,3 +129,15 @@ def test_condensed_conv_values_of_another_shape_are_refused_either_way():
         with pytest.raises(ValueError, match="must have the shape of the indices"):
             ops.fanin_conv2d(x, topo, Tensor(np.ones(shape, np.float32)), kernel_size=3)
     assert ops.fanin_conv2d(x, topo, Tensor(np.ones((3, 4), np.float32)), kernel_size=3).shape == (1, 3, 3, 3)
+
+
+def test_host_parameters_take_the_host_update_when_cuda_is_in_use(monkeypatch):
+    from fanin import nn, optim
+
+    monkeypatch.setattr(tm, "_CUDA", True)
+    for cls in (optim.SGD, optim.Adam):
+        p = nn.Parameter(np.ones((2, 3), np.float32))
+        opt = cls([p], lr=0.1)
+        p.grad = np.ones((2, 3), np.float32)
+        opt.step()
+        assert isinstance(p.data, np.ndarray) and np.all(p.data < 1)
