@@ -141,3 +141,13 @@ def test_host_parameters_take_the_host_update_when_cuda_is_in_use(monkeypatch):
         p.grad = np.ones((2, 3), np.float32)
         opt.step()
         assert isinstance(p.data, np.ndarray) and np.all(p.data < 1)
+
+
+def test_constants_in_a_graph_get_no_gradient_and_flatten_keeps_the_batch():
+    c = Tensor(np.full((2, 3), 2.0, np.float32))  # requires_grad False: a constant
+    x = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    (x * c + c).sum().backward()
+    assert c.grad is None
+    np.testing.assert_array_equal(x.grad, np.full((2, 3), 2.0))
+    t = Tensor(np.zeros((2, 3, 4), np.float32))
+    assert t.flatten().shape == (2, 12) and t.flatten(0).shape == (24,)
