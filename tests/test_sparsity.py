@@ -364,3 +364,17 @@ def test_resized_layers_get_budget_and_fan_in_for_their_new_shape():
     i = [l for _, l in s.layers].index(layer)
     assert s.budgets[i] == int(13 * 40 * s.densities[i] + 1e-6)
     assert s.k0[i] == s.budgets[i] // 13 and s._shapes[i] == (13, 40)
+
+
+def test_srigl_takes_whole_numbers_of_any_integer_type_for_delta_t():
+    from fanin import models, optim, sparsity
+
+    for dt in (np.int64(4), 4.0, np.float32(4.0)):
+        model = models.mlp([8, 6, 3], sparsity=0.5, seed=0)
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        sr = sparsity.SRigL(model, opt, sparsity=0.5, delta_t=dt, t_end=8)
+        assert sr.delta_t == 4
+    for bad in (2.5, 0, -1):
+        model = models.mlp([8, 6, 3], sparsity=0.5, seed=0)
+        with pytest.raises(ValueError, match="delta_t"):
+            sparsity.SRigL(model, optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, delta_t=bad, t_end=8)
