@@ -7,13 +7,12 @@ renamed over the old one, so a crash mid-write never leaves a corrupt latest che
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from fanin import nn
+from fanin._atomic import write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "training_state", "restore_training_state", "flatten", "unflatten",
            "CheckpointError"]
@@ -55,20 +54,9 @@ def unflatten(skeleton, arrays):
 
 def save_checkpoint(path, state: dict):
     """Write ``state`` (nested dicts/lists of arrays and JSON values) to ``path`` atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     skeleton, arrays = flatten(state)
     meta = json.dumps({"format": FORMAT, "version": VERSION, "state": skeleton}).encode()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.frombuffer(meta, dtype=np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: np.savez(f, __meta__=np.frombuffer(meta, dtype=np.uint8), **arrays))
 
 
 def load_checkpoint(path) -> dict:

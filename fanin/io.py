@@ -33,11 +33,11 @@ import mmap as _mmap
 import os
 import pathlib
 import struct
-import tempfile
 
 import numba as nb
 import numpy as np
 
+from fanin._atomic import write_atomic
 from fanin.runtime.plan import FormatError, check
 
 __all__ = ["save", "load", "FormatError", "FORMAT_VERSION", "read_header"]
@@ -197,19 +197,7 @@ def save(obj, path, *, input_shape=None, meta=None) -> pathlib.Path:
     total = FIXED + len(body)
     fixed = struct.pack(_FIXED_FMT, MAGIC, FORMAT_VERSION, 0, FIXED, len(hjson), data_off, offset, total, 0)
     digest = hashlib.sha256(fixed + body).digest()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(fixed + digest + body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: f.write(fixed + digest + body))
 
 
 def _plan_refs(plan):
