@@ -384,24 +384,16 @@ def linear(x, weight, bias=None):
 def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense=None):
     """The condensed layer on the device (``ops.fanin_linear``'s twin; row-major activations, no panels)."""
     from fanin import kernels
-    from fanin.ops import _as_topology
+    from fanin.ops import _linear_topology
 
     x = _operand("fanin_linear", "x", x)
     values = _operand("fanin_linear", "values", values)
     if bias is not None:
         bias = _operand("fanin_linear", "bias", bias)
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
+    topo, dense = _linear_topology(x, indices, values, active, dense)
     be = backend()
-    B, n_in = x.shape
-    topo = _as_topology("fanin_linear", indices, active, n_in)
-    if tuple(values.shape) != tuple(topo.indices.shape):
-        raise ValueError(f"fanin_linear: values of shape {values.shape} must have the shape of the indices "
-                         f"{topo.indices.shape}.")
-    if dense and not topo.full:
-        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {topo.indices.shape} for input "
-                         f"{x.shape}.")
-    if topo.full if dense is None else bool(dense):
+    n_in = x.shape[1]
+    if dense:
         return _full_linear(x, topo, values, bias, capture)
     act = topo.active
     xd = x.data

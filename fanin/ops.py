@@ -592,6 +592,21 @@ def _as_topology(fname, indices, active, n_in):
     return kernels.Topology(indices, n_in, active)
 
 
+def _linear_topology(x, indices, values, active, dense):
+    """Check ``fanin_linear``'s operands (host or device: shapes only); returns its Topology and whether the
+    layer runs as a dense product (``dense`` None: when every row reads every input)."""
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
+    topo = _as_topology("fanin_linear", indices, active, x.shape[1])
+    if tuple(values.shape) != tuple(topo.indices.shape):
+        raise ValueError(f"fanin_linear: values of shape {values.shape} must have the shape of the indices "
+                         f"{topo.indices.shape}.")
+    if dense and not topo.full:
+        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {topo.indices.shape} for input "
+                         f"{x.shape}.")
+    return topo, (topo.full if dense is None else bool(dense))
+
+
 def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense=None) -> Tensor:
     """Condensed constant fan-in layer: ``y[b, j] = bias[j] + sum_t values[j, t] * x[b, indices[j, t]]``.
 
@@ -615,17 +630,8 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense
     if _tm._CUDA and _tm.on_cuda(x, values, bias):
         return _cuda().fanin_linear(x, indices, values, bias, active, capture, dense)
     x = _t(x)
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"fanin_linear: input must be (batch, n_in), got shape {x.shape}.")
+    topo, dense = _linear_topology(x, indices, values, active, dense)
     B, n_in = x.shape
-    topo = _as_topology("fanin_linear", indices, active, n_in)
-    if tuple(values.shape) != tuple(topo.indices.shape):
-        raise ValueError(f"fanin_linear: values of shape {values.shape} must have the shape of the indices "
-                         f"{topo.indices.shape}.")
-    if dense and not topo.full:
-        raise ValueError(f"fanin_linear: dense=True needs fan-in == n_in, got indices {topo.indices.shape} for input "
-                         f"{x.shape}.")
-    dense = topo.full if dense is None else bool(dense)
     active = topo.active
     w = values.data
     xp = panels_of(x)  # packed activations exist only from batch SMALL_BATCH on
