@@ -378,3 +378,102 @@ def test_srigl_takes_whole_numbers_of_any_integer_type_for_delta_t():
         model = models.mlp([8, 6, 3], sparsity=0.5, seed=0)
         with pytest.raises(ValueError, match="delta_t"):
             sparsity.SRigL(model, optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, delta_t=bad, t_end=8)
+
+
+# ------------------------------------------------- survivors of the 2026-11-26 sparsity mutation run
+def test_rigl_keeps_the_largest_weights_of_the_mask_and_grows_the_best_gradients_outside_it():
+    rng = np.random.default_rng(3)
+    w = rng.uniform(0.1, 1.0, (12, 10)).astype(np.float32)
+    mask = rng.random((12, 10)) < 0.5
+    g = np.where(mask, 0.0, rng.uniform(0.1, 1.0, (12, 10))).astype(np.float32)  # gradient only outside the mask
+    n_ones = int(mask.sum())
+    n_prune = int(n_ones * 0.25)
+    new, grown = sparsity.rigl_masks(np.where(mask, w, 0), g, mask, 0.25)
+    kept_expected = np.zeros(w.size, bool)
+    kept_expected[np.argsort(np.where(mask, w, -1).ravel())[::-1][:n_ones - n_prune]] = True
+    grown_expected = np.zeros(w.size, bool)
+    grown_expected[np.argsort(g.ravel())[::-1][:n_prune]] = True
+    assert np.array_equal((new & mask).ravel(), kept_expected)  # no unmasked entry is "kept"
+    assert np.array_equal(grown.ravel(), grown_expected)
+    assert int(new.sum()) == n_ones
+
+
+def test_update_counts_reactivated_neurons_only():
+    # two rounds on the hand-worked layer: the first ablates neuron 2, the second (gradients that favour it) may
+    # bring it back; in both, `reactivated` counts neurons that were inactive and are active now, nothing else
+    layer = hand_layer()
+    idx, vals, active, _, info = srigl_update(layer, X, DY, budget=12, k0=3, frac=0.5, gamma_sal=0.3, ablation=True)
+    assert info.reactivated == 0 and info.ablated == 1  # every neuron was active before: none reactivated
+    layer.set_connectivity(idx, vals, active)
+    g2 = np.ones((4, 6), np.float32)
+    idx, vals, active2, _, info2 = srigl_update(layer, X, np.ascontiguousarray(g2.T), budget=12, k0=3, frac=0.5,
+                                                gamma_sal=0.3, ablation=False)
+    assert active2.all()
+    assert info2.reactivated == int((active2 & ~active).sum()) == 1
+
+
+def test_gamma_sal_takes_the_closed_interval_and_rejects_negatives():
+    model = models.mlp([20, 8, 2], sparsity=0.5, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    for ok in (0.0, 1.0):
+        assert sparsity.SRigL(model, opt, sparsity=0.5, gamma_sal=ok, t_end=10).gamma_sal == ok
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="gamma_sal"):
+            sparsity.SRigL(model, opt, sparsity=0.5, gamma_sal=bad, t_end=10)
+
+
+def _step(model, opt, s, x, y, backwards=1):
+    opt.zero_grad()
+    for _ in range(backwards):
+        ops.cross_entropy(model(Tensor(x)), y).backward()
+    opt.step()
+    s.step()
+
+
+def test_resized_drops_gradients_captured_for_the_old_shape_and_the_next_update_skips_only_that_layer():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 30)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=2, t_end=10, gamma_sal=0.0)
+    first, second = s.layers[0][1], s.layers[1][1]
+    assert first.capture is None  # step 1 is not scored (delta_t 2)
+    s.resized(first)  # nothing captured: nothing to drop, nothing to skip
+    assert first.capture is None and not s._resized
+    _step(model, opt, s, x, y)  # t = 1: capture armed for the step-2 update
+    assert first.capture == []
+    ops.cross_entropy(model(Tensor(x)), y).backward()  # step 2's backward captures (x, dy) in both layers
+    assert len(first.capture) == 1 and len(second.capture) == 1
+    first.select_outputs(np.arange(first.n_out) < 30, [opt])
+    s.resized(first)
+    assert first.capture == []  # the old-shape pair is gone
+    first.capture = []
+    before = second.indices.copy()
+    opt.step()
+    s.step()  # t = 2: update
+    names = [li["name"] for li in s.history[-1]["layers"]]
+    assert s.history[-1]["layers"][0] == {"name": s.layers[0][0], "skipped": "resized since its gradients were captured"}
+    assert names == [s.layers[0][0], s.layers[1][0], s.layers[2][0]]  # the later layers are still updated
+    assert "k_new" in s.history[-1]["layers"][1] and not np.array_equal(second.indices, before)
+
+
+def test_update_scores_only_the_last_grad_accumulation_batches(monkeypatch):
+    from fanin.sparsity import srigl as srigl_module
+
+    rng = np.random.default_rng(1)
+    model = models.mlp([30, 40, 3], sparsity=0.7, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=3, t_end=10, grad_accumulation=2)
+    seen = []
+    real = srigl_module.srigl_update
+
+    def spy(layer, x, dy, *args, **kw):
+        seen.append(x.shape[0])
+        return real(layer, x, dy, *args, **kw)
+
+    monkeypatch.setattr(srigl_module, "srigl_update", spy)
+    for _ in range(3):  # three backward passes per step of 8 rows each: captures pile up beyond 2
+        _step(model, opt, s, rng.standard_normal((8, 30)).astype(np.float32), rng.integers(0, 3, 8), backwards=3)
+    assert len(s.history) == 1
+    assert seen == [16, 16]  # per layer: the last 2 captured batches, not all 6 captured since step 2
