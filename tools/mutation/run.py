@@ -112,10 +112,66 @@ def operators():
         yield name, cls()
 
 
+TWINS = ("twins", "_twins")  # helpers that compile one body twice: parallel as is, serial as "<name>_serial"
+
+
+def compiled_by_call(tree, source: str, jit_re: re.Pattern) -> tuple[set, set]:
+    """Functions handed to Numba by a call instead of a decorator: ``njit(...)(f)`` (e.g. in a factory that
+    returns a specialised closure) and ``twins(f)``. Returns (names, twinned): the bare function names, and
+    those of them that also get a serial copy named ``<name>_serial``."""
+    names, twinned = set(), set()
+    for node in pyast.walk(tree):
+        if not (isinstance(node, pyast.Call) and node.args and isinstance(node.args[0], pyast.Name)):
+            continue
+        fn, arg = node.func, node.args[0].id
+        if isinstance(fn, pyast.Call) and jit_re.search(pyast.get_source_segment(source, fn) or ""):
+            names.add(arg)
+        elif (fn.id if isinstance(fn, pyast.Name) else getattr(fn, "attr", "")) in TWINS:
+            names.add(arg)
+            serial = [k for k in node.keywords if k.arg == "serial"]
+            if not (serial and isinstance(serial[0].value, pyast.Constant) and serial[0].value.value is False):
+                twinned.add(arg)
+    return names, twinned
+
+
+def call_aliases(tree, compiled: set, twinned: set) -> dict:
+    """Module-level names bound to compiled code by a call: ``a, b = twins(f)`` -> {f, f_serial};
+    ``g = factory(...)``, where ``factory`` defines compiled closures -> their names. Compiled callers refer
+    to these names, so a change to the underlying function must reach them too."""
+    factories = {}
+    for node in tree.body:
+        if isinstance(node, pyast.FunctionDef):
+            inner = {n.name for n in pyast.walk(node) if isinstance(n, pyast.FunctionDef) and n is not node
+                     and n.name in compiled}
+            if inner:
+                factories[node.name] = inner
+    out = {}
+    for node in tree.body:
+        if not (isinstance(node, pyast.Assign) and isinstance(node.value, pyast.Call)):
+            continue
+        call = node.value
+        fname = call.func.id if isinstance(call.func, pyast.Name) else getattr(call.func, "attr", "")
+        if fname in TWINS and call.args and isinstance(call.args[0], pyast.Name):
+            arg = call.args[0].id
+            under = {arg, arg + "_serial"} if arg in twinned else {arg}
+        elif fname in factories:
+            under = factories[fname]
+        else:
+            continue
+        for target in node.targets:
+            for n in pyast.walk(target):
+                if isinstance(n, pyast.Name):
+                    out[n.id] = under
+    return out
+
+
+
 def function_spans(source: str, jit_re: re.Pattern) -> list:
     """(first line, last line, qualified name, is_jit, is_function) of every function and class,
     outer ones first."""
     spans = []
+    tree = pyast.parse(source)
+    compiled, _ = compiled_by_call(tree, source, jit_re)
 
     def visit(node, prefix, jit_outer):
         for child in pyast.iter_child_nodes(node):
@@ -124,14 +180,14 @@ def function_spans(source: str, jit_re: re.Pattern) -> list:
                 jit = jit_outer
                 if not isinstance(child, pyast.ClassDef):
                     decos = [pyast.get_source_segment(source, d) or "" for d in child.decorator_list]
-                    jit = jit or any(jit_re.search(d) for d in decos)
+                    jit = jit or any(jit_re.search(d) for d in decos) or child.name in compiled
                 first = min([child.lineno] + [d.lineno for d in child.decorator_list])
                 spans.append((first, child.end_lineno, name, jit, not isinstance(child, pyast.ClassDef)))
                 visit(child, name + ".", jit)
             else:
                 visit(child, prefix, jit_outer)
 
-    visit(pyast.parse(source), "", False)
+    visit(tree, "", False)
     return spans
 
 
@@ -256,34 +312,43 @@ class JitIndex:
 
     def __init__(self, repo: Path, package: str, jit_re: re.Pattern):
         self.fns: list[JitFn] = []
+        parsed = []
+        self.bound = {}  # names bound to compiled code by a call (call_aliases), across the package
         for path in sorted((repo / package).rglob("*.py")):
             source = path.read_text(encoding="utf-8")
-            if not jit_re.pattern or "@" not in source:
+            if not jit_re.pattern or not any(w in source for w in ("@", "njit(", "twins(")):
                 continue
             tree = pyast.parse(source)
+            compiled, twinned = compiled_by_call(tree, source, jit_re)
+            self.bound.update(call_aliases(tree, compiled, twinned))
+            parsed.append((path, source, tree, compiled, twinned))
+        for path, source, tree, compiled, twinned in parsed:
             aliases = {a.asname or a.name: a.name for node in pyast.walk(tree)
                        if isinstance(node, pyast.ImportFrom) for a in node.names}
             rel = str(path.relative_to(repo))
-            self._visit(tree, "", source, rel, path.stem, aliases, jit_re)
+            self._visit(tree, "", source, rel, path.stem, aliases, jit_re, compiled, twinned)
 
-    def _visit(self, node, prefix, source, rel, stem, aliases, jit_re):
+    def _visit(self, node, prefix, source, rel, stem, aliases, jit_re, compiled, twinned):
         for child in pyast.iter_child_nodes(node):
             if isinstance(child, (pyast.FunctionDef, pyast.AsyncFunctionDef)):
                 decos = [pyast.get_source_segment(source, d) or "" for d in child.decorator_list]
-                if any(jit_re.search(d) for d in decos):
+                if any(jit_re.search(d) for d in decos) or child.name in compiled:
                     refs = set()
                     for n in pyast.walk(child):
                         if isinstance(n, pyast.Name):
                             refs.add(aliases.get(n.id, n.id))
                         elif isinstance(n, pyast.Attribute):
                             refs.add(n.attr)
+                    refs |= {u for r in list(refs) for u in self.bound.get(r, ())}
                     first = min([child.lineno] + [d.lineno for d in child.decorator_list])
-                    self.fns.append(JitFn(rel, stem, prefix + child.name, first, child.end_lineno,
-                                          frozenset(refs)))
+                    names = [child.name] + ([child.name + "_serial"] if child.name in twinned else [])
+                    for name in names:
+                        self.fns.append(JitFn(rel, stem, prefix + name, first, child.end_lineno, frozenset(refs)))
                 else:
-                    self._visit(child, f"{prefix}{child.name}.<locals>.", source, rel, stem, aliases, jit_re)
+                    self._visit(child, f"{prefix}{child.name}.<locals>.", source, rel, stem, aliases, jit_re,
+                                compiled, twinned)
             elif isinstance(child, pyast.ClassDef):
-                self._visit(child, f"{prefix}{child.name}.", source, rel, stem, aliases, jit_re)
+                self._visit(child, f"{prefix}{child.name}.", source, rel, stem, aliases, jit_re, compiled, twinned)
 
     def in_file(self, file: str) -> list[JitFn]:
         return [f for f in self.fns if f.file == file]
@@ -296,7 +361,10 @@ class JitIndex:
         elif m.jit:
             seeds = [f for f in mine if f.first <= m.start[0] <= f.last]
         elif m.in_def:
-            seeds = []    # a plain Python function: no compiled code changes
+            # a plain Python function: no compiled code changes, unless compiled code calls it at compile time
+            # (an intrinsic's code generator, a helper that builds constants): then its users recompile
+            top = (m.function or "").split(".")[0]
+            seeds = [f for f in mine if top in f.refs]
         else:
             seeds = mine  # module level: a global that compiled code may have frozen in
         hit, names = set(seeds), {f.short for f in seeds}
@@ -354,7 +422,7 @@ class Worker:
             return
         skip = collections.defaultdict(set)
         for f in drop:
-            skip[numba_subdir(self.repo / f.file)].add(f"{f.stem}.{f.qualname}-")
+            skip[numba_subdir(self.repo / f.file)].add(f"{f.stem}.{f.qualname.replace('<locals>', 'locals')}-")
 
         def ignore(directory, names):
             prefixes = skip.get(os.path.basename(directory))
