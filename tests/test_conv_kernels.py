@@ -82,6 +82,9 @@ def check(case):
     w = dense_weight(indices, values, x.shape[1], *ks)
     y = conv.fanin_conv2d_forward(x, indices, values, bias, ks, stride, padding)
     assert y.dtype == dt
+    # the serial twin (no parallel region: the runtime's small batches, forked children) computes the same bits
+    np.testing.assert_array_equal(conv.fanin_conv2d_forward(x, indices, values, bias, ks, stride, padding,
+                                                            parallel=False), y)
     np.testing.assert_allclose(y, ref_forward(x, w, None if bias is None else bias.astype(np.float64), stride, padding),
                                **tol)
     dy = rng.standard_normal(y.shape).astype(dt)
@@ -123,3 +126,14 @@ def test_k_full_and_k_one_and_noncontiguous():
         rdx, rdv = ref_backward(x, w, indices, dy, (1, 1), (1, 1))
         np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(dv, rdv, rtol=1e-4, atol=1e-4)
+
+
+def test_serial_twins_are_compiled_without_a_parallel_region():
+    from fanin.kernels import pool
+
+    for par, ser in [(conv.conv_forward, conv.conv_forward_serial), (conv._pad, conv._pad_serial),
+                     (pool.max_pool_forward, pool.max_pool_forward_serial)]:
+        assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
+    # the serial convolution pads with the serial padding, not the parallel one it would find by name
+    assert conv.conv_forward_serial.py_func.__globals__["_pad"] is conv._pad_serial
+    assert conv.conv_forward.py_func.__globals__["_pad"] is conv._pad

@@ -35,5 +35,11 @@ def test_max_pool_matches_twin(b, c, h, w, k, s, p, seed, ties):
     out = ops.max_pool2d(t, k, s, p)
     ref, ref_dx = max_pool_twin(x, k, s, p)
     np.testing.assert_array_equal(out.data, ref)
+    from fanin.kernels import pool
+    ho, wo = ref.shape[2:]
+    serial = pool.max_pool_forward_serial(x, k, k, s, s, p, p, ho, wo)  # the runtime's serial twin
+    parallel = pool.max_pool_forward(x, k, k, s, s, p, p, ho, wo)
+    np.testing.assert_array_equal(serial[0], ref)
+    np.testing.assert_array_equal(serial[1], parallel[1])
     out.sum().backward()
     np.testing.assert_array_equal(t.grad, ref_dx)

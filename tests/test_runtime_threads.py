@@ -111,8 +111,40 @@ def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
     assert sum(t.parallel() for _ in range(engine.EXPLORE)) == engine.EXPLORE - 1
 
 
-def test_a_child_forked_after_the_parent_predicted_predicts_the_same(net):
-    xs = [inputs(784, b, 20 + b) for b in (SMALL, LARGE)]
+@pytest.fixture(scope="module")
+def cnn():
+    """A dense-and-condensed CNN: its convolutions and pooling run before the linear chain."""
+    m = models.cnn(channels=(8, 16), hidden=32, sparsity=0.8, seed=2)
+    m.eval()
+    return fanin.compile(m, input_shape=(1, 28, 28))
+
+
+def cnn_inputs(batch, seed):
+    return np.random.default_rng(seed).standard_normal((batch, 1, 28, 28)).astype(np.float32)
+
+
+def test_convolutions_run_serially_on_small_work_and_in_parallel_on_large(cnn):
+    eng = cnn._engine
+    small = max(1, engine.PARALLEL_PANELS_MACS // eng.front_macs // 2)
+    big = -(-engine.PARALLEL_PANELS_MACS // eng.front_macs)
+    assert small * eng.front_macs < engine.PARALLEL_PANELS_MACS <= big * eng.front_macs
+    cnn.predict(cnn_inputs(small, 0))
+    assert eng.last_front == "serial"
+    got = cnn.predict(cnn_inputs(big, 1))
+    if numba.get_num_threads() > 1 and engine.parallel_state()["disabled"] is None:
+        assert eng.last_front == "parallel"
+    np.testing.assert_array_equal(got, serial(cnn, cnn_inputs(big, 1)))  # same bits either way
+    with pytest.raises(ValueError):
+        cnn.predict(cnn_inputs(1, 0)[:, :, :27])
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_a_child_forked_after_the_parent_predicted_predicts_the_same(which, net, cnn):
+    if which == "mlp":
+        xs = [inputs(784, b, 20 + b) for b in (SMALL, LARGE)]
+    else:
+        net = cnn
+        xs = [cnn_inputs(b, 20 + b) for b in (SMALL, 64)]
     want = [net.predict(x) for x in xs]  # the large batch starts Numba's threads in the parent
     if sys.platform == "win32" or "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork on this platform")

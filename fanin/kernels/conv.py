@@ -26,9 +26,11 @@ from numba import carray, njit, prange
 
 from fanin.kernels._intrinsics import load_unchecked as _ld
 from fanin.kernels._intrinsics import stack_buffer
+from fanin.kernels._jit import twins
 
-_JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
+_JIT_OPTS = _JIT_SERIAL  # what twins() compiles with (it adds parallel=True to one of the two)
+_JIT = dict(parallel=True, **_JIT_SERIAL)
 
 R = 4   # output rows per register tile (four accumulators a0..a3: R is fixed at 4)
 L = 16  # output columns per register tile (one zmm of float32)
@@ -62,8 +64,7 @@ def _geometry(H, W, kh, kw, sh, sw, ph, pw, ho, wo):
     return nrb, ncb, Hp, Wp
 
 
-@njit(**_JIT)
-def _pad(x, ph, pw, Hp, Wp):
+def _pad_planes(x, ph, pw, Hp, Wp):
     """xp (B, C*Hp*Wp): x copied into zeroed planes at offset (ph, pw)."""
     B, C, H, W = x.shape
     xp = np.empty((B, C * Hp * Wp), x.dtype)
@@ -78,6 +79,9 @@ def _pad(x, ph, pw, Hp, Wp):
             for ix in range(W):
                 xp[b, o + ix] = x[b, c, iy, ix]
     return xp
+
+
+_pad, _pad_serial = twins(_pad_planes, _JIT_OPTS)
 
 
 @njit(**_JIT_SERIAL)
@@ -96,8 +100,7 @@ def _tap_offsets(indices, kh, kw, Hp, Wp, kpad):
     return off
 
 
-@njit(**_JIT)
-def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
+def _conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
     """y (B, C_out, ho, wo): y[b,j,oy,ox] = bias[j] + sum_t values[j,t] * x[b, c_t, oy*sh-ph+dy_t, ox*sw-pw+dx_t]."""
     B, C, H, W = x.shape
     n_out, k = indices.shape
@@ -160,6 +163,10 @@ def conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
                             a3[l] += v * _ld(xb, p + 3 * rs + l * sw)
                 _store_tile(yb, oy0, ox0, ho, min(L, wo - ox0), a0, a1, a2, a3)
     return y
+
+
+# conv_forward_serial: the same body without a parallel region (the runtime's small batches, forked children)
+conv_forward, conv_forward_serial = twins(_conv_forward, _JIT_OPTS, swap={"_pad": _pad_serial})
 
 
 @njit(**_JIT)
@@ -418,14 +425,15 @@ def _float(a, dt):
     return np.ascontiguousarray(a, dtype=dt)
 
 
-def fanin_conv2d_forward(x, indices, values, bias, kernel_size, stride, padding):
-    """y (B, C_out, Ho, Wo) of the condensed convolution (callers validated the arguments)."""
+def fanin_conv2d_forward(x, indices, values, bias, kernel_size, stride, padding, parallel: bool = True):
+    """y (B, C_out, Ho, Wo) of the condensed convolution (callers validated the arguments); ``parallel=False``
+    runs the serial twin (no thread is woken)."""
     (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
     dt = np.result_type(x.dtype, values.dtype, np.float32)
     ho, wo = _output_size(x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     b = np.empty(0, dt) if bias is None else _float(bias, dt)
-    return conv_forward(_float(x, dt), np.ascontiguousarray(indices), _float(values, dt), b,
-                        kh, kw, sh, sw, ph, pw, ho, wo)
+    fn = conv_forward if parallel else conv_forward_serial
+    return fn(_float(x, dt), np.ascontiguousarray(indices), _float(values, dt), b, kh, kw, sh, sw, ph, pw, ho, wo)
 
 
 def fanin_conv2d_backward(x, indices, values, dy, kernel_size, stride, padding, transposed, need_dx=True):

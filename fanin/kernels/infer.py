@@ -34,7 +34,7 @@ Two forms of the forward:
   the result unpacked with 8x8 register transposes (``transpose8``). Quantized rows are dequantized
   (exactly, vectorized) ``JB`` rows at a time into a float buffer that stays in L1.
 
-Drivers (each compiled twice from one Python body, ``parallel=True`` and serial, via ``_twins``):
+Drivers (each compiled twice from one Python body, ``parallel=True`` and serial, by ``_jit.twins``):
 
 - ``rows_forward``: layer after layer; the rows of a layer in ``prange`` blocks of ``rb`` (the scatter, when
   taken, runs on the calling thread);
@@ -49,7 +49,6 @@ Each output element is computed by the same code in every driver of a form, so s
 from __future__ import annotations
 
 import math
-import types as _pytypes
 
 import numba
 import numpy as np
@@ -59,6 +58,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import load_unchecked as _at
+from fanin.kernels._jit import twins
 from fanin.kernels._intrinsics import stack_buffer
 from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 
@@ -788,25 +788,9 @@ def _panels_layerwise(x, out, ws, wq, tab, i16, i32, f32, q8, q4, cptr):
         _unpack_panel(ws[p, L % 2], outf, p, min(TB, B - p * TB), tab[L - 1, F_NOUT])
 
 
-def _twins(fn, serial=True):
-    """``fn`` compiled with ``parallel=True`` and without: (parallel, serial). The serial one is compiled
-    from a copy of the function with its own name, so the two never share an on-disk cache entry (Numba's
-    cache index is named after the function, and its key does not include the ``parallel`` flag)."""
-    opts = dict(_FAST)
-    par = njit(parallel=True, **opts)(fn)
-    if not serial:
-        return par
-    clone = _pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
-                                  fn.__closure__)
-    clone.__qualname__ = fn.__qualname__ + "_serial"
-    clone.__doc__ = fn.__doc__
-    clone.__module__ = fn.__module__
-    return par, njit(**opts)(clone)
-
-
-rows_forward, rows_forward_serial = _twins(_rows_forward)
-panels_forward, panels_forward_serial = _twins(_panels_forward)
-panels_layerwise = _twins(_panels_layerwise, serial=False)  # its serial twin is panels_forward_serial
+rows_forward, rows_forward_serial = twins(_rows_forward, _FAST)
+panels_forward, panels_forward_serial = twins(_panels_forward, _FAST)
+panels_layerwise = twins(_panels_layerwise, _FAST, serial=False)  # its serial twin is panels_forward_serial
 
 
 # ------------------------------------------------------------------ layout and drivers

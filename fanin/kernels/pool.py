@@ -6,9 +6,10 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fanin.kernels._jit import twins
 
-@nb.njit(parallel=True, cache=True)
-def max_pool_forward(x, kh, kw, sh, sw, ph, pw, ho, wo):
+
+def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, ho, wo):
     """Window maxima (B, C, Ho, Wo) and the flat input position of each (the first maximum wins)."""
     b, c, h, w = x.shape
     out = np.empty((b, c, ho, wo), dtype=x.dtype)
@@ -34,6 +35,10 @@ def max_pool_forward(x, kh, kw, sh, sw, ph, pw, ho, wo):
                 out[n, ch, i, j] = best
                 arg[n, ch, i, j] = where
     return out, arg
+
+
+# max_pool_forward_serial: the same body without a parallel region (the runtime's small batches, forked children)
+max_pool_forward, max_pool_forward_serial = twins(_max_pool_forward, dict(cache=True))
 
 
 @nb.njit(parallel=True, cache=True)

@@ -4,7 +4,7 @@
 head after the last convolution or pooling for a CNN -- become one ``_Chain``: their arrays laid out in the
 flat form of ``fanin.kernels.infer`` (int8 kept as int8, 4-bit values packed two per byte), run by ONE
 compiled call per ``run`` with bias and activation fused. Convolutions, pooling and flatten stay one step
-per op (direct condensed kernels or im2col + BLAS), with quantized weights used as ``scale * qvalues``,
+per op (direct condensed kernels, dense ones too; no BLAS), with quantized weights used as ``scale * qvalues``,
 the very float32 products training used.
 
 Which driver runs a chain is chosen per call by the amount of work:
@@ -42,7 +42,6 @@ import numba
 import numpy as np
 from scipy import special
 
-from fanin import kernels
 from fanin.kernels import conv as kconv
 from fanin.kernels import infer, pool
 
@@ -267,29 +266,32 @@ def _activate(y, act):
 
 
 class _Conv:
+    """A convolution, dense or condensed, by the direct condensed kernel (a dense one reads every tap).
+
+    Not im2col + BLAS for the dense case: on this 2-core machine the direct kernel is as fast or faster
+    (1 thread, 3x3, 28x28 / 14x14 planes: 0.024 vs 0.041 ms at batch 1 and 0.50 vs 3.9 ms at batch 32 for
+    1->32 channels, 3.7 vs 4.8 ms for 32->64 at batch 32), and BLAS's own threads, still spinning after a
+    GEMM, fought Numba's for the two cores: the dense CNN took 8 ms per sample at batch 1 that way."""
+
     def __init__(self, op):
         self.act, self.bias = op["act"], op["arrays"]["bias"]
         self.kernel, self.stride, self.padding = tuple(op["kernel"]), tuple(op["stride"]), tuple(op["padding"])
-        w = _weights(op)
-        self.n_out = op["n_out"]
+        self.values = _weights(op)
+        self.n_out, k = self.values.shape
         if op["sparse"]:
-            self.indices, self.values = np.ascontiguousarray(op["arrays"]["indices"]), w
+            self.indices = np.ascontiguousarray(op["arrays"]["indices"])
         else:
-            self.indices, self.wmat = None, np.ascontiguousarray(w)
+            self.indices = np.ascontiguousarray(np.broadcast_to(np.arange(k, dtype=np.int32), (self.n_out, k)))
 
-    def __call__(self, x):
-        if self.indices is not None:
-            y = kconv.fanin_conv2d_forward(x, self.indices, self.values, self.bias, self.kernel, self.stride,
-                                           self.padding)
-        else:
-            kh, kw = self.kernel
-            b = x.shape[0]
-            ho = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
-            wo = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
-            cols = kernels.im2col(x, kh, kw, self.stride, self.padding)
-            y = cols @ self.wmat.T
-            y += self.bias
-            y = np.ascontiguousarray(y.reshape(b, ho, wo, self.n_out).transpose(0, 3, 1, 2))
+    def macs(self, shape) -> tuple:
+        """(multiply-adds per sample, output shape per sample) for an input of shape (C, H, W)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
+        return self.n_out * ho * wo * self.values.shape[1], (self.n_out, ho, wo)
+
+    def __call__(self, x, parallel):
+        y = kconv.fanin_conv2d_forward(x, self.indices, self.values, self.bias, self.kernel, self.stride,
+                                       self.padding, parallel=parallel)
         return _activate(y, self.act)
 
 
@@ -298,11 +300,17 @@ class _Pool:
         self.max = op["op"] == "maxpool"
         self.k, self.s, self.p = tuple(op["kernel"]), tuple(op["stride"]), tuple(op["padding"])
 
-    def __call__(self, x):
+    def macs(self, shape) -> tuple:
+        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+        ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
+        return shape[0] * ho * wo * kh * kw, (shape[0], ho, wo)
+
+    def __call__(self, x, parallel):
         (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
         ho, wo = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
         if self.max:
-            return pool.max_pool_forward(x, kh, kw, sh, sw, ph, pw, ho, wo)[0]
+            fn = pool.max_pool_forward if parallel else pool.max_pool_forward_serial
+            return fn(x, kh, kw, sh, sw, ph, pw, ho, wo)[0]
         xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
         out = np.zeros((x.shape[0], x.shape[1], ho, wo), np.float32)
         for i in range(kh):
@@ -311,8 +319,13 @@ class _Pool:
         return out * np.float32(1.0 / (kh * kw))
 
 
-def _flatten(x):
-    return np.ascontiguousarray(x.reshape(x.shape[0], -1))
+class _Flatten:
+    @staticmethod
+    def macs(shape) -> tuple:
+        return 0, (int(np.prod(shape)),)
+
+    def __call__(self, x, parallel):
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1))
 
 
 class _Engine:
@@ -329,22 +342,53 @@ class _Engine:
             elif kind in ("maxpool", "avgpool"):
                 self.steps.append(_Pool(op))
             elif kind == "flatten":
-                self.steps.append(_flatten)
+                self.steps.append(_Flatten())
             else:  # pragma: no cover -- check() puts every linear op after the last non-linear one
                 raise ValueError(f"engine: unexpected op {kind!r} before the linear head")
         self.chain = _Chain(ops[head:])
         self._n_steps = head
+        # multiply-adds per sample of the steps before the chain (convolutions; pooling counted as window reads)
+        shape, self.front_macs = tuple(plan["input_shape"]), 0
+        for step in self.steps:
+            m, shape = step.macs(shape)
+            self.front_macs += m
+        self._tuners = {}
+        self.last_front = None  # "serial" / "parallel": what the latest call's convolutions ran (racy)
+
+    def _front(self, x):
+        """The convolutions and pooling, all serial or all parallel under the process's parallel policy (a
+        forked child, the workqueue lock) and, for work the rule sends to threads, the tuner's measurement."""
+        B = x.shape[0]
+        token, tuner = 0, None
+        if numba.get_num_threads() > 1 and B * self.front_macs >= PARALLEL_PANELS_MACS:
+            if ADAPTIVE:
+                key = B.bit_length()
+                tuner = self._tuners.get(key) or self._tuners.setdefault(key, _Tuner())
+            if tuner is None or tuner.parallel():
+                token = _PARALLEL.enter()
+        self.last_front = "parallel" if token else "serial"
+        t0 = time.perf_counter()
+        try:
+            for step in self.steps:
+                x = step(x, bool(token))
+            return x
+        finally:
+            if token:
+                _PARALLEL.leave(token)
+            if tuner is not None:
+                tuner.record(bool(token), (time.perf_counter() - t0) / (B * self.front_macs))
 
     def run(self, x):
-        for step in self.steps:
-            x = step(x)
+        if self.steps:
+            x = self._front(x)
         return self.chain.run(x)
 
     def describe(self) -> str:
         lay = self.chain.layout
         kinds = {infer.VK_F32: "fp32", infer.VK_I8: "int8", infer.VK_I4: "4-bit"}
         bits = "/".join(kinds[int(v)] for v in lay.tab[:, infer.F_VK])
-        head = f"{self._n_steps} op(s) one call each, then " if self._n_steps else ""
+        head = (f"{self._n_steps} op(s) one call each (serial, or parallel from {PARALLEL_PANELS_MACS} "
+                f"multiply-adds per call), then " if self._n_steps else "")
         par = _PARALLEL.disabled or f"parallel layer {_PARALLEL.layer or 'not started yet'}"
         return (f"cpu: {head}{lay.n_layers} linear layer(s) ({bits}) in one compiled call: rows form below batch "
                 f"{infer.SMALL_BATCH}, panels of {infer.TB} from it; {par}; {numba.get_num_threads()} thread(s)")

@@ -1,0 +1,31 @@
+"""One Python body, two compilations: ``parallel=True`` and serial.
+
+A service may not launch parallel kernels at all times: a child forked after GNU OpenMP started dies at its
+first parallel region, two threads under Numba's ``workqueue`` layer must not launch at once, and small work
+loses more to waking threads than it gains (``fanin.runtime.engine``). Such callers need the same kernel
+compiled without ``parallel=True``; writing it twice would let the two drift apart.
+"""
+from __future__ import annotations
+
+import types as _pytypes
+
+from numba import njit
+
+
+def twins(fn, opts: dict, serial: bool = True, swap: dict | None = None):
+    """``fn`` compiled with ``parallel=True`` and without: ``(parallel, serial)`` (or just the parallel one).
+
+    The serial one is compiled from a copy of ``fn`` named ``<name>_serial``, so the two never share an
+    on-disk cache entry (Numba's cache index is named after the function, and its key does not include the
+    ``parallel`` flag). ``swap`` replaces globals in the serial copy: the compiled functions ``fn`` calls that
+    have parallel regions of their own (``{"_pad": _pad_serial}``), so that the serial twin runs serially
+    all the way down."""
+    par = njit(parallel=True, **opts)(fn)
+    if not serial:
+        return par
+    glob = fn.__globals__ if not swap else {**fn.__globals__, **swap}
+    clone = _pytypes.FunctionType(fn.__code__, glob, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__ + "_serial"
+    clone.__doc__ = fn.__doc__
+    clone.__module__ = fn.__module__
+    return par, njit(**opts)(clone)
