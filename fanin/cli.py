@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     t.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N training images (quick runs)")
+    t.add_argument("--validation", type=_positive_int, default=None, metavar="N",
+                   help="hold out the last N training images and evaluate on them instead of the test set "
+                        "(choose hyperparameters without looking at the test set)")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
     s = t.add_argument_group("sparse training (SPEC.md section 2)")
     s.add_argument("--method", default="dense", choices=["dense", "static", "rigl", "srigl"],
@@ -168,11 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_data(model: str, limit=None):
+def load_data(model: str, limit=None, validation=None):
+    """(train, evaluation) sets; ``validation=N``: the last N training images are the evaluation set (and
+    are left out of training), the test set is not loaded."""
     from fanin import data
 
     xtr, ytr = data.load_fashion_mnist("train")
-    xte, yte = data.load_fashion_mnist("test")
+    if validation:
+        if validation >= len(xtr):
+            raise ValueError(f"--validation {validation} leaves no training images (there are {len(xtr)}).")
+        xtr, ytr, xte, yte = xtr[:-validation], ytr[:-validation], xtr[-validation:], ytr[-validation:]
+    else:
+        xte, yte = data.load_fashion_mnist("test")
     if limit:
         xtr, ytr = xtr[:limit], ytr[:limit]
     flat = model == "mlp"
@@ -264,8 +274,8 @@ def cmd_train(args) -> int:
     from fanin.train import TrainConfig, fit, make_optimizer
 
     try:
-        train, test = load_data(args.model, args.limit)
-    except DatasetNotFound as exc:
+        train, test = load_data(args.model, args.limit, args.validation)
+    except (DatasetNotFound, ValueError) as exc:
         print(f"fanin: {exc}", file=sys.stderr)
         return 2
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
@@ -350,7 +360,8 @@ def cmd_train(args) -> int:
     if args.json and root:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "history": history}, f, indent=1, default=str)
-    say(f"test accuracy: {history[-1]['test_acc']:.4f}")
+    on = f"validation accuracy (last {args.validation} training images)" if args.validation else "test accuracy"
+    say(f"{on}: {history[-1]['test_acc']:.4f}")
     if args.device == "cuda":
         model.to("cpu")  # export and checkpoints read host arrays
     if args.out and root:
@@ -373,7 +384,8 @@ def _meta(args, last) -> dict:
     keep = ("model", "sizes", "method", "sparsity", "distribution", "epochs", "optimizer", "seed", "compress")
     return {"fanin": fanin.__version__, "data": "fashion-mnist", "normalize": "fashion-mnist",
             "train": {k: v for k, v in vars(args).items() if k in keep},
-            "test_acc": last.get("test_acc"), "bits_pct": last.get("bits_pct")}
+            "validation_acc" if getattr(args, "validation", None) else "test_acc": last.get("test_acc"),
+            "bits_pct": last.get("bits_pct")}
 
 
 def _fail(msg) -> int:

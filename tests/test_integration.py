@@ -60,3 +60,21 @@ def test_cli_train_prints_test_accuracy_and_is_reproducible(tmp_path):
         return json.loads(out.read_text())["history"][-1]["test_acc"]
 
     assert run() == run()
+
+
+def test_cli_validation_holds_out_the_last_training_images(monkeypatch):
+    from fanin import cli
+
+    (xtr, ytr), (xva, yva) = cli.load_data("mlp", limit=500, validation=1000)
+    raw, labels = data.load_fashion_mnist("train")
+    assert xtr.shape == (500, 784) and xva.shape == (1000, 784)
+    np.testing.assert_array_equal(yva, labels[-1000:])  # the evaluation set is the held-out tail ...
+    np.testing.assert_array_equal(xva, data.normalize(raw[-1000:], True))
+    np.testing.assert_array_equal(ytr, labels[:500])  # ... and training starts at the head
+    res = subprocess.run([sys.executable, "-m", "fanin.cli", "train", "--model", "mlp", "--epochs", "1", "--limit",
+                          "500", "--validation", "1000", "--no-progress"], capture_output=True, text=True)
+    assert res.returncode == 0 and "validation accuracy (last 1000 training images): 0." in res.stdout
+    assert "test accuracy" not in res.stdout
+    bad = subprocess.run([sys.executable, "-m", "fanin.cli", "train", "--validation", "60000"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "leaves no training images" in bad.stderr and "Traceback" not in bad.stderr
