@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(without a value: fanin.compress.DEFAULT_GAMMA, 0.1)")
     q.add_argument("--compress-lr", type=_positive, default=0.03, help="Adam learning rate of the bits and exponents")
     q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
+    q.add_argument("--compress-cost", choices=["bits", "macs", "bits+macs"], default="bits",
+                   help="what the size term counts: value bits (storage, default), bit-operations per sample "
+                        "(compute: a filter's bits count once per output position), or both")
     q.add_argument("--compress-until", type=float, default=0.6, metavar="FRACTION",
                    help="learn bits and remove channels for this fraction of the steps, then fine-tune the weights "
                         "to them (default 0.6; 1.0: to the end)")
@@ -229,7 +232,8 @@ def build_compressor(args, model, opt, updater, total_steps):
     if not 0.0 < args.compress_until <= 1.0:
         raise ValueError(f"--compress-until must be in (0, 1], got {args.compress_until}.")
     return SelfCompression(model, gamma=args.compress, init_bits=args.init_bits, optimizer=opt, lr=args.compress_lr,
-                           srigl=srigl, t_end=int(args.compress_until * total_steps), seed=args.seed)
+                           srigl=srigl, t_end=int(args.compress_until * total_steps), seed=args.seed,
+                           cost=getattr(args, "compress_cost", "bits"), input_shape=_input_shape(args.model))
 
 
 def compression_summary(sc, epochs) -> str:

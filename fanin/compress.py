@@ -36,6 +36,13 @@ the number of weights in the compressed layers when self-compression was attache
 optimizer (SGD by default, with weight decay) never touches them. With ``t_end``, bits, exponents
 and channels stay fixed after that many steps and the weights fine-tune to them.
 
+``cost='macs'`` counts compute instead of storage: each layer's ``b_i * n_i`` is multiplied by its output
+positions per sample ``P`` (``Ho * Wo`` for a convolution, 1 for a linear layer; from ``input_shape``) and the
+term is ``gamma * Q_macs / N_macs``, the bit-operations of one forward pass relative to those at attach time.
+With storage as the cost, a CNN's convolutions hold a few percent of the weights but most of the work, so the
+size term hardly moves their bits and the epochs do not get faster; weighed by compute they shrink first.
+``'bits+macs'`` adds the two terms.
+
 Channel removal
 ---------------
 When ``b_i`` reaches 0 the channel's weights are all 0 and it outputs a constant: its bias, through
@@ -147,6 +154,37 @@ class _Link:
     flatten: bool
 
 
+COSTS = ("bits", "macs", "bits+macs")
+
+
+def _positions(model, input_shape) -> dict:
+    """id(layer) -> output positions per sample (Ho*Wo for a convolution, 1 for a linear layer), by walking the
+    Sequential chain from one sample's ``input_shape`` (C, H, W) or (features,)."""
+    leaves = _leaves(model)
+    if leaves is None:
+        raise ValueError("SelfCompression: cost='macs' needs a Sequential model (to follow the spatial sizes).")
+    shape, out = tuple(int(v) for v in input_shape), {}
+    for m in leaves:
+        if isinstance(m, (nn.Conv2d, nn.FanInConv2d, nn.MaxPool2d)):
+            k = ops._pair(m.kernel_size)
+            st = ops._pair(m.stride if m.stride is not None else m.kernel_size)
+            pd = ops._pair(m.padding)
+            if len(shape) != 3:
+                raise ValueError(f"SelfCompression: input_shape {tuple(input_shape)} does not reach "
+                                 f"{type(m).__name__} as (C, H, W).")
+            ho, wo = (shape[1] + 2 * pd[0] - k[0]) // st[0] + 1, (shape[2] + 2 * pd[1] - k[1]) // st[1] + 1
+            c = m.weight_param.shape[0] if isinstance(m, (nn.Conv2d, nn.FanInConv2d)) else shape[0]
+            shape = (c, ho, wo)
+            if isinstance(m, (nn.Conv2d, nn.FanInConv2d)):
+                out[id(m)] = ho * wo
+        elif isinstance(m, nn.Flatten):
+            shape = (int(np.prod(shape)),)
+        elif isinstance(m, (nn.Linear, nn.FanInLinear)):
+            out[id(m)] = 1
+            shape = (m.weight_param.shape[0],)
+    return out
+
+
 def _out_channels(layer) -> int:
     return layer.weight_param.shape[0]
 
@@ -190,8 +228,10 @@ class SelfCompression:
 
     def __init__(self, model, gamma: float = DEFAULT_GAMMA, layers=None, init_bits: float = 8.0, optimizer=None,
                  lr: float = 0.03, srigl=None, l1: float = 1e-3, remove: bool = True, t_end: int | None = None,
-                 seed=0):
+                 seed=0, cost: str = "bits", input_shape=None):
         gamma = float(gamma)
+        if cost not in COSTS:
+            raise ValueError(f"SelfCompression: cost must be one of {', '.join(COSTS)}, got {cost!r}.")
         if not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"SelfCompression: gamma must be a finite number >= 0, got {gamma}; it weighs the size "
                              "term (0 keeps the bits as they start).")
@@ -221,6 +261,18 @@ class SelfCompression:
                 raise ValueError("SelfCompression: the model's optimizer holds b/e; create it before SelfCompression.")
         self.optimizer = optim.Adam(params, lr=lr)
         self.n_weights = float(sum(_per_channel_weights(layer).sum() for _, layer in self.layers))
+        # the size term's weight per bit of each layer: 1/N (storage), and/or positions/N_macs (compute)
+        self.cost = cost
+        if cost == "bits":
+            self._pos = {id(layer): 1 for _, layer in self.layers}
+        else:
+            convs = any(isinstance(layer, (nn.Conv2d, nn.FanInConv2d)) for _, layer in self.layers)
+            if input_shape is None and convs:
+                raise ValueError("SelfCompression: cost='macs' on a convolutional model needs input_shape=(C, H, W) "
+                                 "of one sample, e.g. (1, 28, 28), to count each filter's output positions.")
+            self._pos = _positions(model, input_shape) if input_shape is not None else \
+                {id(layer): 1 for _, layer in self.layers}
+        self.n_macs = float(sum(self._pos[id(layer)] * _per_channel_weights(layer).sum() for _, layer in self.layers))
         self.original_channels = {name: _out_channels(layer) for name, layer in self.layers}
         self.channel_ids = {name: np.arange(_out_channels(layer)) for name, layer in self.layers}
         self.pending = {name: np.zeros(_out_channels(layer), bool) for name, layer in self.layers}
@@ -287,16 +339,28 @@ class SelfCompression:
         """Q: the value bits of the compressed layers (SPEC.md §3)."""
         return float(sum(self.size_bits_per_layer().values()))
 
+    def _per_bit(self, layer) -> float:
+        """The size term's weight of one bit of one weight of ``layer``: 1/N for cost 'bits', P/N_macs for
+        'macs' (P: the layer's output positions per sample), their sum for 'bits+macs'."""
+        w = 0.0
+        if self.cost in ("bits", "bits+macs"):
+            w += 1.0 / max(self.n_weights, 1.0)
+        if self.cost in ("macs", "bits+macs"):
+            w += self._pos[id(layer)] / max(self.n_macs, 1.0)
+        return w
+
     def size_loss(self) -> Tensor:
         """``gamma * Q / N`` as a Tensor (gradients to every ``b``), plus the L1 push on pending channels
-        (0 once frozen: nothing moves the bits any more)."""
+        (0 once frozen: nothing moves the bits any more). With ``cost='macs'`` each layer's bits count once per
+        output position (bit-operations per sample, ``gamma * Q_macs / N_macs``); ``'bits+macs'`` adds both."""
         if self.frozen:
             return Tensor(np.zeros((), np.float32))
-        total = None
+        loss = None
         for name, layer in self.layers:
-            term = (layer.bits * Tensor(_per_channel_weights(layer).astype(layer.bits.dtype))).sum()
-            total = term if total is None else total + term
-        loss = total * (self.gamma / max(self.n_weights, 1.0))
+            per_bit = self._per_bit(layer)
+            term = (layer.bits * Tensor((_per_channel_weights(layer) * per_bit).astype(layer.bits.dtype))).sum()
+            loss = term if loss is None else loss + term
+        loss = loss * self.gamma
         for name, layer in self.layers:
             if self.pending[name].any():
                 idx = np.flatnonzero(self.pending[name])

@@ -501,3 +501,44 @@ def test_cli_compress_flag_with_and_without_a_value(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--compress" in err, err
+
+
+# --------------------------------------------------------------- the compute-weighted size term
+def _small_cnn():
+    # 1x10x10 -> conv 3x3 pad 1 (4 ch, 10x10) -> pool 2 (5x5) -> conv 3x3 no pad, stride 2 (condensed, 6 ch, 2x2)
+    # -> flatten (24) -> linear 5
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, seed=0), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.FanInConv2d(4, 6, 3, stride=2, sparsity=0.5, seed=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(24, 5, seed=2))
+
+
+@pytest.mark.parametrize("cost", ["bits", "macs", "bits+macs"])
+def test_size_term_gradient_per_bit_counts_storage_or_compute(cost):
+    model = _small_cnn()
+    sc = compress.SelfCompression(model, gamma=2.0, cost=cost, input_shape=(1, 10, 10))
+    conv1, conv2, lin = model[0], model[3], model[6]
+    n = {id(conv1): 9.0, id(conv2): float(conv2.k), id(lin): 24.0}  # weights per channel
+    pos = {id(conv1): 100, id(conv2): 4, id(lin): 1}  # output positions per sample
+    channels = {id(conv1): 4, id(conv2): 6, id(lin): 5}
+    N = sum(n[i] * channels[i] for i in n)
+    N_macs = sum(n[i] * channels[i] * pos[i] for i in n)
+    sc.size_loss().backward()
+    for layer in (conv1, conv2, lin):
+        want = 0.0
+        if cost != "macs":
+            want += 2.0 * n[id(layer)] / N
+        if cost != "bits":
+            want += 2.0 * n[id(layer)] * pos[id(layer)] / N_macs
+        np.testing.assert_allclose(layer.bits.grad, want, rtol=1e-5)
+    if cost == "macs":  # the convolution's bits weigh most per weight, the linear layer's least
+        assert conv1.bits.grad[0] / 9 > conv2.bits.grad[0] / conv2.k > lin.bits.grad[0] / 24
+
+
+def test_compute_cost_needs_the_input_shape_of_a_cnn_and_a_known_cost():
+    with pytest.raises(ValueError, match=r"input_shape=\(C, H, W\)"):
+        compress.SelfCompression(_small_cnn(), cost="macs")
+    with pytest.raises(ValueError, match="cost must be one of bits, macs, bits\\+macs"):
+        compress.SelfCompression(_small_cnn(), cost="flops", input_shape=(1, 10, 10))
+    mlp = nn.Sequential(nn.Linear(6, 4, seed=0), nn.ReLU(), nn.Linear(4, 2, seed=1))
+    sc = compress.SelfCompression(mlp, cost="macs")  # no convolution: every layer counts once per sample
+    assert sc.n_macs == sc.n_weights == 6 * 4 + 4 * 2
