@@ -494,7 +494,11 @@ def test_cli_compress_flag_with_and_without_a_value(capsys):
     model = models.mlp([12, 8, 4], seed=0)
     opt = optim.SGD(model.parameters(), lr=0.1)
     sc = cli.build_compressor(args, model, opt, None, total_steps=10)
-    assert sc.gamma == compress.DEFAULT_GAMMA
+    assert sc.gamma == compress.DEFAULT_GAMMA and sc.cost == "bits"
+    cnn_args = p.parse_args(["train", "--model", "cnn", "--compress", "0.2", "--compress-cost", "bits+macs"])
+    cnn = models.cnn(channels=(4, 8), hidden=16, seed=0)
+    sc = cli.build_compressor(cnn_args, cnn, optim.SGD(cnn.parameters(), lr=0.1), None, total_steps=10)
+    assert sc.cost == "bits+macs" and sc._pos[id(cnn[0])] == 28 * 28  # the CLI passes the image shape
     for bad in (["--compress", "-1"], ["--compress", "nan"]):
         with pytest.raises(SystemExit) as e:
             cli.main(["train", *bad])
