@@ -511,3 +511,65 @@ def test_relu_kernels_match_numpy(size, dtype, seed):
     assert out.shape == (size, 1) and out.dtype == dtype
     np.testing.assert_array_equal(out[:, 0], np.maximum(x, 0))
     np.testing.assert_array_equal(activation.relu_grad(g.reshape(-1, 1), out)[:, 0], g * (x > 0))
+
+
+# ------------------------------------------------- survivors of the 2026-11-26 kernels mutation run
+def test_growth_candidates_with_tied_scores_keep_every_larger_score_and_break_ties_by_index():
+    # integer gradients: many exact ties at the c-th score; each row must still list its larger scores, then
+    # the tied ones of lowest input index (a tie-breaking count that is off drops a larger score)
+    rng = np.random.default_rng(11)
+    n_out, n_in, k = 6, 40, 4
+    indices = np.stack([np.sort(rng.choice(n_in, k, replace=False)) for _ in range(n_out)]).astype(np.int32)
+    x = np.eye(n_in, dtype=np.float32)
+    dy = rng.integers(0, 3, (n_in, n_out)).astype(np.float32)  # |g| in {0, 1, 2}: ties everywhere
+    g = ref_scores(x, dy, indices)
+    for c in (1, 5, 17, 36):
+        cand, score = K.growth_candidates(x, dy, indices, c)
+        unsorted, _ = K.growth_candidates(x, dy, indices, c, sort=False)
+        for j in range(n_out):
+            free = [i for i in range(n_in) if i not in indices[j]]
+            want = sorted(free, key=lambda i: (-g[j, i], i))[:c]
+            assert sorted(cand[j].tolist()) == sorted(want), (c, j)
+            assert unsorted[j].tolist() == sorted(want)
+            np.testing.assert_array_equal(score[j], g[j, cand[j]])
+
+
+def test_plain_wraps_foreign_device_arrays_and_leaves_host_arrays_alone(monkeypatch):
+    from fanin.kernels import _validate
+
+    class Foreign:  # another library's GPU array (CuPy, PyTorch): it only speaks __cuda_array_interface__
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    class Backend:
+        @staticmethod
+        def wrap(a):
+            return ("wrapped", a)
+
+    calls = []
+    monkeypatch.setattr(_validate, "backend", lambda *a, **k: calls.append(a) or Backend)
+    host = np.zeros(3, np.float32)
+    assert _validate.plain(host, None)[0] is host and not calls  # host arrays never load the CUDA backend
+    f = Foreign()
+    out = _validate.plain(host, f)
+    assert out[0] is host and out[1] == ("wrapped", f) and len(calls) == 1
+
+
+def test_an_ablated_filter_outputs_exactly_its_bias_whatever_the_input():
+    from fanin.kernels import conv
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    x[0, 1, 2, 3] = np.inf  # a filter with no live weight never reads it
+    indices = np.tile(np.arange(18, dtype=np.int32), (3, 1))
+    values = rng.standard_normal((3, 18)).astype(np.float32)
+    values[1] = 0.0  # filter 1 ablated
+    bias = np.array([0.5, -0.25, 2.0], np.float32)
+    for parallel in (True, False):
+        y = conv.fanin_conv2d_forward(x, indices, values, bias, 3, 1, 1, parallel=parallel)
+        assert np.all(y[:, 1] == np.float32(-0.25))
+
+
+def test_a_topology_error_names_the_offending_index():
+    for bad, shown in (([[0, 5]], "5"), ([[-2, 1]], "-2"), ([[-2, 9]], "-2")):
+        with pytest.raises(ValueError, match=rf"indices hold {shown}, outside \[0, 3\)"):
+            K.Topology(np.array(bad), 3)

@@ -58,6 +58,8 @@ def test_compiled_network_equals_the_model_and_survives_a_file(case, quantized, 
     want = reference(model, x)
     net = fanin.compile(model, input_shape=shape if len(shape) == 3 else None)
     np.testing.assert_allclose(net.predict(x), want, rtol=1e-4, atol=1e-5)
+    for b in (1, 3):  # the rows form (below infer.SMALL_BATCH) as well as the panels form (7)
+        np.testing.assert_allclose(net.predict(x[:b]), want[:b], rtol=1e-4, atol=1e-5)
     path = fanin.save(net, tmp_path / "m.fanin")
     for mmap in (True, False):
         loaded = fanin.load(path, mmap=mmap)

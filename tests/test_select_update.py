@@ -105,6 +105,9 @@ def test_assemble_and_gather_rows(r, n_in, seed, in_order):
             assert new_idx[j].tolist() == [e[0] for e in expect]
             assert src[j].tolist() == [e[1] for e in expect]
             np.testing.assert_array_equal(gathered[j], [values[j, t] if t >= 0 else 0 for _, t in expect])
+        elif filled[j] < k_new:  # a short row: what it got, in order, then -1 in every slot it did not fill
+            assert new_idx[j, :filled[j]].tolist() == [e[0] for e in expect]
+            assert np.all(new_idx[j, filled[j]:] == -1)
 
 
 def numpy_sgd(p, g, buf, lr, mu, wd, nesterov):

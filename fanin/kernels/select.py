@@ -131,7 +131,7 @@ def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
     ``keep`` (n, k) marks old slots that stay; ``grow_cand`` (n, c) marks candidates added;
     rows where ``placeholder[j]`` get indices 0..k_new-1 with no source (ablated neurons).
     ``src[j, t]`` is the old slot a new connection comes from, or -1 for a new one;
-    ``filled[j]`` counts the connections row j received (the caller checks it equals ``k_new``).
+    ``filled[j]`` counts the connections row j received (the caller checks it equals ``k_new``; -1 fills the rest).
     Rows of ``old_idx`` are increasing (a layer's invariant); the chosen candidates are sorted
     if they are not already (the growth kernels list them in input order), then the two
     increasing lists are merged: O(k + c) per row.
