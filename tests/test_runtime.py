@@ -287,3 +287,20 @@ def test_info_reports_layers_bits_and_metadata(tmp_path):
     dense = fanin.save(models.mlp([400, 200, 10], seed=0), tmp_path / "dense.fanin")
     small = fanin.save(big, tmp_path / "small.fanin")
     assert os.path.getsize(small) < 0.04 * os.path.getsize(dense)  # 4-bit nibbles and Rice-coded indices
+
+
+@pytest.mark.parametrize("bits", [None, 8.0, 3.5])
+def test_a_layer_too_wide_for_int16_indices_runs_in_every_value_kind_and_form(bits):
+    """n_in > 32767: the layout keeps int32 indices; fp32, int8 and 4-bit values, rows and panels forms."""
+    model = randomize(nn.Sequential(nn.FanInLinear(40000, 6, k=5, seed=0), nn.ReLU(),
+                                    nn.FanInLinear(6, 3, k=2, seed=1)))
+    if bits is not None:
+        compress.SelfCompression(model, init_bits=bits)
+    net = fanin.compile(model)
+    if bits is not None:
+        assert [op["bits"] for op in net.plan["ops"]] == [8 if bits > 4 else 4] * 2
+    assert net.plan["ops"][0]["arrays"]["indices"].dtype == np.int32
+    x = np.random.default_rng(3).standard_normal((5, 40000)).astype(np.float32)
+    want = reference(model, x)
+    for b in (1, 3, 5):
+        np.testing.assert_allclose(net.predict(x[:b]), want[:b], rtol=1e-4, atol=1e-5)
