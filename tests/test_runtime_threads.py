@@ -125,9 +125,9 @@ def cnn_inputs(batch, seed):
 
 def test_convolutions_run_serially_on_small_work_and_in_parallel_on_large(cnn):
     eng = cnn._engine
-    small = max(1, engine.PARALLEL_PANELS_MACS // eng.front_macs // 2)
-    big = -(-engine.PARALLEL_PANELS_MACS // eng.front_macs)
-    assert small * eng.front_macs < engine.PARALLEL_PANELS_MACS <= big * eng.front_macs
+    small = max(1, engine.PARALLEL_FRONT_MACS // eng.front_macs // 2)
+    big = -(-engine.PARALLEL_FRONT_MACS // eng.front_macs)
+    assert small * eng.front_macs < engine.PARALLEL_FRONT_MACS <= big * eng.front_macs
     cnn.predict(cnn_inputs(small, 0))
     assert eng.last_front == "serial"
     got = cnn.predict(cnn_inputs(big, 1))

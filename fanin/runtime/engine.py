@@ -45,10 +45,15 @@ from scipy import special
 from fanin.kernels import conv as kconv
 from fanin.kernels import infer, pool
 
-__all__ = ["build", "parallel_state", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "CHUNK"]
+__all__ = ["build", "parallel_state", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
 
 PARALLEL_ROWS_MACS = 1 << 20    # rows form: multiply-adds per call from which a layer's rows are split
-PARALLEL_PANELS_MACS = 3 << 20  # panels: multiply-adds per call from which panels run in parallel
+# panels: multiply-adds per call from which panels may run in parallel (the tuner still checks that they pay).
+# Measured on the 2-core reference machine, quiet, 784-1024-1024-10 MLP at SRigL 90 % (194 k multiply-adds per
+# sample; predict medians): batch 4 145 us serial panels -> 112 us layerwise over 2 threads, batch 8 130 -> 112 us;
+# with the earlier 3 M, batches 4-15 always ran serially.
+PARALLEL_PANELS_MACS = 1 << 19
+PARALLEL_FRONT_MACS = 3 << 20   # convolutions and pooling: multiply-adds per call from which they may run in parallel
 CHUNK = 64 * infer.TB           # samples per compiled call (bounds the per-thread buffers)
 _CACHE_SIZES = 6                # batch shapes whose buffers each thread keeps ...
 _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the call at hand are always kept)
@@ -360,7 +365,7 @@ class _Engine:
         forked child, the workqueue lock) and, for work the rule sends to threads, the tuner's measurement."""
         B = x.shape[0]
         token, tuner = 0, None
-        if numba.get_num_threads() > 1 and B * self.front_macs >= PARALLEL_PANELS_MACS:
+        if numba.get_num_threads() > 1 and B * self.front_macs >= PARALLEL_FRONT_MACS:
             if ADAPTIVE:
                 key = B.bit_length()
                 tuner = self._tuners.get(key) or self._tuners.setdefault(key, _Tuner())
@@ -387,7 +392,7 @@ class _Engine:
         lay = self.chain.layout
         kinds = {infer.VK_F32: "fp32", infer.VK_I8: "int8", infer.VK_I4: "4-bit"}
         bits = "/".join(kinds[int(v)] for v in lay.tab[:, infer.F_VK])
-        head = (f"{self._n_steps} op(s) one call each (serial, or parallel from {PARALLEL_PANELS_MACS} "
+        head = (f"{self._n_steps} op(s) one call each (serial, or parallel from {PARALLEL_FRONT_MACS} "
                 f"multiply-adds per call), then " if self._n_steps else "")
         par = _PARALLEL.disabled or f"parallel layer {_PARALLEL.layer or 'not started yet'}"
         return (f"cpu: {head}{lay.n_layers} linear layer(s) ({bits}) in one compiled call: rows form below batch "
