@@ -477,3 +477,14 @@ def test_update_scores_only_the_last_grad_accumulation_batches(monkeypatch):
         _step(model, opt, s, rng.standard_normal((8, 30)).astype(np.float32), rng.integers(0, 3, 8), backwards=3)
     assert len(s.history) == 1
     assert seen == [16, 16]  # per layer: the last 2 captured batches, not all 6 captured since step 2
+
+
+def test_a_sparsity_that_is_not_a_number_is_a_value_error_naming_it():
+    from fanin.sparsity.distribution import check_sparsity
+
+    for bad in (None, "ninety", [0.9], object()):
+        with pytest.raises(ValueError, match=r"sparsity must be a number in \(0, 1\), got"):
+            check_sparsity(bad)
+    with pytest.raises(ValueError, match=r"density must be a number"):
+        check_sparsity("x", what="density")
+    assert check_sparsity("0.5") == 0.5 and check_sparsity(np.float32(0.25)) == 0.25
