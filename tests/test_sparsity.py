@@ -488,3 +488,70 @@ def test_a_sparsity_that_is_not_a_number_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"density must be a number"):
         check_sparsity("x", what="density")
     assert check_sparsity("0.5") == 0.5 and check_sparsity(np.float32(0.25)) == 0.25
+
+
+# ------------------------------------------------- survivors of the seed-1 sparsity sample (2026-11-26)
+def test_status_reports_the_global_sparsity_ablations_and_fan_ins():
+    model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
+    s = sparsity.SRigL(model, optim.SGD(model.parameters(), lr=0.1), sparsity=0.7, distribution="uniform", t_end=10)
+    layer = s.layers[0][1]
+    act = layer.active.copy()
+    act[:3] = False  # three ablated neurons
+    layer.set_connectivity(layer.indices, np.where(act[:, None], layer.values.data, 0), act)
+    total = sum(l.n_out * l.n_in for _, l in s.layers)
+    nnz = sum(l.k * int(l.active.sum()) for _, l in s.layers)
+    st = s.status()
+    assert st["sparsity"] == round(1 - nnz / total, 4)
+    assert st["ablated"] == "3/0/0" and st["fan_in"] == "/".join(str(l.k) for _, l in s.layers)
+    dense = models.mlp([30, 40, 20, 3], seed=0)
+    r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.7, distribution="uniform", t_end=10)
+    kept = sum(int(m.sum()) for m in r.masks)
+    want = 1 - kept / sum(m.size for m in r.masks)
+    assert r.status()["sparsity"] == round(want, 4) and abs(r.status()["sparsity"] - want) <= 5e-5
+
+
+def test_rigl_regrows_the_full_budget_even_where_gradients_are_zero():
+    rng = np.random.default_rng(2)
+    w = rng.uniform(0.1, 1.0, (8, 10)).astype(np.float32)
+    mask = rng.random((8, 10)) < 0.4
+    for g in (np.zeros((8, 10), np.float32), np.where(mask, 1.0, 0.0).astype(np.float32)):
+        new, grown = sparsity.rigl_masks(np.where(mask, w, 0), g, mask, 0.5)
+        assert int(new.sum()) == int(mask.sum())  # kept entries never count as grown ones
+        assert not np.any(grown & mask)
+
+
+def test_a_short_row_from_the_selection_is_an_error_not_a_corrupt_layer(monkeypatch):
+    from fanin.kernels import select
+
+    real = select.assemble_rows
+
+    def short(*args):
+        new_idx, src, filled = real(*args)
+        filled = filled.copy()
+        filled[1] -= 1  # a bug in the merge would leave a row with a slot it did not fill
+        return new_idx, src, filled
+
+    monkeypatch.setattr(select, "assemble_rows", short)
+    layer = hand_layer()
+    with pytest.raises(RuntimeError, match="neuron 1 received"):
+        srigl_update(layer, X, DY, budget=12, k0=3, frac=0.5, gamma_sal=0.3, ablation=False)
+
+
+def test_a_resized_layer_that_captured_again_is_updated_not_skipped():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 30)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=2, t_end=10, gamma_sal=0.0)
+    first, second = s.layers[0][1], s.layers[1][1]
+    _step(model, opt, s, x, y)  # t = 1: capture armed for the step-2 update
+    first.select_outputs(np.arange(first.n_out) < 30, [opt])  # what self-compression does: 10 neurons go ...
+    second.remove_inputs(np.arange(second.n_in) >= 30, rng, [opt])  # ... and so do their consumer's inputs
+    s.resized(first)
+    s.resized(second)
+    before = first.indices.copy()
+    _step(model, opt, s, x, y)  # t = 2: this step's backward captured the new shape; the update uses it
+    rec = s.history[-1]["layers"][0]
+    assert rec["name"] == s.layers[0][0] and "skipped" not in rec and "k_new" in rec
+    assert first.indices.shape[0] == 30 and not np.array_equal(first.indices, before)
