@@ -555,3 +555,15 @@ def test_a_resized_layer_that_captured_again_is_updated_not_skipped():
     rec = s.history[-1]["layers"][0]
     assert rec["name"] == s.layers[0][0] and "skipped" not in rec and "k_new" in rec
     assert first.indices.shape[0] == 30 and not np.array_equal(first.indices, before)
+
+
+def test_a_state_without_captured_gradients_loads_and_delta_t_one_is_valid_for_rigl():
+    model = models.mlp([30, 40, 3], sparsity=0.7, seed=0)
+    s = sparsity.SRigL(model, optim.SGD(model.parameters(), lr=0.1), sparsity=0.7, delta_t=5, t_end=20)
+    s.load_state_dict({"t": 3, "history": []})  # a state saved before captures were kept (or with none)
+    assert s.t == 3 and all(layer.capture is None for _, layer in s.layers)
+    s.load_state_dict({"t": 4, "history": [], "capture": None})
+    assert s.t == 4 and all(layer.capture == [] for _, layer in s.layers)  # step 5 updates: armed again
+    dense = models.mlp([30, 40, 3], seed=0)
+    r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.7, delta_t=1, t_end=5)
+    assert r.delta_t == 1
