@@ -504,10 +504,10 @@ def test_status_reports_the_global_sparsity_ablations_and_fan_ins():
     assert st["sparsity"] == round(1 - nnz / total, 4)
     assert st["ablated"] == "3/0/0" and st["fan_in"] == "/".join(str(l.k) for _, l in s.layers)
     dense = models.mlp([30, 40, 20, 3], seed=0)
-    r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.7, distribution="uniform", t_end=10)
+    r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.71, distribution="uniform", t_end=10)
     kept = sum(int(m.sum()) for m in r.masks)
-    want = 1 - kept / sum(m.size for m in r.masks)
-    assert r.status()["sparsity"] == round(want, 4) and abs(r.status()["sparsity"] - want) <= 5e-5
+    want = 1 - kept / sum(m.size for m in r.masks)  # 0.710194...: four decimals shown
+    assert r.status()["sparsity"] == round(want, 4) == 0.7102
 
 
 def test_rigl_regrows_the_full_budget_even_where_gradients_are_zero():
