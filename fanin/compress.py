@@ -167,12 +167,10 @@ def _positions(model, input_shape) -> dict:
     for m in leaves:
         if isinstance(m, (nn.Conv2d, nn.FanInConv2d, nn.MaxPool2d)):
             k = ops._pair(m.kernel_size)
-            st = ops._pair(m.stride if m.stride is not None else m.kernel_size)
-            pd = ops._pair(m.padding)
             if len(shape) != 3:
                 raise ValueError(f"SelfCompression: input_shape {tuple(input_shape)} does not reach "
                                  f"{type(m).__name__} as (C, H, W).")
-            ho, wo = (shape[1] + 2 * pd[0] - k[0]) // st[0] + 1, (shape[2] + 2 * pd[1] - k[1]) // st[1] + 1
+            ho, wo = ops.conv_output_size(shape[1], shape[2], *k, m.stride if m.stride is not None else k, m.padding)
             c = m.weight_param.shape[0] if isinstance(m, (nn.Conv2d, nn.FanInConv2d)) else shape[0]
             shape = (c, ho, wo)
             if isinstance(m, (nn.Conv2d, nn.FanInConv2d)):
@@ -263,15 +261,12 @@ class SelfCompression:
         self.n_weights = float(sum(_per_channel_weights(layer).sum() for _, layer in self.layers))
         # the size term's weight per bit of each layer: 1/N (storage), and/or positions/N_macs (compute)
         self.cost = cost
-        if cost == "bits":
-            self._pos = {id(layer): 1 for _, layer in self.layers}
-        else:
-            convs = any(isinstance(layer, (nn.Conv2d, nn.FanInConv2d)) for _, layer in self.layers)
-            if input_shape is None and convs:
-                raise ValueError("SelfCompression: cost='macs' on a convolutional model needs input_shape=(C, H, W) "
-                                 "of one sample, e.g. (1, 28, 28), to count each filter's output positions.")
-            self._pos = _positions(model, input_shape) if input_shape is not None else \
-                {id(layer): 1 for _, layer in self.layers}
+        convs = any(isinstance(layer, (nn.Conv2d, nn.FanInConv2d)) for _, layer in self.layers)
+        if cost != "bits" and convs and input_shape is None:
+            raise ValueError("SelfCompression: cost='macs' on a convolutional model needs input_shape=(C, H, W) "
+                             "of one sample, e.g. (1, 28, 28), to count each filter's output positions.")
+        self._pos = (_positions(model, input_shape) if cost != "bits" and input_shape is not None
+                     else {id(layer): 1 for _, layer in self.layers})  # every linear layer: one position
         self.n_macs = float(sum(self._pos[id(layer)] * _per_channel_weights(layer).sum() for _, layer in self.layers))
         self.original_channels = {name: _out_channels(layer) for name, layer in self.layers}
         self.channel_ids = {name: np.arange(_out_channels(layer)) for name, layer in self.layers}

@@ -430,13 +430,19 @@ def _step(model, opt, s, x, y, backwards=1):
     s.step()
 
 
-def test_resized_drops_gradients_captured_for_the_old_shape_and_the_next_update_skips_only_that_layer():
+def _resize_case():
+    """An SRigL-trained 30-40-20-3 MLP that updates every 2 steps, a batch, and the rng that made it."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 30)).astype(np.float32)
     y = rng.integers(0, 3, 16)
     model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
     opt = optim.SGD(model.parameters(), lr=0.1)
     s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=2, t_end=10, gamma_sal=0.0)
+    return rng, x, y, model, opt, s
+
+
+def test_resized_drops_gradients_captured_for_the_old_shape_and_the_next_update_skips_only_that_layer():
+    rng, x, y, model, opt, s = _resize_case()
     first, second = s.layers[0][1], s.layers[1][1]
     assert first.capture is None  # step 1 is not scored (delta_t 2)
     s.resized(first)  # nothing captured: nothing to drop, nothing to skip
@@ -453,7 +459,8 @@ def test_resized_drops_gradients_captured_for_the_old_shape_and_the_next_update_
     opt.step()
     s.step()  # t = 2: update
     names = [li["name"] for li in s.history[-1]["layers"]]
-    assert s.history[-1]["layers"][0] == {"name": s.layers[0][0], "skipped": "resized since its gradients were captured"}
+    skipped = {"name": s.layers[0][0], "skipped": "resized since its gradients were captured"}
+    assert s.history[-1]["layers"][0] == skipped
     assert names == [s.layers[0][0], s.layers[1][0], s.layers[2][0]]  # the later layers are still updated
     assert "k_new" in s.history[-1]["layers"][1] and not np.array_equal(second.indices, before)
 
@@ -538,12 +545,7 @@ def test_a_short_row_from_the_selection_is_an_error_not_a_corrupt_layer(monkeypa
 
 
 def test_a_resized_layer_that_captured_again_is_updated_not_skipped():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((16, 30)).astype(np.float32)
-    y = rng.integers(0, 3, 16)
-    model = models.mlp([30, 40, 20, 3], sparsity=0.7, seed=0)
-    opt = optim.SGD(model.parameters(), lr=0.1)
-    s = sparsity.SRigL(model, opt, sparsity=0.7, distribution="uniform", delta_t=2, t_end=10, gamma_sal=0.0)
+    rng, x, y, model, opt, s = _resize_case()
     first, second = s.layers[0][1], s.layers[1][1]
     _step(model, opt, s, x, y)  # t = 1: capture armed for the step-2 update
     first.select_outputs(np.arange(first.n_out) < 30, [opt])  # what self-compression does: 10 neurons go ...

@@ -28,8 +28,7 @@ from fanin.kernels._intrinsics import load_unchecked as _ld
 from fanin.kernels._intrinsics import stack_buffer
 from fanin.kernels._jit import twins
 
-_JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)
-_JIT_OPTS = _JIT_SERIAL  # what twins() compiles with (it adds parallel=True to one of the two)
+_JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)  # also what twins() compiles with (+ parallel=True)
 _JIT = dict(parallel=True, **_JIT_SERIAL)
 
 R = 4   # output rows per register tile (four accumulators a0..a3: R is fixed at 4)
@@ -81,7 +80,7 @@ def _pad_planes(x, ph, pw, Hp, Wp):
     return xp
 
 
-_pad, _pad_serial = twins(_pad_planes, _JIT_OPTS)
+_pad, _pad_serial = twins(_pad_planes, _JIT_SERIAL)
 
 
 @njit(**_JIT_SERIAL)
@@ -166,7 +165,7 @@ def _conv_forward(x, indices, values, bias, kh, kw, sh, sw, ph, pw, ho, wo):
 
 
 # conv_forward_serial: the same body without a parallel region (the runtime's small batches, forked children)
-conv_forward, conv_forward_serial = twins(_conv_forward, _JIT_OPTS, swap={"_pad": _pad_serial})
+conv_forward, conv_forward_serial = twins(_conv_forward, _JIT_SERIAL, swap={"_pad": _pad_serial})
 
 
 @njit(**_JIT)

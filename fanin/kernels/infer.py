@@ -58,8 +58,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import load_unchecked as _at
-from fanin.kernels._jit import twins
 from fanin.kernels._intrinsics import stack_buffer
+from fanin.kernels._jit import twins
 from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 
 __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows_forward", "rows_forward_serial",

@@ -158,6 +158,23 @@ class _Tuner:
         self.rate[parallel] = new if old is None else min(new, 0.75 * old + 0.25 * new)
 
 
+def _choose(tuners: dict, key, eligible: bool) -> tuple:
+    """(token, tuner) for one call whose work the rule may send to threads (``eligible``): the tuner of its
+    batch-size class says whether to try, the process's policy (``_PARALLEL``) whether it may. Token 0: serial."""
+    if not eligible:
+        return 0, None
+    tuner = (tuners.get(key) or tuners.setdefault(key, _Tuner())) if ADAPTIVE else None
+    return (_PARALLEL.enter() if tuner is None or tuner.parallel() else 0), tuner
+
+
+def _done(token: int, tuner, t0: float, work: int):
+    """After a call chosen by ``_choose``: release the parallel token, tell the tuner the time per multiply-add."""
+    if token:
+        _PARALLEL.leave(token)
+    if tuner is not None:
+        tuner.record(bool(token), (time.perf_counter() - t0) / work)
+
+
 # ------------------------------------------------------------------ the linear chain
 def _spec(op) -> dict:
     a = op["arrays"]
@@ -221,15 +238,9 @@ class _Chain:
             infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, *self.arrays)
             return out
         path = self.plan_for(B, numba.get_num_threads())
-        token, tuner = 0, None
-        if path in ("rows", "panels", "layerwise"):
-            if ADAPTIVE:
-                key = (path == "rows", B.bit_length())
-                tuner = self._tuners.get(key) or self._tuners.setdefault(key, _Tuner())
-            if tuner is None or tuner.parallel():
-                token = _PARALLEL.enter()
-            if not token:
-                path = "rows_serial" if path == "rows" else "panels_serial"
+        token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in ("rows", "panels", "layerwise"))
+        if path in ("rows", "panels", "layerwise") and not token:
+            path = "rows_serial" if path == "rows" else "panels_serial"
         self.last_path = path  # what the latest call ran (for benchmarks and describe(); racy across threads)
         t0 = time.perf_counter()
         try:
@@ -248,10 +259,7 @@ class _Chain:
                 fn(xb, out[b0:b0 + CHUNK], ws, wq, *arrays)
             return out
         finally:
-            if token:
-                _PARALLEL.leave(token)
-            if tuner is not None:
-                tuner.record(bool(token), (time.perf_counter() - t0) / (B * self.layout.macs))
+            _done(token, tuner, t0, B * self.layout.macs)
 
 
 # ------------------------------------------------------------------ conv, pooling (one step per op)
@@ -268,6 +276,11 @@ def _activate(y, act):
     elif act == "gelu":
         y *= 0.5 * (1.0 + special.erf(y * np.float32(1 / np.sqrt(2))))
     return y
+
+
+def _out_hw(shape, kernel, stride, padding) -> tuple:
+    """(Ho, Wo) of a window op on a (C, H, W) input."""
+    return kconv._output_size(shape[1], shape[2], *kernel, *stride, *padding)
 
 
 class _Conv:
@@ -290,8 +303,7 @@ class _Conv:
 
     def macs(self, shape) -> tuple:
         """(multiply-adds per sample, output shape per sample) for an input of shape (C, H, W)."""
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
+        ho, wo = _out_hw(shape, self.kernel, self.stride, self.padding)
         return self.n_out * ho * wo * self.values.shape[1], (self.n_out, ho, wo)
 
     def __call__(self, x, parallel):
@@ -306,13 +318,12 @@ class _Pool:
         self.k, self.s, self.p = tuple(op["kernel"]), tuple(op["stride"]), tuple(op["padding"])
 
     def macs(self, shape) -> tuple:
-        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-        ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
-        return shape[0] * ho * wo * kh * kw, (shape[0], ho, wo)
+        ho, wo = _out_hw(shape, self.k, self.s, self.p)
+        return shape[0] * ho * wo * self.k[0] * self.k[1], (shape[0], ho, wo)
 
     def __call__(self, x, parallel):
         (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
-        ho, wo = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+        ho, wo = _out_hw(x.shape[1:], self.k, self.s, self.p)
         if self.max:
             fn = pool.max_pool_forward if parallel else pool.max_pool_forward_serial
             return fn(x, kh, kw, sh, sw, ph, pw, ho, wo)[0]
@@ -364,13 +375,8 @@ class _Engine:
         """The convolutions and pooling, all serial or all parallel under the process's parallel policy (a
         forked child, the workqueue lock) and, for work the rule sends to threads, the tuner's measurement."""
         B = x.shape[0]
-        token, tuner = 0, None
-        if numba.get_num_threads() > 1 and B * self.front_macs >= PARALLEL_FRONT_MACS:
-            if ADAPTIVE:
-                key = B.bit_length()
-                tuner = self._tuners.get(key) or self._tuners.setdefault(key, _Tuner())
-            if tuner is None or tuner.parallel():
-                token = _PARALLEL.enter()
+        token, tuner = _choose(self._tuners, B.bit_length(),
+                               numba.get_num_threads() > 1 and B * self.front_macs >= PARALLEL_FRONT_MACS)
         self.last_front = "parallel" if token else "serial"
         t0 = time.perf_counter()
         try:
@@ -378,10 +384,7 @@ class _Engine:
                 x = step(x, bool(token))
             return x
         finally:
-            if token:
-                _PARALLEL.leave(token)
-            if tuner is not None:
-                tuner.record(bool(token), (time.perf_counter() - t0) / (B * self.front_macs))
+            _done(token, tuner, t0, B * self.front_macs)
 
     def run(self, x):
         if self.steps:
