@@ -253,3 +253,63 @@ def test_gathered_dot_is_exact_to_rounding(kind, idx_dtype):
     dots(x, np.concatenate([idx.reshape(-1), np.zeros(infer.PAD, idx_dtype)]), flat, kp // 2 if kind == "int4" else kp,
          scale, kp, n, out)
     np.testing.assert_allclose(out, (w.astype(np.float64) * x[idx]).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("idx_dtype", [np.int16, np.int32])
+@pytest.mark.parametrize("act", [infer.ACT_NONE, infer.ACT_RELU])
+def test_eight_rows_at_once_equal_the_gathered_dot_bitwise(kind, idx_dtype, act):
+    """gdot8 (rows of 8 slots, eight at a time, lane sums done together) = bias + gdot, then ReLU, per row --
+    bitwise, NaN and the sign of zero included (serial and parallel drivers may split rows differently)."""
+    from numba import njit
+
+    @njit
+    def by_row(x, idx, vals, vstride, scale, bias, act, n, out):
+        for j in range(n):
+            y = bias[j] + infer.gdot(x, 0, idx, j * 8, vals, j * vstride, scale[j], 8)
+            out[j] = max(y, np.float32(0)) if act == 1 else y
+
+    @njit
+    def by_eight(x, idx, vals, vstride, scale, bias, act, n, out):
+        for j in range(0, n, 8):
+            infer.gdot8(x, 0, idx, j * 8, vals, j * vstride, vstride, scale, j, bias, act, out, j)
+
+    rng = np.random.default_rng(11)
+    n, n_in = 64, 200
+    idx = rng.integers(0, n_in, (n, 8)).astype(idx_dtype)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    x[3], x[4] = np.nan, -0.0
+    idx[5] = 3        # row 5 reads the NaN
+    idx[6] = 4        # row 6 reads -0.0 only, with bias -0.0: the signed zeros go through the same sums
+    scale = rng.uniform(0.1, 1, n).astype(np.float32)
+    bias = rng.uniform(-1, 1, n).astype(np.float32)
+    bias[6] = -0.0
+    if kind == "fp32":
+        vals = rng.standard_normal((n, 8)).astype(np.float32)
+    else:
+        q = rng.integers(-8, 8, (n, 8)).astype(np.int8)
+        vals = q if kind == "int8" else lowbit.pack_nibbles(q)
+    vstride = 4 if kind == "int4" else 8
+    flat = np.concatenate([vals.reshape(-1), np.zeros(infer.PAD, vals.dtype)])
+    fidx = np.concatenate([idx.reshape(-1), np.zeros(infer.PAD, idx_dtype)])
+    want, got = np.zeros(n, np.float32), np.ones(n, np.float32)
+    by_row(x, fidx, flat, vstride, scale, bias, act, n, want)
+    by_eight(x, fidx, flat, vstride, scale, bias, act, n, got)
+    assert np.isnan(got[5])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    w = vals if kind == "fp32" else scale[:, None] * q.astype(np.float32)
+    ref = bias + (w.astype(np.float64) * x[idx]).sum(1)
+    ref = np.maximum(ref, 0) if act == infer.ACT_RELU else ref
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3000), st.sampled_from([None, np.nan, np.inf, -np.inf]))
+@SETTINGS
+def test_all_finite_is_numpys(seed, n, special):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 39, n)).astype(np.float32)  # subnormals to huge
+    if special is not None:
+        x[rng.integers(0, n)] = special
+    assert infer.all_finite(x) == bool(np.isfinite(x).all())
+    assert infer.all_finite(x.reshape(1, -1)) == bool(np.isfinite(x).all())

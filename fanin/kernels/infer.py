@@ -20,7 +20,9 @@ Two forms of the forward:
   kernel: 8 lanes, two accumulators, the gather done as scalar loads inserted into a vector, four int16
   indices per 64-bit load). Measured on the 2-core AMD EPYC (Zen 5), 784x1024 layer at fan-in 80: 11.9 us
   this way, 19.3 us with the zmm hardware gathers LLVM emits for AVX-512, 19.8 us with ymm hardware gathers
-  (Intel parts with the GDS microcode fix lose their fast gathers too). Int8 and 4-bit weights are widened
+  (Intel parts with the GDS microcode fix lose their fast gathers too). Rows of 8 slots (fan-in <= 8) go eight
+  at a time (``gdot8``: straight-line, the eight lane sums in one shuffle tree; the same sums bitwise): per row,
+  the loop, branches and reduction cost more than their eight products. Int8 and 4-bit weights are widened
   and multiplied by their scale in registers: the weight used is exactly ``scale * q``. Activations are rows
   of ``S`` floats (the sentinel and padding after ``n``). A layer that follows a ReLU also has a transposed
   copy (``Layout(scatter=True)``): when at most ``SCATTER_DENSITY`` of its inputs are non-zero, it adds the
@@ -63,8 +65,8 @@ from fanin.kernels._jit import twins
 from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 
 __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows_forward", "rows_forward_serial",
-           "panels_forward", "panels_forward_serial", "panels_layerwise", "gdot", "cdot", "scol", "transpose8",
-           "aligned_zeros", "panel_block", "row_stride"]
+           "panels_forward", "panels_forward_serial", "panels_layerwise", "gdot", "cdot", "gdot8", "scol",
+           "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite"]
 
 def _vector_bits() -> int:
     """512 when the code Numba generates here may use AVX-512, else 256 (AVX2 machines, or a Numba told
@@ -133,106 +135,185 @@ def _vconst(ty, vals):
     return llvmir.Constant(llvmir.VectorType(ty, len(vals)), [llvmir.Constant(ty, v) for v in vals])
 
 
+def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk):
+    """IR of one row's dot before its lane sum: the 8-lane vector a0 + a1 (``gdot``'s order). ``args``/``sig``
+    are the intrinsic's (x, xoff first; idx at 2 when gathering; vals at 4 or 2); ``ioff``, ``voff``, ``kk``
+    (intp: the row's first index and value, its slot count kp) and ``scale`` (float) are this row's."""
+    xt, xot = sig.args[0], sig.args[1]
+    xb = builder.gep(context.make_array(xt)(context, builder, args[0]).data,
+                     [context.cast(builder, args[1], xot, types.intp)], inbounds=True)
+    vpos = 4 if gather else 2
+    vt = sig.args[vpos]
+    vb = builder.gep(context.make_array(vt)(context, builder, args[vpos]).data, [voff], inbounds=True)
+    if gather:
+        it = sig.args[2]
+        ib = builder.gep(context.make_array(it)(context, builder, args[2]).data, [ioff], inbounds=True)
+        ity = it.dtype
+        iw = llvmir.IntType(ity.bitwidth)
+        per = 64 // ity.bitwidth
+    scv = llvmir.Constant(_VF, None)
+    for i in range(_W):
+        scv = builder.insert_element(scv, scale, _I32(i))
+    fmt = llvmir.FunctionType(_VF, [_VF, _VF, _VF])
+    fmuladd = cgutils.get_or_insert_function(builder.module, fmt, "llvm.fmuladd.v8f32")
+
+    def xvec(t):
+        if not gather:
+            p = builder.bitcast(builder.gep(xb, [t], inbounds=True), _VF.as_pointer())
+            return builder.load(p, align=4)
+        v = llvmir.Constant(_VF, None)
+        lane = 0
+        for g in range(_W // per):  # `per` indices per 64-bit load, split with shifts (ALU, not loads)
+            p = builder.bitcast(builder.gep(ib, [builder.add(t, _I64(g * per))], inbounds=True),
+                                _I64.as_pointer())
+            word = builder.load(p, align=ity.bitwidth // 8)
+            for i in range(per):
+                ix = builder.trunc(builder.lshr(word, _I64(i * ity.bitwidth)) if i else word, iw)
+                ix = builder.sext(ix, _I64) if ity.signed else builder.zext(ix, _I64)
+                e = builder.load(builder.gep(xb, [ix], inbounds=True), align=4)
+                v = builder.insert_element(v, e, _I32(lane))
+                lane += 1
+        return v
+
+    def wvec(t):
+        if kind == "f32":
+            return builder.load(builder.bitcast(builder.gep(vb, [t], inbounds=True), _VF.as_pointer()), align=4)
+        if kind == "i8":
+            vi8 = llvmir.VectorType(llvmir.IntType(8), _W)
+            q = builder.load(builder.bitcast(builder.gep(vb, [t], inbounds=True), vi8.as_pointer()), align=1)
+            return builder.fmul(builder.sitofp(q, _VF), scv)
+        vi8 = llvmir.VectorType(llvmir.IntType(8), _W // 2)
+        p = builder.bitcast(builder.gep(vb, [builder.lshr(t, _I64(1))], inbounds=True), vi8.as_pointer())
+        b = builder.load(p, align=1)
+        dup = builder.shuffle_vector(b, b, _vconst(_I32, [i // 2 for i in range(_W)]))
+        w = builder.sext(dup, llvmir.VectorType(_I32, _W))
+        w = builder.shl(w, _vconst(_I32, [28 if i % 2 == 0 else 24 for i in range(_W)]))
+        w = builder.ashr(w, _vconst(_I32, [28] * _W))
+        return builder.fmul(builder.sitofp(w, _VF), scv)
+
+    zero = llvmir.Constant(_VF, [_F32(0)] * _W)
+    n16 = builder.and_(kk, _I64(-16))
+    pre = builder.basic_block
+    loop = builder.append_basic_block("dot.loop")
+    after = builder.append_basic_block("dot.after")
+    builder.cbranch(builder.icmp_signed(">", n16, _I64(0)), loop, after)
+    builder.position_at_end(loop)
+    t = builder.phi(_I64)
+    a0 = builder.phi(_VF)
+    a1 = builder.phi(_VF)
+    t.add_incoming(_I64(0), pre)
+    a0.add_incoming(zero, pre)
+    a1.add_incoming(zero, pre)
+    t8 = builder.add(t, _I64(8))
+    n0 = builder.call(fmuladd, [xvec(t), wvec(t), a0])
+    n1 = builder.call(fmuladd, [xvec(t8), wvec(t8), a1])
+    tn = builder.add(t, _I64(16))
+    t.add_incoming(tn, loop)
+    a0.add_incoming(n0, loop)
+    a1.add_incoming(n1, loop)
+    builder.cbranch(builder.icmp_signed("<", tn, n16), loop, after)
+    builder.position_at_end(after)
+    c0 = builder.phi(_VF)
+    c1 = builder.phi(_VF)
+    c0.add_incoming(zero, pre)
+    c1.add_incoming(zero, pre)
+    c0.add_incoming(n0, loop)
+    c1.add_incoming(n1, loop)
+    acc = cgutils.alloca_once_value(builder, c0)
+    with builder.if_then(builder.icmp_signed(">", kk, n16)):  # kp is a multiple of 8: one step is left
+        builder.store(builder.call(fmuladd, [xvec(n16), wvec(n16), builder.load(acc)]), acc)
+    return builder.fadd(builder.load(acc), c1)
+
+
+def _halves(builder, a, b, n):
+    """The lanes of a and b (n each) pairwise: (first halves of a, b), (second halves of a, b)."""
+    h = n // 2
+    lo = [i for i in range(h)] + [n + i for i in range(h)]
+    return (builder.shuffle_vector(a, b, _vconst(_I32, lo)),
+            builder.shuffle_vector(a, b, _vconst(_I32, [i + h for i in lo])))
+
+
+def _lane_sum(builder, s):
+    """sum of the 8 lanes of s in gdot's fixed pairing: ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7))."""
+    s = builder.fadd(builder.shuffle_vector(s, s, _vconst(_I32, [0, 1, 2, 3])),
+                     builder.shuffle_vector(s, s, _vconst(_I32, [4, 5, 6, 7])))
+    s = builder.fadd(builder.shuffle_vector(s, s, _vconst(_I32, [0, 1])),
+                     builder.shuffle_vector(s, s, _vconst(_I32, [2, 3])))
+    return builder.fadd(builder.extract_element(s, _I32(0)), builder.extract_element(s, _I32(1)))
+
+
+def _lane_sums8(builder, rows):
+    """The lane sums of eight 8-lane vectors as one vector, each in ``_lane_sum``'s pairing (so bitwise equal
+    to it): three levels of two shuffles and an add for two vectors, instead of a reduction per vector."""
+    def level(vs, pick):
+        out = []
+        for a, b in zip(vs[0::2], vs[1::2]):
+            p, q = pick(a, b)
+            out.append(builder.fadd(p, q))
+        return out
+
+    # level 1: [a0..3 b0..3] + [a4..7 b4..7] -> the 4-lane halves of two rows side by side
+    v = level(rows, lambda a, b: _halves(builder, a, b, 8))
+    # level 2: per row, lanes (0, 1) + (2, 3)
+    v = level(v, lambda a, b: (builder.shuffle_vector(a, b, _vconst(_I32, [0, 1, 4, 5, 8, 9, 12, 13])),
+                               builder.shuffle_vector(a, b, _vconst(_I32, [2, 3, 6, 7, 10, 11, 14, 15]))))
+    # level 3: per row, lane 0 + lane 1
+    v = level(v, lambda a, b: (builder.shuffle_vector(a, b, _vconst(_I32, [0, 2, 4, 6, 8, 10, 12, 14])),
+                               builder.shuffle_vector(a, b, _vconst(_I32, [1, 3, 5, 7, 9, 11, 13, 15]))))
+    return v[0]
+
+
 def _dot_codegen(gather, kind):
     """Codegen of sum_{t < kp} w[t] * x[xoff + idx[ioff + t]] (gather) or w[t] * x[xoff + t] (contiguous)."""
 
     def codegen(context, builder, sig, args):
-        if gather:
-            xa, xo, ia, io, va, vo, sc, kk = args
-            xt, xot, it, iot, vt, vot, _, kt = sig.args
-        else:
-            xa, xo, va, vo, sc, kk = args
-            xt, xot, vt, vot, _, kt = sig.args
-        xb = builder.gep(context.make_array(xt)(context, builder, xa).data,
-                         [context.cast(builder, xo, xot, types.intp)], inbounds=True)
-        vb = builder.gep(context.make_array(vt)(context, builder, va).data,
-                         [context.cast(builder, vo, vot, types.intp)], inbounds=True)
-        kk = context.cast(builder, kk, kt, types.intp)
-        if gather:
-            ib = builder.gep(context.make_array(it)(context, builder, ia).data,
-                             [context.cast(builder, io, iot, types.intp)], inbounds=True)
-            ity = it.dtype
-            iw = llvmir.IntType(ity.bitwidth)
-            per = 64 // ity.bitwidth
-        scv = llvmir.Constant(_VF, None)
-        for i in range(_W):
-            scv = builder.insert_element(scv, sc, _I32(i))
-        fmt = llvmir.FunctionType(_VF, [_VF, _VF, _VF])
-        fmuladd = cgutils.get_or_insert_function(builder.module, fmt, "llvm.fmuladd.v8f32")
-
-        def xvec(t):
-            if not gather:
-                p = builder.bitcast(builder.gep(xb, [t], inbounds=True), _VF.as_pointer())
-                return builder.load(p, align=4)
-            v = llvmir.Constant(_VF, None)
-            lane = 0
-            for g in range(_W // per):  # `per` indices per 64-bit load, split with shifts (ALU, not loads)
-                p = builder.bitcast(builder.gep(ib, [builder.add(t, _I64(g * per))], inbounds=True),
-                                    _I64.as_pointer())
-                word = builder.load(p, align=ity.bitwidth // 8)
-                for i in range(per):
-                    ix = builder.trunc(builder.lshr(word, _I64(i * ity.bitwidth)) if i else word, iw)
-                    ix = builder.sext(ix, _I64) if ity.signed else builder.zext(ix, _I64)
-                    e = builder.load(builder.gep(xb, [ix], inbounds=True), align=4)
-                    v = builder.insert_element(v, e, _I32(lane))
-                    lane += 1
-            return v
-
-        def wvec(t):
-            if kind == "f32":
-                return builder.load(builder.bitcast(builder.gep(vb, [t], inbounds=True), _VF.as_pointer()), align=4)
-            if kind == "i8":
-                vi8 = llvmir.VectorType(llvmir.IntType(8), _W)
-                q = builder.load(builder.bitcast(builder.gep(vb, [t], inbounds=True), vi8.as_pointer()), align=1)
-                return builder.fmul(builder.sitofp(q, _VF), scv)
-            vi8 = llvmir.VectorType(llvmir.IntType(8), _W // 2)
-            p = builder.bitcast(builder.gep(vb, [builder.lshr(t, _I64(1))], inbounds=True), vi8.as_pointer())
-            b = builder.load(p, align=1)
-            dup = builder.shuffle_vector(b, b, _vconst(_I32, [i // 2 for i in range(_W)]))
-            w = builder.sext(dup, llvmir.VectorType(_I32, _W))
-            w = builder.shl(w, _vconst(_I32, [28 if i % 2 == 0 else 24 for i in range(_W)]))
-            w = builder.ashr(w, _vconst(_I32, [28] * _W))
-            return builder.fmul(builder.sitofp(w, _VF), scv)
-
-        zero = llvmir.Constant(_VF, [_F32(0)] * _W)
-        n16 = builder.and_(kk, _I64(-16))
-        pre = builder.basic_block
-        loop = builder.append_basic_block("dot.loop")
-        after = builder.append_basic_block("dot.after")
-        builder.cbranch(builder.icmp_signed(">", n16, _I64(0)), loop, after)
-        builder.position_at_end(loop)
-        t = builder.phi(_I64)
-        a0 = builder.phi(_VF)
-        a1 = builder.phi(_VF)
-        t.add_incoming(_I64(0), pre)
-        a0.add_incoming(zero, pre)
-        a1.add_incoming(zero, pre)
-        t8 = builder.add(t, _I64(8))
-        n0 = builder.call(fmuladd, [xvec(t), wvec(t), a0])
-        n1 = builder.call(fmuladd, [xvec(t8), wvec(t8), a1])
-        tn = builder.add(t, _I64(16))
-        t.add_incoming(tn, loop)
-        a0.add_incoming(n0, loop)
-        a1.add_incoming(n1, loop)
-        builder.cbranch(builder.icmp_signed("<", tn, n16), loop, after)
-        builder.position_at_end(after)
-        c0 = builder.phi(_VF)
-        c1 = builder.phi(_VF)
-        c0.add_incoming(zero, pre)
-        c1.add_incoming(zero, pre)
-        c0.add_incoming(n0, loop)
-        c1.add_incoming(n1, loop)
-        acc = cgutils.alloca_once_value(builder, c0)
-        with builder.if_then(builder.icmp_signed(">", kk, n16)):  # kp is a multiple of 8: one step is left
-            builder.store(builder.call(fmuladd, [xvec(n16), wvec(n16), builder.load(acc)]), acc)
-        s = builder.fadd(builder.load(acc), c1)
-        s = builder.fadd(builder.shuffle_vector(s, s, _vconst(_I32, [0, 1, 2, 3])),
-                         builder.shuffle_vector(s, s, _vconst(_I32, [4, 5, 6, 7])))
-        s = builder.fadd(builder.shuffle_vector(s, s, _vconst(_I32, [0, 1])),
-                         builder.shuffle_vector(s, s, _vconst(_I32, [2, 3])))
-        return builder.fadd(builder.extract_element(s, _I32(0)), builder.extract_element(s, _I32(1)))
+        vo = 5 if gather else 3
+        voff = context.cast(builder, args[vo], sig.args[vo], types.intp)
+        ioff = context.cast(builder, args[3], sig.args[3], types.intp) if gather else None
+        kk = context.cast(builder, args[vo + 2], sig.args[vo + 2], types.intp)
+        return _lane_sum(builder, _dot_row(context, builder, sig, args, gather, kind, ioff, voff, args[vo + 1], kk))
 
     return codegen
+
+
+def _dot8_codegen(kind):
+    """Codegen of eight rows of eight slots: row r (indices from ioff + 8 r, values from voff + r * vstride,
+    scale and bias at soff + r) -> dst[doff + r] = bias + dot (ReLU'd when act is ACT_RELU), each row's
+    arithmetic exactly ``gdot``'s followed by ``_activate``'s. With kp the constant 8, LLVM drops each row's
+    loop and branches: they cost more than the arithmetic of so short a row."""
+
+    def codegen(context, builder, sig, args):
+        def arg(i):
+            return context.cast(builder, args[i], sig.args[i], types.intp)
+
+        def at(i, off):  # pointer to element `off` of the array argument i
+            return builder.gep(context.make_array(sig.args[i])(context, builder, args[i]).data, [off], inbounds=True)
+
+        ioff, voff, vstride, soff = arg(3), arg(5), arg(6), arg(8)
+        sp, bp = at(7, soff), at(9, soff)
+        rows = []
+        for r in range(_W):
+            sc = builder.load(builder.gep(sp, [_I64(r)], inbounds=True), align=4)
+            io = builder.add(ioff, _I64(8 * r))
+            vo = builder.add(voff, builder.mul(vstride, _I64(r)))
+            rows.append(_dot_row(context, builder, sig, args, True, kind, io, vo, sc, _I64(8)))
+        y = builder.fadd(builder.load(builder.bitcast(bp, _VF.as_pointer()), align=4), _lane_sums8(builder, rows))
+        zero = llvmir.Constant(_VF, [_F32(0)] * _W)
+        relu = builder.icmp_signed("==", arg(10), _I64(ACT_RELU))
+        neg = builder.fcmp_ordered("<", y, zero)  # max(y, 0) as Numba compiles it: NaN and -0.0 pass
+        y = builder.select(builder.and_(neg, _splat1(builder, relu)), zero, y)
+        builder.store(y, builder.bitcast(at(11, arg(12)), _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _splat1(builder, bit):
+    """An i1 splatted to eight lanes."""
+    v = llvmir.Constant(llvmir.VectorType(llvmir.IntType(1), _W), None)
+    for i in range(_W):
+        v = builder.insert_element(v, bit, _I32(i))
+    return v
 
 
 _KINDS = {"float32": "f32", "int8": "i8", "uint8": "i4"}
@@ -261,6 +342,24 @@ def cdot(typingctx, x, xoff, vals, voff, scale, kp):
     if not _dot_args_ok(x, vals):
         return None
     return types.float32(x, xoff, vals, voff, scale, kp), _dot_codegen(False, _KINDS[str(vals.dtype)])
+
+
+def _dot8_args_ok(*arrays):
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32 for a in arrays)
+
+
+@intrinsic
+def gdot8(typingctx, x, xoff, idx, ioff, vals, voff, vstride, scale, soff, bias, act, dst, doff):
+    """Eight rows of eight slots (fan-in <= 8, kp = 8) at once, with their bias and ReLU: dst[doff + r] =
+    relu?(bias[soff + r] + gdot(x, xoff, idx, ioff + 8 r, vals, voff + r * vstride, scale[soff + r], 8)) for
+    r < 8, bitwise (ReLU when ``act`` is ACT_RELU; any other activation is the caller's). Straight-line code,
+    and the eight lane sums done together (14 shuffles and 7 adds, in gdot's pairing): 3072 such rows
+    7.7 -> 5.4 us (measured, 2-core AMD EPYC)."""
+    if not (_dot_args_ok(x, vals) and isinstance(idx, types.Array) and idx.ndim == 1
+            and idx.dtype in (types.int16, types.int32) and _dot8_args_ok(scale, bias, dst)):
+        return None
+    return (types.none(x, xoff, idx, ioff, vals, voff, vstride, scale, soff, bias, act, dst, doff),
+            _dot8_codegen(_KINDS[str(vals.dtype)]))
 
 
 @intrinsic
@@ -402,8 +501,25 @@ def _make_rows_block(dense):
     """_rows_block for dense or condensed rows (a constant of the compiled loop)."""
 
     def _rows_block(src, S, dst, DS, B, j0, j1, idx, ioff, vals, voff, vstride, scale, bias, act, kp):
-        """dst[b * DS + j] = act(bias[j] + dot_j(src[b * S:])) for rows j0 <= j < j1 and samples b < B."""
-        for j in range(j0, j1):
+        """dst[b * DS + j] = act(bias[j] + dot_j(src[b * S:])) for rows j0 <= j < j1 and samples b < B (rows of
+        8 slots eight at a time by ``gdot8``, the same sums as ``gdot``; the rest one by one)."""
+        j8 = j0 if dense or kp != 8 else j0 + (j1 - j0) // 8 * 8
+        for jg in range(j0, j8, 8):
+            for b in range(B):
+                o = b * DS + jg
+                gdot8(src, b * S, idx, ioff + jg * 8, vals, voff + jg * vstride, vstride, scale, jg, bias, act, dst, o)
+                if act == ACT_GELU:
+                    for r in range(8):
+                        dst[np.uint64(o + r)] = _activate(dst[np.uint64(o + r)], act)
+        if B == 1:  # the latency case without the loop over samples (~7 % of a fan-in-80 layer, measured)
+            for j in range(j8, j1):
+                if dense:
+                    s = cdot(src, 0, vals, voff + j * vstride, _at(scale, j), kp)
+                else:
+                    s = gdot(src, 0, idx, ioff + j * kp, vals, voff + j * vstride, _at(scale, j), kp)
+                dst[np.uint64(j)] = _activate(_at(bias, j) + s, act)
+            return
+        for j in range(j8, j1):
             sc = _at(scale, j)
             bj = _at(bias, j)
             r = voff + j * vstride
@@ -945,6 +1061,18 @@ class Layout:
 
 
 PATHS = ("rows", "rows_serial", "panels", "panels_serial", "layerwise")
+
+
+@njit(cache=True, nogil=True)
+def all_finite(x):
+    """``np.isfinite(x).all()`` for a contiguous float32 array, without the boolean temporary: the largest
+    exponent field, an integer reduction that vectorizes (NumPy's two passes and allocation cost ~1.5 us per
+    ``predict`` call at batch 1, more than a 3072-row layer of fan-in 8)."""
+    u = x.reshape(-1).view(np.uint32)
+    m = np.uint32(0)
+    for i in range(u.size):
+        m = max(m, u[i] & np.uint32(0x7F800000))
+    return m != np.uint32(0x7F800000)
 
 
 def forward(layout: Layout, x: np.ndarray, path: str, ws=None) -> np.ndarray:

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from fanin.kernels import infer
 from fanin.runtime import engine
 from fanin.runtime.plan import check
 
@@ -60,7 +61,7 @@ class Network:
                 f"or one sample of shape {self.input_shape}."
             )
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.nan_policy == "raise" and x.size and not np.isfinite(x).all():
+        if self.nan_policy == "raise" and x.size and not infer.all_finite(x):
             bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
             raise PredictError(f"predict: sample(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or "
                                "Inf; clean the input (or build the Network with nan_policy='propagate').")
