@@ -1,6 +1,7 @@
 """The inference kernels (fanin.kernels.infer, fanin.kernels.lowbit) against a dense NumPy twin.
 
-Every driver -- rows (batch-1 form) serial and parallel, panels serial and parallel, panels layer by layer --
+Every driver -- rows (batch-1 form) serial and parallel, panels serial and parallel, panels layer by layer,
+the half-width panel drivers --
 on random chains of layers: shapes, fan-ins (k = 1 .. n_in), dense layers, int16/int32 indices, float32 / int8 /
 4-bit weights with real-valued per-row scales, none/relu/gelu, ablated rows, batches 1 .. 300. The drivers of one
 form must agree bitwise (serial or parallel is a scheduling choice, not a numerical one).
@@ -78,6 +79,8 @@ def check(layers, x, scatter=True):
     np.testing.assert_array_equal(outs["rows"], outs["rows_serial"])
     np.testing.assert_array_equal(outs["panels"], outs["panels_serial"])
     np.testing.assert_array_equal(outs["panels"], outs["layerwise"])
+    np.testing.assert_array_equal(outs["panels"], outs["half_panels_serial"])  # a sample's sums: any panel width
+    np.testing.assert_array_equal(outs["panels"], outs["half_layerwise"])
     return outs
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import fanin
 from fanin import models
+from fanin.kernels import infer
 from fanin.runtime import engine
 
 # the parallel paths need enough work: panels from PARALLEL_PANELS_MACS, rows from PARALLEL_ROWS_MACS
@@ -56,16 +57,20 @@ def test_paths_are_chosen_by_work(net, wide):
     assert net._engine.chain.plan_for(LARGE, threads) in ("panels", "layerwise")
     assert wide._engine.chain.plan_for(1, threads) == "rows"
     assert net._engine.chain.plan_for(LARGE, 1) == "panels_serial"
+    half = infer.TBH  # a batch that fits half a panel runs the half-width drivers
+    assert net._engine.chain.plan_for(half, threads) == "half_layerwise"
+    assert net._engine.chain.plan_for(half, 1) == "half_panels_serial"
+    assert net._engine.chain.plan_for(half + 1, 1) == "panels_serial"
 
 
-@pytest.mark.parametrize("batch", [SMALL, 3, 33, LARGE])
+@pytest.mark.parametrize("batch", [SMALL, 3, 8, 33, LARGE])
 def test_parallel_equals_serial_bitwise(net, batch):
     x = inputs(784, batch, 0)
     np.testing.assert_array_equal(net.predict(x), serial(net, x))
 
 
 def test_eight_threads_at_once_give_the_serial_results(net, wide):
-    cases = [(net, inputs(784, b, s)) for s, b in enumerate([SMALL, LARGE, SMALL, 40, LARGE, 2, LARGE, SMALL])]
+    cases = [(net, inputs(784, b, s)) for s, b in enumerate([SMALL, LARGE, 8, 40, LARGE, 2, LARGE, SMALL])]
     cases += [(wide, inputs(4096, 1, 10 + s)) for s in range(4)]
     want = [serial(n, x) for n, x in cases]
     errors, barrier = [], threading.Barrier(len(cases))

@@ -16,6 +16,7 @@ Which driver runs a chain is chosen per call by the amount of work:
 - larger batches: panels of ``infer.TB`` samples; serial below ``PARALLEL_PANELS_MACS``, else in parallel,
   each panel through all layers (one parallel region) when the panels divide evenly over the threads, else
   layer by layer over (panel, rows) tasks. Batches over ``CHUNK`` samples go in chunks (bounded buffers).
+  Batches of at most ``infer.TBH`` (half a panel) run the half-width drivers: same results, half the work.
 
 Where the rule says "parallel", ``_Tuner`` checks it by timing (``ADAPTIVE``): on an oversubscribed machine
 waking threads costs more than it saves, and the chain then runs serially (re-measuring now and then).
@@ -187,6 +188,11 @@ def _spec(op) -> dict:
     return spec
 
 
+# the parallel drivers and what runs instead when the call goes serial
+_SERIAL_OF = {"rows": "rows_serial", "panels": "panels_serial", "layerwise": "panels_serial",
+              "half_layerwise": "half_panels_serial"}
+
+
 class _Chain:
     """Consecutive linear ops run by one compiled call."""
 
@@ -222,9 +228,12 @@ class _Chain:
         work = B * self.layout.macs
         if B < infer.SMALL_BATCH:
             return "rows" if threads > 1 and work >= PARALLEL_ROWS_MACS else "rows_serial"
+        half = B <= infer.TBH  # one half-width panel (infer._half_family)
         n_panels = -(-min(B, CHUNK) // infer.TB)
         if threads <= 1 or work < PARALLEL_PANELS_MACS:
-            return "panels_serial"
+            return "half_panels_serial" if half else "panels_serial"
+        if half:
+            return "half_layerwise"
         if n_panels % threads == 0 or n_panels >= 4 * threads:
             return "panels"
         return "layerwise"
@@ -238,9 +247,9 @@ class _Chain:
             infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, *self.arrays)
             return out
         path = self.plan_for(B, numba.get_num_threads())
-        token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in ("rows", "panels", "layerwise"))
-        if path in ("rows", "panels", "layerwise") and not token:
-            path = "rows_serial" if path == "rows" else "panels_serial"
+        token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in _SERIAL_OF)
+        if not token:
+            path = _SERIAL_OF.get(path, path)
         self.last_path = path  # what the latest call ran (for benchmarks and describe(); racy across threads)
         t0 = time.perf_counter()
         try:
@@ -251,8 +260,9 @@ class _Chain:
                 fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, *arrays)
                 return out
             fn = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
-                  "layerwise": infer.panels_layerwise}[path]
-            kind = "layerwise" if path == "layerwise" else "panels"
+                  "layerwise": infer.panels_layerwise, "half_panels_serial": infer.half_panels_serial,
+                  "half_layerwise": infer.half_layerwise}[path]
+            kind = "layerwise" if path.endswith("layerwise") else "panels"  # a half batch fits one panel's buffers
             for b0 in range(0, B, CHUNK):
                 xb = x[b0:b0 + CHUNK]
                 ws, wq = self._buffers(kind, -(-xb.shape[0] // infer.TB))
@@ -399,7 +409,8 @@ class _Engine:
                 f"multiply-adds per call), then " if self._n_steps else "")
         par = _PARALLEL.disabled or f"parallel layer {_PARALLEL.layer or 'not started yet'}"
         return (f"cpu: {head}{lay.n_layers} linear layer(s) ({bits}) in one compiled call: rows form below batch "
-                f"{infer.SMALL_BATCH}, panels of {infer.TB} from it; {par}; {numba.get_num_threads()} thread(s)")
+                f"{infer.SMALL_BATCH}, panels of {infer.TBH} up to batch {infer.TBH}, of {infer.TB} above; {par}; "
+                f"{numba.get_num_threads()} thread(s)")
 
 
 def build(plan):
