@@ -422,7 +422,11 @@ class Worker:
             return
         skip = collections.defaultdict(set)
         for f in drop:
-            skip[numba_subdir(self.repo / f.file)].add(f"{f.stem}.{f.qualname.replace('<locals>', 'locals')}-")
+            name = f"{f.stem}.{f.qualname.replace('<locals>', 'locals')}"
+            # "-": its own entries; "_": copies compiled under a suffixed name (a twin's "_serial", a
+            # kernels._jit.clone such as infer's "_half" drivers), which keep the same body (a prefix that
+            # also matches an unrelated longer name only costs a recompilation)
+            skip[numba_subdir(self.repo / f.file)].update((name + "-", name + "_"))
 
         def ignore(directory, names):
             prefixes = skip.get(os.path.basename(directory))
