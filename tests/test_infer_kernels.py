@@ -316,3 +316,22 @@ def test_all_finite_is_numpys(seed, n, special):
         x[rng.integers(0, n)] = special
     assert infer.all_finite(x) == bool(np.isfinite(x).all())
     assert infer.all_finite(x.reshape(1, -1)) == bool(np.isfinite(x).all())
+
+
+@pytest.mark.parametrize("bad", ["x", "idx", "scale", "bias", "dst"])
+def test_eight_row_dot_refuses_other_array_types_when_compiling(bad):
+    """gdot8 types only float32 x/scale/bias/dst and int16/int32 indices: anything else is a typing error at
+    compile time, never code generated for the wrong element size."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    @njit
+    def call(x, idx, vals, scale, bias, dst):
+        infer.gdot8(x, 0, idx, 0, vals, 0, 8, scale, 0, bias, 0, dst, 0)
+
+    args = {"x": np.zeros(16, np.float32), "idx": np.zeros(72, np.int16), "vals": np.zeros(72, np.float32),
+            "scale": np.ones(8, np.float32), "bias": np.zeros(8, np.float32), "dst": np.zeros(8, np.float32)}
+    call(*args.values())  # the right types compile
+    args[bad] = args[bad].astype(np.float64 if bad != "idx" else np.int64)
+    with pytest.raises(TypingError):
+        call(*args.values())

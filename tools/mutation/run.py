@@ -314,6 +314,10 @@ class JitIndex:
         self.fns: list[JitFn] = []
         parsed = []
         self.bound = {}  # names bound to compiled code by a call (call_aliases), across the package
+        # plain module-level functions that hand code to Numba when called (factories, _jit.clone families):
+        # what they compile depends on more than its source (a swapped global), so a mutant in them
+        # invalidates the whole file's cached code, file -> {name}
+        self.builders = collections.defaultdict(set)
         for path in sorted((repo / package).rglob("*.py")):
             source = path.read_text(encoding="utf-8")
             if not jit_re.pattern or not any(w in source for w in ("@", "njit(", "twins(")):
@@ -322,6 +326,10 @@ class JitIndex:
             compiled, twinned = compiled_by_call(tree, source, jit_re)
             self.bound.update(call_aliases(tree, compiled, twinned))
             parsed.append((path, source, tree, compiled, twinned))
+            for node in tree.body:
+                if isinstance(node, pyast.FunctionDef) and node.name not in compiled and re.search(
+                        r"\b(njit|jit|twins|clone)\(", pyast.get_source_segment(source, node) or ""):
+                    self.builders[str(path.relative_to(repo))].add(node.name)
         for path, source, tree, compiled, twinned in parsed:
             aliases = {a.asname or a.name: a.name for node in pyast.walk(tree)
                        if isinstance(node, pyast.ImportFrom) for a in node.names}
@@ -360,6 +368,8 @@ class JitIndex:
             seeds = mine
         elif m.jit:
             seeds = [f for f in mine if f.first <= m.start[0] <= f.last]
+        elif m.in_def and (m.function or "").split(".")[0] in self.builders.get(m.file, ()):
+            seeds = mine  # a function that compiles code (see builders): everything it may have built
         elif m.in_def:
             # a plain Python function: no compiled code changes, unless compiled code calls it at compile time
             # (an intrinsic's code generator, a helper that builds constants): then its users recompile
