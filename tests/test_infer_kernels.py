@@ -335,3 +335,35 @@ def test_eight_row_dot_refuses_other_array_types_when_compiling(bad):
     args[bad] = args[bad].astype(np.float64 if bad != "idx" else np.int64)
     with pytest.raises(TypingError):
         call(*args.values())
+
+
+AVX2_CHECK = r"""
+import numpy as np
+from fanin.kernels import infer
+import test_infer_kernels as t
+assert (infer.TB, infer.TBH) == (16, 8), (infer.TB, infer.TBH)
+rng = np.random.default_rng(3)
+layers = [t.make_layer(rng, 40, 33, 7, "fp32", "relu", np.int16), t.make_layer(rng, 33, 24, 5, "int8", "gelu", np.int32),
+          t.make_layer(rng, 24, 17, 24, "int4", "relu", np.int16, dense=True),
+          t.make_layer(rng, 17, 9, 8, "fp32", "none", np.int16, dead=2)]
+for batch in (1, 5, 8, 9, 40):
+    t.check(layers, rng.standard_normal((batch, 40)).astype(np.float32))
+print("ok")
+"""
+
+
+def test_the_avx2_build_panels_of_16_and_half_panels_of_8(tmp_path):
+    """On a machine without AVX-512 the panels are 16 samples wide and the half drivers 8: the same checks as
+    above in a process whose Numba targets AVX2 (its own cache), so that build is tested on this one too."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    feats = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,"
+             "+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,-avx512f")
+    here = pathlib.Path(__file__).resolve().parent
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": feats, "NUMBA_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
