@@ -369,7 +369,9 @@ class JitIndex:
         elif m.jit:
             seeds = [f for f in mine if f.first <= m.start[0] <= f.last]
         elif m.in_def and (m.function or "").split(".")[0] in self.builders.get(m.file, ()):
-            seeds = mine  # a function that compiles code (see builders): everything it may have built
+            # a function that compiles code (see builders): everything it may have built -- in its own file, or,
+            # for a helper with no compiled code of its own (_jit.twins, _jit.clone), in the whole package
+            seeds = mine or list(self.fns)
         elif m.in_def:
             # a plain Python function: no compiled code changes, unless compiled code calls it at compile time
             # (an intrinsic's code generator, a helper that builds constants): then its users recompile
