@@ -139,6 +139,14 @@ def _vconst(ty, vals):
     return llvmir.Constant(llvmir.VectorType(ty, len(vals)), [llvmir.Constant(ty, v) for v in vals])
 
 
+def _splat(builder, value):
+    """``value`` (a scalar IR value) in all eight lanes of a vector."""
+    v = llvmir.Constant(llvmir.VectorType(value.type, _W), None)
+    for i in range(_W):
+        v = builder.insert_element(v, value, _I32(i))
+    return v
+
+
 def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk):
     """IR of one row's dot before its lane sum: the 8-lane vector a0 + a1 (``gdot``'s order). ``args``/``sig``
     are the intrinsic's (x, xoff first; idx at 2 when gathering; vals at 4 or 2); ``ioff``, ``voff``, ``kk``
@@ -155,9 +163,7 @@ def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk):
         ity = it.dtype
         iw = llvmir.IntType(ity.bitwidth)
         per = 64 // ity.bitwidth
-    scv = llvmir.Constant(_VF, None)
-    for i in range(_W):
-        scv = builder.insert_element(scv, scale, _I32(i))
+    scv = _splat(builder, scale)
     fmt = llvmir.FunctionType(_VF, [_VF, _VF, _VF])
     fmuladd = cgutils.get_or_insert_function(builder.module, fmt, "llvm.fmuladd.v8f32")
 
@@ -305,19 +311,11 @@ def _dot8_codegen(kind):
         zero = llvmir.Constant(_VF, [_F32(0)] * _W)
         relu = builder.icmp_signed("==", arg(10), _I64(ACT_RELU))
         neg = builder.fcmp_ordered("<", y, zero)  # max(y, 0) as Numba compiles it: NaN and -0.0 pass
-        y = builder.select(builder.and_(neg, _splat1(builder, relu)), zero, y)
+        y = builder.select(builder.and_(neg, _splat(builder, relu)), zero, y)
         builder.store(y, builder.bitcast(at(11, arg(12)), _VF.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return codegen
-
-
-def _splat1(builder, bit):
-    """An i1 splatted to eight lanes."""
-    v = llvmir.Constant(llvmir.VectorType(llvmir.IntType(1), _W), None)
-    for i in range(_W):
-        v = builder.insert_element(v, bit, _I32(i))
-    return v
 
 
 _KINDS = {"float32": "f32", "int8": "i8", "uint8": "i4"}
@@ -429,9 +427,7 @@ def scol(typingctx, y, rows, ro, vals, vo, n, xi):
         ity = rt.dtype
         iw = llvmir.IntType(ity.bitwidth)
         per = 64 // ity.bitwidth
-        xv = llvmir.Constant(_VF, None)
-        for i in range(_W):
-            xv = builder.insert_element(xv, xi_, _I32(i))
+        xv = _splat(builder, xi_)
         fmt = llvmir.FunctionType(_VF, [_VF, _VF, _VF])
         fmuladd = cgutils.get_or_insert_function(builder.module, fmt, "llvm.fmuladd.v8f32")
 

@@ -191,6 +191,10 @@ def _spec(op) -> dict:
 # the parallel drivers and what runs instead when the call goes serial
 _SERIAL_OF = {"rows": "rows_serial", "panels": "panels_serial", "layerwise": "panels_serial",
               "half_layerwise": "half_panels_serial"}
+# the panel paths' drivers
+_PANEL_DRIVERS = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
+                  "layerwise": infer.panels_layerwise, "half_panels_serial": infer.half_panels_serial,
+                  "half_layerwise": infer.half_layerwise}
 
 
 class _Chain:
@@ -259,9 +263,7 @@ class _Chain:
                 fn = infer.rows_forward if path == "rows" else infer.rows_forward_serial
                 fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, *arrays)
                 return out
-            fn = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
-                  "layerwise": infer.panels_layerwise, "half_panels_serial": infer.half_panels_serial,
-                  "half_layerwise": infer.half_layerwise}[path]
+            fn = _PANEL_DRIVERS[path]
             kind = "layerwise" if path.endswith("layerwise") else "panels"  # a half batch fits one panel's buffers
             for b0 in range(0, B, CHUNK):
                 xb = x[b0:b0 + CHUNK]

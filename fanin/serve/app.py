@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fanin.kernels import infer
 from fanin.serve.batcher import Batcher
 from fanin.serve.config import ServeConfig
 
@@ -87,7 +88,7 @@ def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: 
         raise RequestError(413, f"the request has {len(x)} rows; this server takes at most {max_rows} per request "
                                 "(fanin serve --max-rows): split it.")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if check_finite and x.size and not np.isfinite(x).all():
+    if check_finite and x.size and not infer.all_finite(x):
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         raise RequestError(422, f"row(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or Inf; "
                                 "clean the input.")
