@@ -260,8 +260,10 @@ def read_header(buf) -> tuple[dict, int]:
     return header, d_off
 
 
-def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "cpu"):
+def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "cpu", activations: str = "float32"):
     """The ``Network`` stored at ``path``, validated completely first (module docstring).
+
+    ``activations="int8"``: run it with 8-bit activations (``fanin.runtime.Network``; CPU only).
 
     ``device="cuda"``: the network on the GPU (``Network.to("cuda")``: a ``fanin.device.DeviceNetwork``).
 
@@ -273,6 +275,8 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "c
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"load: device must be 'cpu' or 'cuda', got {device!r}.")
+    if activations != "float32" and device != "cpu":
+        raise ValueError("load: activations='int8' runs on the CPU only; use device='cpu'.")
     path = pathlib.Path(path)
     try:
         with open(path, "rb") as f:
@@ -291,7 +295,7 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "c
         meta = header.get("meta", {})
         if not isinstance(meta, dict):
             raise FormatError("'meta' must be an object.")
-        net = Network(plan, meta, nan_policy=nan_policy)
+        net = Network(plan, meta, nan_policy=nan_policy, activations=activations)
     except FormatError as exc:
         raise FormatError(f"{path}: {exc}") from None
     return net if device == "cpu" else net.to(device)

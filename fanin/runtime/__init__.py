@@ -15,8 +15,12 @@ from fanin.runtime.plan import FormatError, check, lower, quantize
 __all__ = ["compile", "Network", "PredictError", "FormatError", "lower", "check", "quantize"]
 
 
-def compile(model, input_shape=None, *, meta=None, nan_policy: str = "raise") -> Network:  # noqa: A001
-    """A ``Network`` computing what ``model`` computes in eval mode (``input_shape`` for convolutional models)."""
+def compile(model, input_shape=None, *, meta=None, nan_policy: str = "raise",  # noqa: A001
+            activations: str = "float32") -> Network:
+    """A ``Network`` computing what ``model`` computes in eval mode (``input_shape`` for convolutional models);
+    ``activations="int8"``: with 8-bit activations (``Network``)."""
     if isinstance(model, Network):
-        return model
-    return Network(lower(model, input_shape), meta, nan_policy=nan_policy)
+        if model.activations == activations and model.nan_policy == nan_policy:
+            return model
+        return Network(model.plan, model.meta, validated=True, nan_policy=nan_policy, activations=activations)
+    return Network(lower(model, input_shape), meta, nan_policy=nan_policy, activations=activations)

@@ -44,9 +44,9 @@ import numpy as np
 from scipy import special
 
 from fanin.kernels import conv as kconv
-from fanin.kernels import infer, pool
+from fanin.kernels import infer, pool, w8a8
 
-__all__ = ["build", "parallel_state", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
+__all__ = ["build", "parallel_state", "ACTIVATIONS", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
 
 PARALLEL_ROWS_MACS = 1 << 20    # rows form: multiply-adds per call from which a layer's rows are split
 # panels: multiply-adds per call from which panels may run in parallel (the tuner still checks that they pay).
@@ -60,6 +60,7 @@ _CACHE_SIZES = 6                # batch shapes whose buffers each thread keeps .
 _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the call at hand are always kept)
 ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
 EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
+ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
 
 
 # ------------------------------------------------------------------ parallel policy (process-wide)
@@ -195,6 +196,53 @@ _SERIAL_OF = {"rows": "rows_serial", "panels": "panels_serial", "layerwise": "pa
 _PANEL_DRIVERS = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
                   "layerwise": infer.panels_layerwise, "half_panels_serial": infer.half_panels_serial,
                   "half_layerwise": infer.half_layerwise}
+
+
+class _QChain:
+    """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``): every sample by the same integer
+    kernel whatever the batch, so a sample's logits do not depend on the batch it came in; samples split over
+    the threads from ``PARALLEL_PANELS_MACS`` multiply-adds per call (same parallel policy and tuner as below)."""
+
+    def __init__(self, ops):
+        self.layout = w8a8.QLayout([_spec(op) for op in ops])
+        self.n_out = self.layout.n_out
+        self._local = threading.local()
+        self._tuners = {}
+        self.last_path = None
+
+    def _buffers(self, slots):
+        cache = getattr(self._local, "ws", None)
+        if cache is None:
+            cache = self._local.ws = {}
+        ws = cache.get(slots)
+        if ws is None:
+            ws = cache[slots] = self.layout.workspace(slots)
+        return ws
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        B = x.shape[0]
+        out = np.empty((B, self.n_out), np.float32)
+        if B * self.layout.macs < PARALLEL_PANELS_MACS:  # the latency path: no thread count, no tuner, no lock
+            self.last_path = "int8_serial"
+            w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+            return out
+        threads = numba.get_num_threads()
+        eligible = threads > 1 and B > 1
+        token, tuner = _choose(self._tuners, B.bit_length(), eligible)
+        self.last_path = "int8" if token else "int8_serial"
+        t0 = time.perf_counter()
+        try:
+            if token:
+                w8a8.forward(x, out, *self._buffers(min(B, threads)), *self.layout.arrays)
+            else:
+                w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+            return out
+        finally:
+            _done(token, tuner, t0, B * self.layout.macs)
+
+    def describe(self) -> str:
+        return (f"{self.layout.n_layers} linear layer(s) with int8 activations ({'AVX-512 VBMI/VNNI byte-permute' if w8a8.FAST else 'portable'} "
+                f"kernel), one compiled call, samples over the threads from {PARALLEL_PANELS_MACS} multiply-adds per call")
 
 
 class _Chain:
@@ -357,7 +405,7 @@ class _Flatten:
 
 
 class _Engine:
-    def __init__(self, plan):
+    def __init__(self, plan, activations="float32"):
         ops = plan["ops"]
         head = len(ops)
         while head > 0 and ops[head - 1]["op"] == "linear":
@@ -373,7 +421,8 @@ class _Engine:
                 self.steps.append(_Flatten())
             else:  # pragma: no cover -- check() puts every linear op after the last non-linear one
                 raise ValueError(f"engine: unexpected op {kind!r} before the linear head")
-        self.chain = _Chain(ops[head:])
+        self.activations = activations
+        self.chain = _QChain(ops[head:]) if activations == "int8" else _Chain(ops[head:])
         self._n_steps = head
         # multiply-adds per sample of the steps before the chain (convolutions; pooling counted as window reads)
         shape, self.front_macs = tuple(plan["input_shape"]), 0
@@ -404,6 +453,9 @@ class _Engine:
         return self.chain.run(x)
 
     def describe(self) -> str:
+        head = (f"cpu: {self._n_steps} op(s) one call each, then " if self._n_steps else "cpu: ")
+        if self.activations == "int8":
+            return f"{head}{self.chain.describe()}; {_PARALLEL.disabled or 'parallel layer ' + (_PARALLEL.layer or 'not started yet')}"
         lay = self.chain.layout
         kinds = {infer.VK_F32: "fp32", infer.VK_I8: "int8", infer.VK_I4: "4-bit"}
         bits = "/".join(kinds[int(v)] for v in lay.tab[:, infer.F_VK])
@@ -415,7 +467,10 @@ class _Engine:
                 f"{numba.get_num_threads()} thread(s)")
 
 
-def build(plan):
+def build(plan, activations: str = "float32"):
     """The prepared engine of a validated plan: ``run(x)`` for a C-contiguous float32 (B, *input_shape) x
-    (B >= 1) returns a new (B, n_classes) float32 array; ``describe()`` says how it runs."""
-    return _Engine(plan)
+    (B >= 1) returns a new (B, n_classes) float32 array; ``describe()`` says how it runs. ``activations``:
+    "float32" (the float path), or "int8" (the linear layers with 8-bit activations, ``fanin.kernels.w8a8``)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}.")
+    return _Engine(plan, activations)
