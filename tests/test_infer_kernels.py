@@ -348,13 +348,20 @@ layers = [t.make_layer(rng, 40, 33, 7, "fp32", "relu", np.int16), t.make_layer(r
           t.make_layer(rng, 17, 9, 8, "fp32", "none", np.int16, dead=2)]
 for batch in (1, 5, 8, 9, 40):
     t.check(layers, rng.standard_normal((batch, 40)).astype(np.float32))
+from fanin.kernels import w8a8  # int8 activations: the portable integer kernel, the same bits
+assert not w8a8.FAST
+x = rng.standard_normal((6, 40)).astype(np.float32)
+q = w8a8.QLayout(layers)
+np.testing.assert_array_equal(q.run(x), w8a8.reference(layers, x))
+np.testing.assert_array_equal(q.run(x, parallel=True), w8a8.reference(layers, x))
 print("ok")
 """
 
 
 def test_the_avx2_build_panels_of_16_and_half_panels_of_8(tmp_path):
-    """On a machine without AVX-512 the panels are 16 samples wide and the half drivers 8: the same checks as
-    above in a process whose Numba targets AVX2 (its own cache), so that build is tested on this one too."""
+    """On a machine without AVX-512 the panels are 16 samples wide and the half drivers 8, and int8 activations
+    run the portable integer kernel: the same checks as above in a process whose Numba targets AVX2 (its own
+    cache), so that build is tested on this one too."""
     import os
     import pathlib
     import subprocess

@@ -13,7 +13,7 @@ What it computes, per sample and per layer (``reference`` is the same in NumPy, 
 
 - the layer's input x (n floats) is quantized with a scale of its own: if min(x) >= 0 (after a ReLU),
   ``q = rint(x * (255 / max))`` in [0, 255] (zero point 0); else ``q = rint(x * (127 / a)) + 128`` in [1, 255]
-  with ``a = max|x|`` (zero point 128); the scale ``s = max / 255`` or ``a / 127`` (float64); an all-zero
+  with ``a = max|x|`` (zero point 128), the products in float64; the scale ``s = max / 255`` or ``a / 127`` (float64); an all-zero
   input gives q = zero point, s = 0;
 - each output r: the exact integer ``acc = sum_t w_t * q[idx_t]`` (int32; w the int8 weights), then
   ``y = float32((acc - zp * sum_t w_t) * (s * scale_r)) + bias_r`` (float64 product, one rounding), then the
@@ -219,9 +219,9 @@ def _quantize_range(x, n, xq, lo, hi):
         for i in range(n):
             xq[i] = zp
         return 0.0, zp
-    inv = qmax / a
+    inv = np.float64(qmax) / np.float64(a)  # float64: 255 / a overflows float32 for a below ~1e-36
     for i in range(n):
-        q = min(max(np.rint(x[i] * inv), -qmax), qmax)
+        q = min(max(np.rint(np.float64(x[i]) * inv), -127.0), 255.0)
         xq[i] = np.uint8(np.int32(q) + zp)
     return np.float64(a) / np.float64(qmax), zp
 
@@ -428,7 +428,7 @@ def _quantize_np(x: np.ndarray):
         zp, qmax, a = 128, np.float32(127), max(-lo, hi)
     if a == 0:
         return np.full(x.shape, zp, np.int64), 0.0, zp
-    q = np.clip(np.rint(x * (qmax / a)), -qmax, qmax).astype(np.int64) + zp
+    q = np.clip(np.rint(x.astype(np.float64) * (np.float64(qmax) / np.float64(a))), -127, 255).astype(np.int64) + zp
     return q, float(np.float64(a) / np.float64(qmax)), zp
 
 

@@ -1,0 +1,237 @@
+"""Int8 activations (fanin.kernels.w8a8) against their NumPy twins, and a Network built with activations="int8".
+
+The integer kernel must give exactly the integer dot products (``qgroups`` and ``qgroups_portable`` against a
+NumPy int64 product); the input quantizer exactly its twin; the whole chain exactly ``w8a8.reference`` (all
+integer sums are exact, so there is no tolerance), serial and parallel alike; and the Network within the error
+of 8-bit activations of the float path.
+"""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numba import njit
+from numba.core.errors import TypingError
+
+import fanin
+from fanin.kernels import w8a8
+from fanin.runtime import PredictError
+from test_infer_kernels import make_layer
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+needs_fast = pytest.mark.skipif(not w8a8.FAST, reason="this CPU lacks AVX-512 VBMI/VNNI: the portable kernel runs")
+
+
+@njit
+def _call_fast(xq, lo, hi, wq, cr, off, croff, G, T, acc):
+    w8a8.qgroups(xq, lo, hi, wq, cr, off, croff, G, T, acc)
+
+
+def _one_layer(rng, n_in, n_out, k, dead):
+    spec = make_layer(rng, n_in, n_out, k, "int8", "none", np.int32, dense=(k == n_in and rng.random() < 0.3),
+                      dead=dead)
+    return spec, w8a8.QLayout([spec])
+
+
+def _integer_dots(spec, xq):
+    q, _ = w8a8.layer_int8(spec)
+    idx = np.arange(spec["n_in"])[None].repeat(spec["n_out"], 0) if spec["indices"] is None else spec["indices"]
+    return (q.astype(np.int64) * xq[idx.astype(np.int64)].astype(np.int64)).sum(axis=1)
+
+
+@st.composite
+def layer_case(draw):
+    n_in = draw(st.integers(1, 700))
+    n_out = draw(st.integers(1, 13))
+    k = draw(st.sampled_from([1, n_in, draw(st.integers(1, n_in))]))
+    return n_in, n_out, k, draw(st.integers(0, 3)), draw(st.integers(0, 2**32 - 1))
+
+
+@SETTINGS
+@given(layer_case())
+def test_the_integer_kernels_give_the_exact_dot_products(case):
+    """Both kernels against NumPy's int64 products: any n_in (1 .. 5 chunks), k = 1 .. n_in, dense and sparse
+    rows, ablated rows (zeros), extreme bytes and weights (255 x -128 does not saturate)."""
+    n_in, n_out, k, dead, seed = case
+    rng = np.random.default_rng(seed)
+    spec, lay = _one_layer(rng, n_in, n_out, k, dead)
+    xq = np.zeros(lay.xq_bytes, np.uint8)
+    xq[:n_in] = rng.choice(np.array([0, 1, 127, 128, 254, 255], np.uint8), n_in) if seed % 2 else rng.integers(0, 256, n_in)
+    want = _integer_dots(spec, xq)
+    _, _, G, T, off, croff = lay.lt[0, :6]
+    kernels = [w8a8.qgroups_portable] + ([_call_fast] if w8a8.FAST else [])
+    for fn in kernels:
+        acc = np.full(G * w8a8.GROUP, -7, np.int32)
+        fn(xq, lay.lo, lay.hi, lay.wq, lay.cr, off, croff, G, T, acc)
+        np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
+
+
+@needs_fast
+def test_the_fast_kernel_refuses_other_array_types_when_compiling():
+    rng = np.random.default_rng(0)
+    _, lay = _one_layer(rng, 50, 5, 9, 0)
+    acc = np.zeros(8, np.int32)
+    xq = np.zeros(lay.xq_bytes, np.uint8)
+    with pytest.raises(TypingError):
+        _call_fast(xq.astype(np.int8), lay.lo, lay.hi, lay.wq, lay.cr, 0, 0, 2, 1, acc)
+    with pytest.raises(TypingError):
+        _call_fast(xq, lay.lo, lay.hi, lay.wq, lay.cr, 0, 0, 2, 1, acc.astype(np.int64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-2.0**100, 2.0**100, width=32) | st.sampled_from([0.0, -0.0, 1e-38, -3.0, 255.0]),
+                min_size=1, max_size=300),
+       st.sampled_from([None, np.nan, np.inf, -np.inf]))
+def test_the_input_quantizer_is_its_numpy_twin(vals, bad):
+    """Non-negative inputs (zero point 0, 255 levels) and signed ones (128, +-127), all zeros, tiny and huge
+    values, signed zeros: the same bytes and scale as the twin; a NaN or Inf gives a NaN scale."""
+    x = np.array(vals, np.float32)
+    if bad is not None:
+        x[len(x) // 2] = bad
+    xq = np.full(len(x) + 8, 77, np.uint8)
+    s, zp = w8a8.quantize_input(x, len(x), xq)
+    q, s_ref, zp_ref = w8a8._quantize_np(x)
+    if bad is not None:
+        assert np.isnan(s) and q is None
+        return
+    assert (s, zp) == (s_ref, zp_ref)
+    np.testing.assert_array_equal(xq[:len(x)], q)
+    assert (xq[len(x):] == 77).all()  # nothing written past n
+    if zp == 0:
+        assert (x >= 0).all() and (q.max() == 255 or s == 0)
+    else:
+        assert (q >= 1).all() and (q <= 255).all() and (x < 0).any()
+
+
+def _chain(rng, widths, kinds, acts, k_frac=0.3, dead=1):
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        dense = i == len(widths) - 2
+        k = n_in if dense else max(1, int(k_frac * n_in))
+        layers.append(make_layer(rng, n_in, n_out, k, kinds[i % len(kinds)], acts[i], np.int16, dense=dense,
+                                 dead=0 if dense else dead, bias=i != 1))
+    return layers
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 9), st.sampled_from(["fp32", "int8", "int4"]))
+def test_the_chain_is_its_numpy_twin_bitwise(seed, batch, kind):
+    """Random chains (sparse and dense layers, float32 / int8 / 4-bit weights, ReLU and none, ablated rows, a
+    layer without bias), inputs of either sign: serial and parallel drivers equal the twin bit for bit."""
+    rng = np.random.default_rng(seed)
+    widths = [int(w) for w in rng.integers(1, 300, 4)]
+    acts = ["relu", str(rng.choice(["relu", "none"])), "none"]
+    layers = _chain(rng, widths, [kind, "fp32", "int8"], acts)
+    lay = w8a8.QLayout(layers)
+    x = (rng.standard_normal((batch, widths[0])) * rng.choice([1e-3, 1, 50])).astype(np.float32)
+    if seed % 3 == 0:
+        x = np.abs(x)
+    want = w8a8.reference(layers, x)
+    np.testing.assert_array_equal(lay.run(x), want)
+    np.testing.assert_array_equal(lay.run(x, parallel=True, ws=lay.workspace(min(batch, 3))), want)
+
+
+def test_gelu_layers_match_the_twin_closely():
+    rng = np.random.default_rng(5)
+    layers = _chain(rng, [60, 40, 30, 7], ["fp32"], ["gelu", "gelu", "none"])
+    x = rng.standard_normal((4, 60)).astype(np.float32)
+    np.testing.assert_allclose(w8a8.QLayout(layers).run(x), w8a8.reference(layers, x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_sample_with_nan_gets_nan_logits_and_the_others_are_untouched():
+    rng = np.random.default_rng(1)
+    layers = _chain(rng, [30, 20, 5], ["int8"], ["relu", "none"])
+    x = rng.standard_normal((3, 30)).astype(np.float32)
+    clean = w8a8.QLayout(layers).run(x)
+    x[1, 4] = np.nan
+    y = w8a8.QLayout(layers).run(x)
+    assert np.isnan(y[1]).all()
+    np.testing.assert_array_equal(y[[0, 2]], clean[[0, 2]])
+
+
+def test_a_layer_too_wide_for_byte_chunks_is_refused_clearly():
+    spec = {"n_in": w8a8.MAX_IN + 1, "n_out": 1, "act": "none", "bias": None, "indices": np.zeros((1, 1), np.int32),
+            "values": np.ones((1, 1), np.float32)}
+    with pytest.raises(ValueError, match="activations='float32'"):
+        w8a8.QLayout([spec])
+
+
+# ------------------------------------------------------------------ through a Network
+@pytest.fixture(scope="module")
+def mlp():
+    model = fanin.models.mlp([96, 64, 48, 10], sparsity=0.8, seed=0)
+    model.eval()
+    net = fanin.compile(model)
+    return net, fanin.runtime.Network(fanin.runtime.quantize(net.plan, 8))
+
+
+def _specs(net):
+    from fanin.runtime.engine import _spec
+
+    return [_spec(op) for op in net.plan["ops"]]
+
+
+def test_a_network_with_int8_activations_computes_the_twin_and_stays_close_to_float(mlp):
+    net, q8 = mlp
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 96)).astype(np.float32)
+    for base in (net, q8):
+        w = fanin.compile(base, activations="int8")
+        assert w.activations == "int8" and w.info()["activations"] == "int8" and "int8 activations" in w.info()["engine"]
+        y = w.predict(x)
+        np.testing.assert_array_equal(y, w8a8.reference(_specs(base), x))
+        ref = base.predict(x)
+        assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
+        assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert fanin.compile(net).activations == "float32"
+
+
+def test_a_samples_logits_do_not_depend_on_its_batch(mlp):
+    w = fanin.compile(mlp[1], activations="int8")
+    x = np.random.default_rng(3).standard_normal((300, 96)).astype(np.float32)
+    y = w.predict(x)  # large enough for the parallel driver when the tuner lets it
+    for i in (0, 7, 150, 299):
+        np.testing.assert_array_equal(w.predict(x[i]), y[i])
+    np.testing.assert_array_equal(w.predict(x[:5]), y[:5])
+
+
+def test_eight_threads_predicting_at_once_get_the_serial_results(mlp):
+    w = fanin.compile(mlp[1], activations="int8")
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((b, 96)).astype(np.float32) for b in (1, 3, 40, 1, 64, 2, 1, 200)]
+    want = [w.predict(x) for x in xs]
+    got, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                got[i] = w.predict(xs[i])
+                np.testing.assert_array_equal(got[i], want[i])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_bad_activations_and_the_nan_policies(mlp, tmp_path):
+    net, q8 = mlp
+    with pytest.raises(ValueError, match="activations must be one of"):
+        fanin.compile(net, activations="int4")
+    with pytest.raises(ValueError, match="CPU only"):
+        fanin.load(tmp_path / "missing.fanin", activations="int8", device="cuda")
+    x = np.zeros((2, 96), np.float32)
+    x[1, 0] = np.inf
+    with pytest.raises(PredictError, match="NaN or Inf"):
+        fanin.compile(q8, activations="int8").predict(x)
+    y = fanin.compile(q8, activations="int8", nan_policy="propagate").predict(x)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+    path = tmp_path / "m.fanin"
+    fanin.save(q8, path)
+    loaded = fanin.load(path, activations="int8")
+    np.testing.assert_array_equal(loaded.predict(x[:1]), fanin.compile(q8, activations="int8").predict(x[:1]))
