@@ -129,16 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="Fashion-MNIST test accuracy of a .fanin model")
     v.add_argument("model", metavar="MODEL.fanin")
     v.add_argument("--batch-size", type=_positive_int, default=1000)
+    v.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
+                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     i = sub.add_parser("info", help="layers, fan-ins, bits and size of a .fanin model")
     i.add_argument("model", metavar="MODEL.fanin")
     i.add_argument("--json", action="store_true", help="print the info as JSON")
+    i.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
+                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     r = sub.add_parser("predict", help="predict the classes of the samples in a .npy file")
     r.add_argument("model", metavar="MODEL.fanin")
     r.add_argument("input", metavar="INPUT.npy", help="float samples (batch, *input shape), normalized as in training")
     r.add_argument("--proba", action="store_true", help="print class probabilities instead of logits")
     r.add_argument("--out", default=None, metavar="OUT.npy", help="also write the logits (or probabilities) here")
+    r.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
+                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     sv = sub.add_parser("serve", help="serve a .fanin model over HTTP: POST /predict, /healthz, /info, /metrics "
                                       "(the serve extra)")
@@ -158,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--graceful-timeout", type=_non_negative, default=30.0,
                     help="seconds requests in flight get to finish after SIGTERM (default 30)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
+                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     cv = sub.add_parser("convert", help="masked dense PyTorch (.pt) or safetensors weights -> a .fanin model")
     cv.add_argument("weights", metavar="WEIGHTS", help="a torch.save'd state_dict or a .safetensors file")
@@ -423,11 +435,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _load(path):
+def _load(path, activations="float32"):
     from fanin.io import FormatError, load
 
     try:
-        return load(path), None
+        return load(path, activations=activations), None
     except (FormatError, FileNotFoundError) as exc:
         return None, _fail(str(exc))
 
@@ -436,7 +448,7 @@ def cmd_eval(args) -> int:
     from fanin import data
     from fanin.data import DatasetNotFound
 
-    net, rc = _load(args.model)
+    net, rc = _load(args.model, args.activations)
     if net is None:
         return rc
     try:
@@ -449,14 +461,15 @@ def cmd_eval(args) -> int:
     correct = 0
     for i in range(0, len(x), args.batch_size):
         correct += int((net.predict(x[i:i + args.batch_size]).argmax(axis=1) == y[i:i + args.batch_size]).sum())
-    print(f"test accuracy: {correct / len(x):.4f} ({correct}/{len(x)}) on Fashion-MNIST")
+    print(f"test accuracy: {correct / len(x):.4f} ({correct}/{len(x)}) on Fashion-MNIST"
+          + (" (int8 activations)" if args.activations == "int8" else ""))
     return 0
 
 
 def cmd_info(args) -> int:
     import json
 
-    net, rc = _load(args.model)
+    net, rc = _load(args.model, args.activations)
     if net is None:
         return rc
     info = net.info()
@@ -483,7 +496,7 @@ def cmd_predict(args) -> int:
 
     from fanin.runtime import PredictError
 
-    net, rc = _load(args.model)
+    net, rc = _load(args.model, args.activations)
     if net is None:
         return rc
     try:
@@ -521,14 +534,15 @@ def cmd_serve(args) -> int:
     if problem:
         return _fail(problem)
     try:
-        net = load(args.model)  # validated here, before any worker starts: a bad file stops the server
+        net = load(args.model, activations=args.activations)  # validated here: a bad file stops the server
     except (FormatError, OSError) as exc:
         return _fail(str(exc))
     try:
         config = ServeConfig(model=str(args.model), host=args.host, port=args.port, workers=args.workers,
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows,
                              max_body=int(args.max_body_mb * (1 << 20)), threads=args.threads,
-                             graceful_timeout=args.graceful_timeout, access_log=args.access_log)
+                             graceful_timeout=args.graceful_timeout, access_log=args.access_log,
+                             activations=args.activations)
     except ValueError as exc:
         return _fail(str(exc))
     from fanin.serve.server import bind, serve

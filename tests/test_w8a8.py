@@ -235,3 +235,32 @@ def test_bad_activations_and_the_nan_policies(mlp, tmp_path):
     fanin.save(q8, path)
     loaded = fanin.load(path, activations="int8")
     np.testing.assert_array_equal(loaded.predict(x[:1]), fanin.compile(q8, activations="int8").predict(x[:1]))
+
+
+def test_the_cli_predicts_and_describes_with_int8_activations(mlp, tmp_path, capsys):
+    import json
+
+    from fanin import cli
+
+    q8 = mlp[1]
+    path, xin, out = tmp_path / "m.fanin", tmp_path / "x.npy", tmp_path / "y.npy"
+    fanin.save(q8, path)
+    x = np.random.default_rng(6).standard_normal((3, 96)).astype(np.float32)
+    np.save(xin, x)
+    assert cli.main(["predict", str(path), str(xin), "--activations", "int8", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), fanin.compile(q8, activations="int8").predict(x))
+    assert not np.array_equal(np.load(out), q8.predict(x))  # the float path differs (8-bit rounding)
+    capsys.readouterr()
+    assert cli.main(["info", str(path), "--json", "--activations", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["activations"] == "int8"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", str(path), str(xin), "--activations", "int4"])
+    assert exc.value.code == 2
+
+
+def test_the_server_config_takes_the_activation_mode():
+    from fanin.serve import ServeConfig
+
+    assert ServeConfig(activations="int8").activations == "int8"
+    with pytest.raises(ValueError, match="activations must be"):
+        ServeConfig(activations="int4")

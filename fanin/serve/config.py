@@ -21,6 +21,7 @@ class ServeConfig:
     graceful_timeout: float = 30.0   # seconds requests in flight get to finish after SIGTERM
     access_log: bool = False
     log_level: str = "warning"
+    activations: str = "float32"     # "int8": the Network's 8-bit activation mode
 
     def __post_init__(self):
         for name in ("workers", "max_batch", "max_rows", "max_body"):
@@ -30,6 +31,8 @@ class ServeConfig:
             raise ValueError(f"ServeConfig: max_wait_ms must be in [0, 10000), got {self.max_wait_ms}.")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"ServeConfig: port must be in [0, 65535], got {self.port}.")
+        if self.activations not in ("float32", "int8"):
+            raise ValueError(f"ServeConfig: activations must be 'float32' or 'int8', got {self.activations!r}.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"ServeConfig: threads must be at least 1, got {self.threads}.")
 

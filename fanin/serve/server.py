@@ -96,7 +96,7 @@ def _worker(config: ServeConfig, sock, conn):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers with SIGTERM
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
-        net = load(config.model)
+        net = load(config.model, activations=config.activations)
     except (ValueError, OSError) as exc:
         conn.send(("error", str(exc)))
         return
