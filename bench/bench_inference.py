@@ -11,7 +11,8 @@ magnitudes, then compiled with ``fanin.compile``.
 Contenders, all given the same weights (the dense equivalent of the compiled plan, zeros included) and
 the same number of threads (``--threads``, default 2):
 
-- fanin ``Network.predict`` (float32; int8 and 4-bit for the SRigL MLP) — only the public API, so this
+- fanin ``Network.predict`` (float32; int8 and 4-bit for the SRigL MLP, and the int8 one with 8-bit activations
+  too, ``activations="int8"``: "fanin w8a8", the scheme of ORT's dynamic int8) — only the public API, so this
   measures whatever engine ``fanin/runtime`` holds;
 - NumPy dense (``x @ W.T + b``, ReLU; im2col + GEMM for convolutions);
 - PyTorch CPU dense (``torch.inference_mode``);
@@ -71,6 +72,8 @@ TOL_INT8_DYNAMIC = 0.05  # ORT dynamic int8 quantizes weights (per tensor) and a
 TOP1_INT8_DYNAMIC = 0.9  # ... and, on batches of >= 32, the same top-1 class for >= 90 % of the samples
 
 FANIN = "fanin fp32"
+W8A8 = "fanin w8a8"  # the int8 network with int8 activations too (fanin.kernels.w8a8): ORT int8's scheme
+OURS = [FANIN, "fanin int8", "fanin 4-bit", W8A8]
 BASELINES = ["numpy", "torch", "ORT fp32", "ORT int8", "DeepSparse"]
 
 
@@ -124,9 +127,10 @@ def build_networks(args, log):
         m = train(fanin.models.mlp([784, 1024, 1024, 10], sparsity=0.9), images, labels, args.train_steps, 128, True,
                   srigl=True)
         net = fanin.compile(m)
+        q8 = fanin.runtime.Network(fanin.runtime.quantize(net.plan, 8))
         nets["MLP SRigL 90 %"] = {"net": net, "x": mlp_x, "variants": {
-            "fanin int8": fanin.runtime.Network(fanin.runtime.quantize(net.plan, 8)),
-            "fanin 4-bit": fanin.runtime.Network(fanin.runtime.quantize(net.plan, 4))}}
+            "fanin int8": q8, "fanin 4-bit": fanin.runtime.Network(fanin.runtime.quantize(net.plan, 4)),
+            W8A8: fanin.compile(q8, activations="int8")}}
     if "cnn" in args.networks:
         cnn_x = fanin.data.normalize(test, flatten=False)
         steps = max(0, args.train_steps // 5)
@@ -625,7 +629,9 @@ def main():
             for c, fn in fns.items():
                 try:
                     y = fn()
-                    if c in refs:
+                    if c == W8A8:  # 8-bit activations: the tolerance of ORT's dynamic int8, on its own weights
+                        ok, text = agree(y, refs[c](x), TOL_INT8_DYNAMIC, TOP1_INT8_DYNAMIC)
+                    elif c in refs:
                         ok, text = agree(y, refs[c](x), TOL_FLOAT)
                     elif c == "ORT int8":
                         ok, text = agree(y, ref32, TOL_INT8_DYNAMIC, TOP1_INT8_DYNAMIC)
@@ -731,7 +737,8 @@ def main():
     log(f"- agreement, checked on every batch before timing: max |y - ref| <= {TOL_FLOAT:g} x max(1, max|ref|) against "
         f"a float64 NumPy reference of the same weights (fanin int8/4-bit: of their own dequantized weights); ORT int8 "
         f"(dynamic: weights and activations quantized) <= {TOL_INT8_DYNAMIC:g} x and the same top-1 class for >= "
-        f"{TOP1_INT8_DYNAMIC:.0%} of a batch of >= 32 against the fp32 reference")
+        f"{TOP1_INT8_DYNAMIC:.0%} of a batch of >= 32 against the fp32 reference; fanin w8a8 (the int8 network with "
+        f"8-bit activations, fanin.kernels.w8a8) the same tolerance against its own int8 weights")
     for c, why in skipped.items():
         log(f"- SKIPPED {c}: {why}")
     for (name, c), st in status.items():
@@ -744,7 +751,7 @@ def main():
     log()
     log("### Time per call (ms)")
     log()
-    cols = [FANIN, "fanin int8", "fanin 4-bit", *BASELINES]
+    cols = [*OURS, *BASELINES]
     rows = []
     for (name, b), r in results.items():
         med = {c: float(np.median(v)) for c, v in r["times"].items()}
@@ -756,7 +763,7 @@ def main():
     rows = []
     for (name, b), r in results.items():
         t = r["times"]
-        for v in [FANIN, "fanin int8", "fanin 4-bit"]:
+        for v in OURS:
             if v in t:
                 rows.append([name, v, b] + [fx(speedup(t, c, v)) for c in BASELINES]
                             + [fx(speedup(t, FANIN, v)) if v != FANIN else "1.00x"])
@@ -814,11 +821,14 @@ def main():
             add(f"batch {b}: fanin fp32 vs ORT fp32", tget(b, "ORT fp32", FANIN), 3.0)
             add(f"batch {b}: fanin int8 vs ORT int8", tget(b, "ORT int8", "fanin int8"), 2.0)
             add(f"batch {b}: fanin fp32 vs ORT int8 (for reference)", tget(b, "ORT int8", FANIN), 2.0)
+            add(f"batch {b}: fanin w8a8 vs ORT int8 (both 8-bit weights and activations)", tget(b, "ORT int8", W8A8), 2.0)
+            add(f"batch {b}: fanin w8a8 vs ORT fp32 (for reference)", tget(b, "ORT fp32", W8A8), 3.0)
         for b in batches:
             add(f"batch {b}: fanin fp32 faster than DeepSparse", tget(b, "DeepSparse", FANIN), 1.0, strict=True)
         if 1 in batches:
             add("batch 1: fanin int8 vs fanin fp32", tget(1, FANIN, "fanin int8"), 1.3)
             add("batch 1: fanin 4-bit vs fanin fp32", tget(1, FANIN, "fanin 4-bit"), 1.3)
+            add("batch 1: fanin w8a8 (int8 weights and activations) vs fanin fp32", tget(1, FANIN, W8A8), 1.3)
     if files:
         add("file: SRigL 90 % + 4-bit vs dense fp32 (fanin.save)",
             100 * files["SRigL 90 % 4-bit"]["bytes"] / files["dense fp32"]["bytes"], 3.0, " %", higher=False)

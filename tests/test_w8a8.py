@@ -24,8 +24,8 @@ needs_fast = pytest.mark.skipif(not w8a8.FAST, reason="this CPU lacks AVX-512 VB
 
 
 @njit
-def _call_fast(xq, lo, hi, wq, cr, off, croff, G, T, acc):
-    w8a8.qgroups(xq, lo, hi, wq, cr, off, croff, G, T, acc)
+def _call_fast(xq, qp, cr, off, croff, G, T, acc):
+    w8a8.qgroups(xq, qp, cr, off, croff, G, T, acc)
 
 
 def _one_layer(rng, n_in, n_out, k, dead):
@@ -63,7 +63,7 @@ def test_the_integer_kernels_give_the_exact_dot_products(case):
     kernels = [w8a8.qgroups_portable] + ([_call_fast] if w8a8.FAST else [])
     for fn in kernels:
         acc = np.full(G * w8a8.GROUP, -7, np.int32)
-        fn(xq, lay.lo, lay.hi, lay.wq, lay.cr, off, croff, G, T, acc)
+        fn(xq, lay.qp, lay.qp, off, croff, G, T, acc)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
 
 
@@ -74,9 +74,9 @@ def test_the_fast_kernel_refuses_other_array_types_when_compiling():
     acc = np.zeros(8, np.int32)
     xq = np.zeros(lay.xq_bytes, np.uint8)
     with pytest.raises(TypingError):
-        _call_fast(xq.astype(np.int8), lay.lo, lay.hi, lay.wq, lay.cr, 0, 0, 2, 1, acc)
+        _call_fast(xq.astype(np.int8), lay.qp, lay.qp, 0, 0, 2, 1, acc)
     with pytest.raises(TypingError):
-        _call_fast(xq, lay.lo, lay.hi, lay.wq, lay.cr, 0, 0, 2, 1, acc.astype(np.int64))
+        _call_fast(xq, lay.qp, lay.qp, 0, 0, 2, 1, acc.astype(np.int64))
 
 
 @settings(max_examples=60, deadline=None)

@@ -46,7 +46,7 @@ from scipy import special
 from fanin.kernels import conv as kconv
 from fanin.kernels import infer, pool, w8a8
 
-__all__ = ["build", "parallel_state", "ACTIVATIONS", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
+__all__ = ["build", "parallel_state", "ACTIVATIONS", "NonFinite", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
 
 PARALLEL_ROWS_MACS = 1 << 20    # rows form: multiply-adds per call from which a layer's rows are split
 # panels: multiply-adds per call from which panels may run in parallel (the tuner still checks that they pay).
@@ -198,6 +198,15 @@ _PANEL_DRIVERS = {"panels": infer.panels_forward, "panels_serial": infer.panels_
                   "half_layerwise": infer.half_layerwise}
 
 
+class NonFinite(Exception):
+    """Raised by an engine that checks ``x`` itself (int8 activations) when samples held NaN or Inf: ``out``
+    holds the results, NaN in those samples' rows."""
+
+    def __init__(self, out):
+        super().__init__("non-finite input")
+        self.out = out
+
+
 class _QChain:
     """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``): every sample by the same integer
     kernel whatever the batch, so a sample's logits do not depend on the batch it came in; samples split over
@@ -211,9 +220,15 @@ class _QChain:
         self.last_path = None
 
     def _buffers(self, slots):
-        cache = getattr(self._local, "ws", None)
+        local = self._local
+        if slots == 1:
+            ws = getattr(local, "ws1", None)
+            if ws is None:
+                ws = local.ws1 = self.layout.workspace(1)
+            return ws
+        cache = getattr(local, "ws", None)
         if cache is None:
-            cache = self._local.ws = {}
+            cache = local.ws = {}
         ws = cache.get(slots)
         if ws is None:
             ws = cache[slots] = self.layout.workspace(slots)
@@ -224,7 +239,8 @@ class _QChain:
         out = np.empty((B, self.n_out), np.float32)
         if B * self.layout.macs < PARALLEL_PANELS_MACS:  # the latency path: no thread count, no tuner, no lock
             self.last_path = "int8_serial"
-            w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+            if w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays):
+                raise NonFinite(out)
             return out
         threads = numba.get_num_threads()
         eligible = threads > 1 and B > 1
@@ -233,9 +249,11 @@ class _QChain:
         t0 = time.perf_counter()
         try:
             if token:
-                w8a8.forward(x, out, *self._buffers(min(B, threads)), *self.layout.arrays)
+                bad = w8a8.forward(x, out, *self._buffers(min(B, threads)), *self.layout.arrays)
             else:
-                w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+                bad = w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+            if bad:
+                raise NonFinite(out)
             return out
         finally:
             _done(token, tuner, t0, B * self.layout.macs)
@@ -446,6 +464,12 @@ class _Engine:
             return x
         finally:
             _done(token, tuner, t0, B * self.front_macs)
+
+    @property
+    def checks_finite(self) -> bool:
+        """True when ``run`` itself finds NaN/Inf in x (raising ``NonFinite``): an MLP with int8 activations,
+        whose input quantizer scans x anyway, so ``predict`` need not scan it first."""
+        return self.activations == "int8" and not self.steps
 
     def run(self, x):
         if self.steps:
