@@ -57,8 +57,9 @@ CHUNK_BYTES = 128  # bytes of input one vpermi2b reads (two zmm tables)
 MAX_IN = 255 * CHUNK_BYTES - 1  # inputs of a layer (the sentinel too) within 255 chunks
 
 # layer table fields
-NQ = 11
-Q_NIN, Q_NOUT, Q_G, Q_T, Q_OFF, Q_CROFF, Q_NCH, Q_SOFF, Q_BOFF, Q_WOFF, Q_ACT = range(NQ)
+NQ = 14
+(Q_NIN, Q_NOUT, Q_G, Q_T, Q_OFF, Q_CROFF, Q_NCH, Q_SOFF, Q_BOFF, Q_WOFF, Q_ACT,
+ Q_YA, Q_YB, Q_ACC) = range(NQ)  # the last three: byte offsets of a workspace row's parts (the same in every row)
 
 _OPTS = dict(cache=True, nogil=True)
 
@@ -235,6 +236,12 @@ def _key(v):
     return v ^ ((v >> np.int32(31)) & np.int32(0x7FFFFFFF))
 
 
+@njit(inline="always")
+def _as_f32(v):
+    """The float32 whose bits are the int32 v (no array round trip)."""
+    return np.int32(v).view(np.float32)
+
+
 @njit(**_OPTS)
 def quantize_input(x, n, xq):
     """x[:n] as bytes in xq[:n]; returns (scale, zero point), the scale NaN when x holds a NaN or Inf
@@ -253,8 +260,7 @@ def quantize_input(x, n, xq):
         kmax = max(kmax, k)
     if bad:
         return np.nan, 0
-    lo_hi = np.array([_key(kmin), _key(kmax)], np.int32).view(np.float32)
-    return _quantize_range(x, n, xq, lo_hi[0], lo_hi[1])
+    return _quantize_range(x, n, xq, _as_f32(_key(kmin)), _as_f32(_key(kmax)))
 
 
 @njit(**_OPTS)
@@ -265,7 +271,7 @@ def _max_nonneg(y, n):
     m = np.int32(0)
     for i in range(n):
         m = max(m, bits[i])
-    return np.array([m], np.int32).view(np.float32)[0]
+    return _as_f32(m)
 
 
 @njit(inline="always")
@@ -292,16 +298,20 @@ def _outputs(acc, zp, wsum, s, sc, bias, act, dst):
 
 
 # ------------------------------------------------------------------ the driver
-def _forward(x, out, xqs, yab, accs, lt, qp, fp):
-    """Every sample through every layer; workspace slot w (of ``xqs.shape[0]``) takes samples w, w + W, ...
-    Returns how many samples held a NaN or Inf (their logits are NaN)."""
+def _forward(x, out, ws, lt, qp, fp):
+    """Every sample through every layer; workspace row w (of ``ws.shape[0]``: the input bytes, two activation
+    rows, the int32 sums) takes samples w, w + W, ... Returns how many samples held a NaN or Inf (their logits
+    are NaN). Few arguments: each costs ~40-70 ns a call, a tenth of a batch-1 call here."""
     B = x.shape[0]
-    W = xqs.shape[0]
+    W = ws.shape[0]
     L = lt.shape[0]
     sc, bias, wsum = fp[0], fp[1], fp[2]  # float64 rows (bias and wsum exact: float32 and int32 values)
     bad = 0
     for w in prange(W):
-        xq, acc = xqs[w], accs[w]
+        xq = ws[w, :lt[0, Q_YA]]
+        ya = ws[w, lt[0, Q_YA]:lt[0, Q_YB]].view(np.float32)
+        yb = ws[w, lt[0, Q_YB]:lt[0, Q_ACC]].view(np.float32)
+        acc = ws[w, lt[0, Q_ACC]:].view(np.int32)
         for b in range(w, B, W):
             s, zp = quantize_input(x[b], lt[0, Q_NIN], xq)
             if np.isnan(s):
@@ -311,7 +321,7 @@ def _forward(x, out, xqs, yab, accs, lt, qp, fp):
             for layer in range(L):
                 n_out = lt[layer, Q_NOUT]
                 _GROUPS(xq, qp, qp, lt[layer, Q_OFF], lt[layer, Q_CROFF], lt[layer, Q_G], lt[layer, Q_T], acc)
-                dst = out[b] if layer == L - 1 else yab[w, layer % 2]
+                dst = out[b] if layer == L - 1 else (ya if layer % 2 == 0 else yb)
                 so, bo, wo, act = lt[layer, Q_SOFF], lt[layer, Q_BOFF], lt[layer, Q_WOFF], lt[layer, Q_ACT]
                 _outputs(acc, zp, wsum[wo:wo + n_out], s, sc[so:so + n_out], bias[bo:bo + n_out], act, dst[:n_out])
                 if layer < L - 1:  # the next layer's input (finite: it came from finite values)
@@ -401,7 +411,7 @@ class QLayout:
             crs.append(np.stack([per_step.min(axis=1), per_step.max(axis=1) + 1], axis=1).astype(np.uint8).reshape(-1))
             nch = n_in // CHUNK_BYTES + 1  # chunks covering inputs 0..n_in
             nch_max = max(nch_max, nch)
-            rows.append([n_in, n_out, G, T, off, croff, nch, soff, soff, woff, ACTS[spec["act"]]])
+            rows.append([n_in, n_out, G, T, off, croff, nch, soff, soff, woff, ACTS[spec["act"]], 0, 0, 0])
             scs.append(scale)
             biases.append(bias)
             wsums.append(q.astype(np.int32).sum(axis=1, dtype=np.int32))
@@ -424,6 +434,12 @@ class QLayout:
         self.n_in, self.n_out = self.widths[0], self.widths[-1]
         self.n_layers = len(rows)
         self.xq_bytes = nch_max * CHUNK_BYTES + 64
+        wbytes = -(-4 * max(self.widths[1:]) // 64) * 64
+        gbytes = -(-4 * GROUP * int(self.lt[:, Q_G].max()) // 64) * 64
+        self.lt[:, Q_YA] = self.xq_bytes
+        self.lt[:, Q_YB] = self.xq_bytes + wbytes
+        self.lt[:, Q_ACC] = self.xq_bytes + 2 * wbytes
+        self.ws_bytes = self.xq_bytes + 2 * wbytes + gbytes
         self.macs = int(sum(int(r[1]) * (int(r[3]) * STEP) for r in rows))
         for a in self.arrays:
             a.setflags(write=False)
@@ -435,12 +451,9 @@ class QLayout:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
-    def workspace(self, slots: int):
-        """Buffers for ``slots`` samples at a time: (input bytes, two activation rows, int32 sums), each (slots, ...)."""
-        width = max(self.widths[1:])
-        groups = max(int(r[Q_G]) for r in self.lt)
-        return (aligned_zeros((slots, self.xq_bytes), np.uint8), aligned_zeros((slots, 2, width)),
-                aligned_zeros((slots, groups * GROUP), np.int32))
+    def workspace(self, slots: int) -> np.ndarray:
+        """The buffer of ``slots`` samples at a time: (slots, ws_bytes) bytes, rows on 64 bytes."""
+        return aligned_zeros((slots, self.ws_bytes), np.uint8)
 
     def run(self, x: np.ndarray, parallel: bool = False, ws=None) -> np.ndarray:
         """The chain on a C-contiguous float32 (B, n_in) batch: (B, n_out) float32."""
@@ -450,7 +463,7 @@ class QLayout:
             import numba
 
             ws = self.workspace(min(B, numba.get_num_threads()) if parallel else 1)
-        (forward if parallel else forward_serial)(x, out, *ws, *self.arrays)
+        (forward if parallel else forward_serial)(x, out, ws, *self.arrays)
         return out
 
 

@@ -239,7 +239,7 @@ class _QChain:
         out = np.empty((B, self.n_out), np.float32)
         if B * self.layout.macs < PARALLEL_PANELS_MACS:  # the latency path: no thread count, no tuner, no lock
             self.last_path = "int8_serial"
-            if w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays):
+            if w8a8.forward_serial(x, out, self._buffers(1), *self.layout.arrays):
                 raise NonFinite(out)
             return out
         threads = numba.get_num_threads()
@@ -249,9 +249,9 @@ class _QChain:
         t0 = time.perf_counter()
         try:
             if token:
-                bad = w8a8.forward(x, out, *self._buffers(min(B, threads)), *self.layout.arrays)
+                bad = w8a8.forward(x, out, self._buffers(min(B, threads)), *self.layout.arrays)
             else:
-                bad = w8a8.forward_serial(x, out, *self._buffers(1), *self.layout.arrays)
+                bad = w8a8.forward_serial(x, out, self._buffers(1), *self.layout.arrays)
             if bad:
                 raise NonFinite(out)
             return out
