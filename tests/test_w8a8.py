@@ -142,12 +142,31 @@ def test_gelu_layers_match_the_twin_closely():
 def test_a_sample_with_nan_gets_nan_logits_and_the_others_are_untouched():
     rng = np.random.default_rng(1)
     layers = _chain(rng, [30, 20, 5], ["int8"], ["relu", "none"])
-    x = rng.standard_normal((3, 30)).astype(np.float32)
-    clean = w8a8.QLayout(layers).run(x)
+    x = rng.standard_normal((4, 30)).astype(np.float32)
+    lay = w8a8.QLayout(layers)
+    assert (lay.n_in, lay.n_out, lay.n_layers) == (30, 5, 2)
+    clean = lay.run(x)
     x[1, 4] = np.nan
-    y = w8a8.QLayout(layers).run(x)
-    assert np.isnan(y[1]).all()
-    np.testing.assert_array_equal(y[[0, 2]], clean[[0, 2]])
+    x[3, 0] = -np.inf
+    out = np.empty((4, 5), np.float32)
+    for fn, ws in ((w8a8.forward_serial, lay.workspace(1)), (w8a8.forward, lay.workspace(2))):
+        assert fn(x, out, ws, *lay.arrays) == 2  # how many samples were refused
+        assert np.isnan(out[[1, 3]]).all()
+        np.testing.assert_array_equal(out[[0, 2]], clean[[0, 2]])
+
+
+def test_one_layer_and_the_widest_layer_supported():
+    """A single linear layer (logistic regression), and a layer of 32,639 inputs (docs/INFERENCE.md's limit: the
+    last chunk number that fits a byte) reading its last input."""
+    rng = np.random.default_rng(8)
+    one = [make_layer(rng, 50, 3, 50, "int8", "none", np.int16, dense=True)]
+    x = rng.standard_normal((3, 50)).astype(np.float32)
+    np.testing.assert_array_equal(w8a8.QLayout(one).run(x), w8a8.reference(one, x))
+    n = 32639
+    wide = [{"n_in": n, "n_out": 2, "act": "none", "bias": None, "indices": np.array([[0, n - 1], [5, n - 2]], np.int32),
+             "qvalues": np.array([[3, -7], [1, 2]], np.int8), "scale": np.ones(2, np.float32), "bits": 8}]
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    np.testing.assert_array_equal(w8a8.QLayout(wide).run(x), w8a8.reference(wide, x))
 
 
 def test_a_layer_too_wide_for_byte_chunks_is_refused_clearly():
