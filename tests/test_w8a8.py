@@ -132,6 +132,63 @@ def test_the_chain_is_its_numpy_twin_bitwise(seed, batch, kind):
     np.testing.assert_array_equal(lay.run(x, parallel=True, ws=lay.workspace(min(batch, 3))), want)
 
 
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 150), st.sampled_from([32, 64]), st.booleans())
+def test_the_panel_form_gives_the_bits_of_the_one_sample_form(seed, batch, P, parallel):
+    """Panels of 32/64 samples (VNNI on 4-slot interleaves, sums in the unpack order, samples found again at
+    the end): for random chains, batches that fill no panel, one, or several partly, samples with NaN/Inf,
+    serial and parallel -- exactly the bits of one sample at a time (and of the NumPy twin)."""
+    rng = np.random.default_rng(seed)
+    widths = [int(w) for w in rng.integers(1, 200, 4)]
+    acts = ["relu", str(rng.choice(["relu", "none"])), "none"]
+    layers = _chain(rng, widths, [str(rng.choice(["fp32", "int8", "int4"])), "int8"], acts, k_frac=rng.uniform(0.05, 1))
+    lay = w8a8.QLayout(layers)
+    x = (rng.standard_normal((batch, widths[0])) * rng.choice([1e-3, 1, 50])).astype(np.float32)
+    if seed % 3 == 0:
+        x = np.abs(x)
+    if seed % 5 == 0:
+        x[rng.integers(batch), rng.integers(widths[0])] = rng.choice([np.nan, np.inf])
+    want = lay.run(x)
+    ws = lay.panel_workspace(min(2, -(-batch // P)) if parallel else 1, P)
+    out = np.empty_like(want)
+    fn = w8a8.panels_forward if parallel else w8a8.panels_forward_serial
+    bad = fn(x, out, P, *ws, *lay.panel_arrays)
+    assert bad == int((~np.isfinite(x).all(axis=1)).sum())
+    np.testing.assert_array_equal(out, want)
+    if seed % 5:
+        np.testing.assert_array_equal(out, w8a8.reference(layers, x))
+
+
+@njit
+def _vrow_fast(blk, idx, ioff, w, woff, ng, acc, aoff, P):
+    if P == 64:
+        w8a8.vrow64(blk, idx, ioff, w, woff, ng, acc, aoff)
+    else:
+        w8a8.vrow32(blk, idx, ioff, w, woff, ng, acc, aoff)
+
+
+@SETTINGS
+@given(st.integers(1, 300), st.integers(1, 40), st.sampled_from([32, 64]), st.integers(0, 2**32 - 1))
+def test_the_panel_row_kernels_give_exact_sums_in_the_unpack_order(n_in, groups, P, seed):
+    """vrow64/vrow32 and their portable twin against NumPy: sum q of a row is that of block position
+    16 (l // 4) + 4 j + l % 4 (j = q // (P/4), l = q % (P/4)); extreme bytes and weights included."""
+    rng = np.random.default_rng(seed)
+    blk = rng.choice(np.array([0, 1, 128, 255], np.uint8), (n_in + 1) * P) if seed % 2 else \
+        rng.integers(0, 256, (n_in + 1) * P).astype(np.uint8)
+    idx = rng.integers(0, n_in + 1, 4 * groups).astype(np.int16)
+    wb = rng.integers(-128, 128, 4 * groups).astype(np.int8)
+    want = (wb.astype(np.int64)[:, None] * blk.reshape(n_in + 1, P)[idx.astype(np.int64)].astype(np.int64)).sum(axis=0)
+    q = np.arange(P)
+    lane = q % (P // 4)
+    order = 16 * (lane // 4) + 4 * (q // (P // 4)) + lane % 4
+    kernels = [lambda *a: w8a8.vrow_portable(*a, P)] + ([lambda *a: _vrow_fast(*a, P)] if w8a8.FAST else [])
+    for fn in kernels:
+        acc = np.full(P + 3, -9, np.int32)
+        fn(blk, idx, 0, wb.view(np.int32), 0, groups, acc, 3)
+        np.testing.assert_array_equal(acc[3:], want[order])
+        assert (acc[:3] == -9).all()
+
+
 def test_gelu_layers_match_the_twin_closely():
     rng = np.random.default_rng(5)
     layers = _chain(rng, [60, 40, 30, 7], ["fp32"], ["gelu", "gelu", "none"])

@@ -425,7 +425,7 @@ def _vrow_codegen(P):
 
 
 def _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff):
-    ok = (_u8(blk) and _u8(idx, types.int32) and _u8(w, types.int32) and _u8(acc, types.int32)
+    ok = (_u8(blk) and _u8(idx, types.int16) and _u8(w, types.int32) and _u8(acc, types.int32)
           and all(isinstance(v, types.Integer) for v in (ioff, woff, ng, aoff)))
     return types.void(blk, idx, ioff, w, woff, ng, acc, aoff) if ok else None
 
@@ -733,7 +733,7 @@ class QLayout:
             nch = n_in // CHUNK_BYTES + 1  # chunks covering inputs 0..n_in
             nch_max = max(nch_max, nch)
             kq = max(4, -(-k // 4) * 4)  # the panel form: slots in fours (weight 0, the sentinel row, past k)
-            i4 = np.full((n_out, kq), n_in, np.int32)
+            i4 = np.full((n_out, kq), n_in, np.int16)  # n_in <= MAX_IN < 2**15
             i4[:, :k] = idx
             w4 = np.zeros((n_out, kq), np.int8)
             w4[:, :k] = q

@@ -61,6 +61,9 @@ _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the
 ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
 EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
 ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
+# int8 activations: from this batch on, panels (one 32-sample panel ~75 us on the 784-1024-1024-10 MLP at 90 %,
+# sample by sample ~4.3 us a sample: measured crossing between 16 and 32)
+INT8_PANELS = 20
 
 
 # ------------------------------------------------------------------ parallel policy (process-wide)
@@ -208,9 +211,11 @@ class NonFinite(Exception):
 
 
 class _QChain:
-    """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``): every sample by the same integer
-    kernel whatever the batch, so a sample's logits do not depend on the batch it came in; samples split over
-    the threads from ``PARALLEL_PANELS_MACS`` multiply-adds per call (same parallel policy and tuner as below)."""
+    """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``). Batches below ``INT8_PANELS``
+    go sample by sample (the byte-permute kernel); larger ones in panels of 32 or 64 samples (the VNNI panel
+    kernel), panels over the threads when there are several. Both compute each sample's integers and float steps
+    identically, so a sample's logits do not depend on the batch it came in. Parallel runs follow the same
+    policy and tuner as the float chain."""
 
     def __init__(self, ops):
         self.layout = w8a8.QLayout([_spec(op) for op in ops])
@@ -219,9 +224,9 @@ class _QChain:
         self._tuners = {}
         self.last_path = None
 
-    def _buffers(self, slots):
+    def _buffers(self, slots, P=0):
         local = self._local
-        if slots == 1:
+        if slots == 1 and not P:
             ws = getattr(local, "ws1", None)
             if ws is None:
                 ws = local.ws1 = self.layout.workspace(1)
@@ -229,29 +234,40 @@ class _QChain:
         cache = getattr(local, "ws", None)
         if cache is None:
             cache = local.ws = {}
-        ws = cache.get(slots)
+        ws = cache.get((slots, P))
         if ws is None:
-            ws = cache[slots] = self.layout.workspace(slots)
+            ws = cache[(slots, P)] = self.layout.panel_workspace(slots, P) if P else self.layout.workspace(slots)
         return ws
+
+    def plan_for(self, B: int, threads: int) -> tuple:
+        """(path, P): "int8_rows" sample by sample, or "int8_panels" in panels of P samples (and, for the paths
+        the threads may run, whether the work is big enough to try: the caller's ``_choose`` decides)."""
+        if B < INT8_PANELS:
+            return "int8_rows", 0
+        return "int8_panels", (64 if B >= 64 * max(1, threads) else 32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         B = x.shape[0]
         out = np.empty((B, self.n_out), np.float32)
         if B * self.layout.macs < PARALLEL_PANELS_MACS:  # the latency path: no thread count, no tuner, no lock
-            self.last_path = "int8_serial"
+            self.last_path = "int8_rows_serial"
             if w8a8.forward_serial(x, out, self._buffers(1), *self.layout.arrays):
                 raise NonFinite(out)
             return out
         threads = numba.get_num_threads()
-        eligible = threads > 1 and B > 1
-        token, tuner = _choose(self._tuners, B.bit_length(), eligible)
-        self.last_path = "int8" if token else "int8_serial"
+        path, P = self.plan_for(B, threads)
+        units = B if not P else -(-B // P)  # what the threads would share: samples or panels
+        token, tuner = _choose(self._tuners, (path, B.bit_length()), threads > 1 and units > 1)
+        self.last_path = path + ("" if token else "_serial")
         t0 = time.perf_counter()
         try:
-            if token:
-                bad = w8a8.forward(x, out, self._buffers(min(B, threads)), *self.layout.arrays)
+            slots = min(units, threads) if token else 1
+            if P:
+                fn = w8a8.panels_forward if token else w8a8.panels_forward_serial
+                bad = fn(x, out, P, *self._buffers(slots, P), *self.layout.panel_arrays)
             else:
-                bad = w8a8.forward_serial(x, out, self._buffers(1), *self.layout.arrays)
+                fn = w8a8.forward if token else w8a8.forward_serial
+                bad = fn(x, out, self._buffers(slots), *self.layout.arrays)
             if bad:
                 raise NonFinite(out)
             return out
@@ -259,8 +275,10 @@ class _QChain:
             _done(token, tuner, t0, B * self.layout.macs)
 
     def describe(self) -> str:
-        return (f"{self.layout.n_layers} linear layer(s) with int8 activations ({'AVX-512 VBMI/VNNI byte-permute' if w8a8.FAST else 'portable'} "
-                f"kernel), one compiled call, samples over the threads from {PARALLEL_PANELS_MACS} multiply-adds per call")
+        kernel = "AVX-512 VBMI/VNNI" if w8a8.FAST else "portable"
+        return (f"{self.layout.n_layers} linear layer(s) with int8 activations ({kernel} kernels), one compiled call: "
+                f"sample by sample below batch {INT8_PANELS}, in panels of 32/64 samples from it; over the threads "
+                f"from {PARALLEL_PANELS_MACS} multiply-adds per call")
 
 
 class _Chain:
