@@ -789,7 +789,7 @@ class QLayout:
         """Buffers of the panel form for ``slots`` panels of P samples at a time: (floats, bytes, int32 sums,
         per-position float64 values, per-position sample numbers), each (slots, ...)."""
         big = max(self.widths[1:]) * P
-        return (aligned_zeros((slots, max(big, (self.n_in + 1) * P))), aligned_zeros((slots, (max(self.widths) + 1) * P), np.uint8),
+        return (aligned_zeros((slots, max(big, self.n_in * P))), aligned_zeros((slots, (max(self.widths) + 1) * P), np.uint8),
                 aligned_zeros((slots, big), np.int32), np.zeros((slots, 8, P)), np.zeros((slots, 2, P), np.int64))
 
     def run_panels(self, x: np.ndarray, P: int = 64, parallel: bool = False, ws=None) -> np.ndarray:
