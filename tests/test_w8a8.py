@@ -157,6 +157,11 @@ def test_the_panel_form_gives_the_bits_of_the_one_sample_form(seed, batch, P, pa
     np.testing.assert_array_equal(out, want)
     if seed % 5:
         np.testing.assert_array_equal(out, w8a8.reference(layers, x))
+    if batch <= P:  # one panel with each layer's rows split in parts over the threads
+        for parts in (1, 3):
+            out2 = np.empty_like(want)
+            assert w8a8.panel_layerwise(x, out2, P, *lay.panel_workspace(1, P), *lay.panel_arrays, parts) == bad
+            np.testing.assert_array_equal(out2, want)
 
 
 @njit

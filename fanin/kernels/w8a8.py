@@ -60,7 +60,7 @@ from fanin.kernels._jit import twins
 from fanin.kernels.infer import ACT_GELU, ACT_RELU, ACTS, aligned_zeros, transpose8
 
 __all__ = ["QLayout", "qgroups", "qgroups_portable", "quantize_input", "forward", "forward_serial", "reference",
-           "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial",
+           "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial", "panel_layerwise",
            "FAST", "MAX_IN", "GROUP", "STEP", "CHUNK_BYTES"]
 
 GROUP = 4          # rows per group (one zmm of int32 lanes: 4 rows x 4 lanes)
@@ -570,10 +570,8 @@ def _scan(y, n, P, lo, hi, bad):
 
 
 @njit(inline="always")
-def _panel_outputs_body(acc, r0, r1, P, sq, zq, sc, wsum, bias, act, y):
-    """y[r P + q] = act(float32((acc[r P + q] - zq[q] wsum[r]) * (sq[q] sc[r])) + bias[r]) for rows r0..r1-1:
-    per sample exactly ``_outputs``."""
-    for r in range(r0, r1):
+def _panel_outputs_body(acc, nr, P, sq, zq, sc, wsum, bias, act, y):
+    for r in range(nr):
         scr, wsr, br = sc[r], wsum[r], np.float32(bias[r])
         if act == ACT_RELU:
             for q in range(P):
@@ -586,13 +584,57 @@ def _panel_outputs_body(acc, r0, r1, P, sq, zq, sc, wsum, bias, act, y):
 
 
 @njit(**_OPTS)
-def _panel_outputs(acc, r0, r1, P, sq, zq, sc, wsum, bias, act, y):
-    """``_panel_outputs_body`` with P a constant (32 or 64): LLVM then keeps the loops over positions in vectors
-    (measured: the hidden layers' scans took 23 us a call with P a variable, 2.2 us with a constant)."""
+def _panel_outputs(acc, nr, P, sq, zq, sc, wsum, bias, act, y):
+    """y[r P + q] = act(float32((acc[r P + q] - zq[q] wsum[r]) * (sq[q] sc[r])) + bias[r]) for r < nr (callers
+    pass slices starting at their first row): per sample exactly ``_outputs``. P is made a constant, and the rows
+    start at 0: with a variable first row LLVM left this loop scalar (21.7 vs 4.0 us for 1024 rows, measured)."""
     if P == 32:
-        _panel_outputs_body(acc, r0, r1, 32, sq, zq, sc, wsum, bias, act, y)
+        _panel_outputs_body(acc, nr, 32, sq, zq, sc, wsum, bias, act, y)
     else:
-        _panel_outputs_body(acc, r0, r1, 64, sq, zq, sc, wsum, bias, act, y)
+        _panel_outputs_body(acc, nr, 64, sq, zq, sc, wsum, bias, act, y)
+
+
+@njit(**_OPTS)
+def _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in):
+    """Samples b0..b0+nb-1 of x (flat, rows of n0) as the byte block of a panel: transposed in 8x8 float tiles
+    into y (n0 x P; positions past the batch 0), scanned and quantized per position; inbad marks samples with
+    NaN/Inf, perm[p] = p."""
+    n8, s8 = n0 & ~7, nb & ~7
+    for i0 in range(0, n8, 8):
+        for s0 in range(0, s8, 8):
+            transpose8(xf, (b0 + s0) * n0 + i0, n0, y, i0 * P + s0, P)
+    for p in range(s8, nb):
+        for i in range(n8):
+            y[i * P + p] = xf[(b0 + p) * n0 + i]
+    for p in range(nb):
+        for i in range(n8, n0):
+            y[i * P + p] = xf[(b0 + p) * n0 + i]
+    for i in range(n0):
+        for p in range(nb, P):
+            y[i * P + p] = 0
+    for p in range(P):
+        perm[p] = p
+    _scan(y, n0, P, lo, hi, badv)
+    for p in range(P):
+        inbad[p] = badv[p]
+    _quantize_block(y, n0, P, blk, s_in, z_in, lo, hi, badv)
+
+
+@njit(**_OPTS)
+def _panel_result(y, P, n_last, perm, inbad, nb, out, b0):
+    """The last layer's outputs (in the unpack order of every layer) back to their samples' rows of out; the
+    samples whose input held NaN/Inf get NaN logits. Returns how many those were."""
+    for q in range(P):
+        b = perm[q]
+        if b < nb:
+            for r in range(n_last):
+                out[b0 + b, r] = y[r * P + q]
+    bad = 0
+    for p in range(nb):
+        if inbad[p]:
+            out[b0 + p, :] = np.nan
+            bad += 1
+    return bad
 
 
 def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
@@ -613,26 +655,7 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
         for pan in range(w, npan, W):
             b0 = pan * P
             nb = min(P, B - b0)
-            # the input: transposed in 8x8 float tiles into y (n0 x P), then bytes per sample
-            n8, s8 = n0 & ~7, nb & ~7
-            for i0 in range(0, n8, 8):
-                for s0 in range(0, s8, 8):
-                    transpose8(xf, (b0 + s0) * n0 + i0, n0, y, i0 * P + s0, P)
-            for p in range(s8, nb):
-                for i in range(n8):
-                    y[i * P + p] = xf[(b0 + p) * n0 + i]
-            for p in range(nb):
-                for i in range(n8, n0):
-                    y[i * P + p] = xf[(b0 + p) * n0 + i]
-            for i in range(n0):
-                for p in range(nb, P):
-                    y[i * P + p] = 0
-            for p in range(P):
-                perm[p] = p
-            _scan(y, n0, P, lo, hi, badv)
-            for p in range(P):
-                inbad[p] = badv[p]
-            _quantize_block(y, n0, P, blk, s_in, z_in, lo, hi, badv)
+            _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in)
             for layer in range(L):
                 n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
                 ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
@@ -642,27 +665,64 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
                     sq[q], zq[q], perm2[q] = s_in[p], z_in[p], perm[p]
                 for r in range(n_out):
                     _vrow(blk, idx4, ioff + r * kq, w4, woff + r * (kq // 4), kq // 4, acc, r * P, P)
-                _panel_outputs(acc, 0, n_out, P, sq, zq, sc[so:so + n_out], wsum[wo:wo + n_out], bias[bo:bo + n_out],
+                _panel_outputs(acc, n_out, P, sq, zq, sc[so:so + n_out], wsum[wo:wo + n_out], bias[bo:bo + n_out],
                                act, y)
                 for q in range(P):
                     perm[q] = perm2[q]
                 if layer < L - 1:
                     _scan(y, n_out, P, lo, hi, badv)
                     _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv)
-            n_last = lt[L - 1, Q_NOUT]
-            for q in range(P):
-                b = perm[q]
-                if b < nb:
-                    for r in range(n_last):
-                        out[b0 + b, r] = y[r * P + q]
-            for p in range(nb):  # samples whose input held NaN/Inf: NaN logits, counted
-                if inbad[p]:
-                    out[b0 + p, :] = np.nan
-                    bad_total += 1
+            bad_total += _panel_result(y, P, lt[L - 1, Q_NOUT], perm, inbad, nb, out, b0)
     return bad_total
 
 
 panels_forward, panels_forward_serial = twins(_panels, _OPTS)
+
+
+@njit(parallel=True, **_OPTS)
+def panel_layerwise(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4, nparts):
+    """One panel (B <= P) with each layer's rows split into ``nparts`` blocks over the threads (a batch too small
+    to give every thread a panel); the input, the scans and the quantizing between layers run on the calling
+    thread. The same per-sample arithmetic as ``_panels``: the same bits. Uses workspace slot 0."""
+    B, n0 = x.shape
+    L = lt.shape[0]
+    sc, bias, wsum = fp[0], fp[1], fp[2]
+    xf = x.reshape(-1)
+    y, blk, acc = fb[0], blks[0], accs[0]
+    s_in, z_in, sq, zq, lo, hi, badv = pv[0, 0], pv[0, 1], pv[0, 2], pv[0, 3], pv[0, 4], pv[0, 5], pv[0, 6]
+    inbad = pv[0, 7]
+    perm, perm2 = pm[0, 0], pm[0, 1]
+    _panel_input(xf, 0, B, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in)
+    for layer in range(L):
+        n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
+        ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
+        so, bo, wo = lt[layer, Q_SOFF], lt[layer, Q_BOFF], lt[layer, Q_WOFF]
+        for q in range(P):
+            p = _position(q, P)
+            sq[q], zq[q], perm2[q] = s_in[p], z_in[p], perm[p]
+        per = (n_out + nparts - 1) // nparts
+        for part in prange(nparts):
+            r0 = part * per
+            r1 = min(n_out, r0 + per)
+            if r1 > r0:
+                _panel_rows(blk, idx4[ioff + r0 * kq:], w4[woff + r0 * (kq // 4):], kq, acc[r0 * P:], r1 - r0, P, sq, zq,
+                            sc[so + r0:so + r1], wsum[wo + r0:wo + r1], bias[bo + r0:bo + r1], act, y[r0 * P:])
+        for q in range(P):
+            perm[q] = perm2[q]
+        if layer < L - 1:
+            _scan(y, n_out, P, lo, hi, badv)
+            _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv)
+    return _panel_result(y, P, lt[L - 1, Q_NOUT], perm, inbad, B, out, 0)
+
+
+@njit(**_OPTS)
+def _panel_rows(blk, idx4, w4, kq, acc, nr, P, sq, zq, sc, wsum, bias, act, y):
+    """Rows 0..nr-1 of slices (indices, weights, sums, outputs starting at a block's first row): the integer
+    sums, then the outputs. A compiled function of its own, called from the parallel loop with slices, so that
+    its loops start at 0 (see ``_panel_outputs``)."""
+    for r in range(nr):
+        _vrow(blk, idx4, r * kq, w4, r * (kq // 4), kq // 4, acc, r * P, P)
+    _panel_outputs(acc, nr, P, sq, zq, sc, wsum, bias, act, y)
 
 
 # ------------------------------------------------------------------ layout
@@ -811,6 +871,12 @@ class QLayout:
 
             ws = self.panel_workspace(min(-(-B // P), numba.get_num_threads()) if parallel else 1, P)
         (panels_forward if parallel else panels_forward_serial)(x, out, P, *ws, *self.panel_arrays)
+        return out
+
+    def run_layerwise(self, x: np.ndarray, P: int = 32, nparts: int = 2, ws=None) -> np.ndarray:
+        """One panel (B <= P) with each layer's rows split in ``nparts`` over the threads: ``run``'s bits."""
+        out = np.empty((x.shape[0], self.n_out), np.float32)
+        panel_layerwise(x, out, P, *(ws or self.panel_workspace(1, P)), *self.panel_arrays, nparts)
         return out
 
     def nbytes(self) -> int:

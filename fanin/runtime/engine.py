@@ -240,10 +240,13 @@ class _QChain:
         return ws
 
     def plan_for(self, B: int, threads: int) -> tuple:
-        """(path, P): "int8_rows" sample by sample, or "int8_panels" in panels of P samples (and, for the paths
-        the threads may run, whether the work is big enough to try: the caller's ``_choose`` decides)."""
+        """(path, P) when the threads may be used: "int8_rows" sample by sample, "int8_layerwise" one panel of P
+        samples with each layer's rows split over the threads, or "int8_panels" panels of P over the threads.
+        Their serial forms ("..._serial") run when ``_choose`` says serial."""
         if B < INT8_PANELS:
             return "int8_rows", 0
+        if B <= 32 and threads > 1:
+            return "int8_layerwise", 32
         return "int8_panels", (64 if B >= 64 * max(1, threads) else 32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -256,15 +259,18 @@ class _QChain:
             return out
         threads = numba.get_num_threads()
         path, P = self.plan_for(B, threads)
-        units = B if not P else -(-B // P)  # what the threads would share: samples or panels
+        units = threads if path == "int8_layerwise" else B if not P else -(-B // P)  # what the threads share
         token, tuner = _choose(self._tuners, (path, B.bit_length()), threads > 1 and units > 1)
         self.last_path = path + ("" if token else "_serial")
         t0 = time.perf_counter()
         try:
             slots = min(units, threads) if token else 1
-            if P:
+            if path == "int8_layerwise" and token:
+                bad = w8a8.panel_layerwise(x, out, P, *self._buffers(1, P), *self.layout.panel_arrays, threads)
+            elif P:
                 fn = w8a8.panels_forward if token else w8a8.panels_forward_serial
-                bad = fn(x, out, P, *self._buffers(slots, P), *self.layout.panel_arrays)
+                bad = fn(x, out, P, *self._buffers(1 if path == "int8_layerwise" else slots, P),
+                         *self.layout.panel_arrays)
             else:
                 fn = w8a8.forward if token else w8a8.forward_serial
                 bad = fn(x, out, self._buffers(slots), *self.layout.arrays)
@@ -277,7 +283,8 @@ class _QChain:
     def describe(self) -> str:
         kernel = "AVX-512 VBMI/VNNI" if w8a8.FAST else "portable"
         return (f"{self.layout.n_layers} linear layer(s) with int8 activations ({kernel} kernels), one compiled call: "
-                f"sample by sample below batch {INT8_PANELS}, in panels of 32/64 samples from it; over the threads "
+                f"sample by sample below batch {INT8_PANELS}, in panels of 32/64 samples from it (up to 32: one panel, "
+                f"each layer's rows over the threads); over the threads "
                 f"from {PARALLEL_PANELS_MACS} multiply-adds per call")
 
 
