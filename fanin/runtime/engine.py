@@ -220,6 +220,8 @@ class _QChain:
     def __init__(self, ops):
         self.layout = w8a8.QLayout([_spec(op) for op in ops])
         self.n_out = self.layout.n_out
+        self._arrays = self.layout.arrays
+        self._serial_below = -(-PARALLEL_PANELS_MACS // max(1, self.layout.macs))  # batches that stay serial
         self._local = threading.local()
         self._tuners = {}
         self.last_path = None
@@ -252,9 +254,10 @@ class _QChain:
     def run(self, x: np.ndarray) -> np.ndarray:
         B = x.shape[0]
         out = np.empty((B, self.n_out), np.float32)
-        if B * self.layout.macs < PARALLEL_PANELS_MACS:  # the latency path: no thread count, no tuner, no lock
+        if B < self._serial_below:  # the latency path: no thread count, no tuner, no lock
             self.last_path = "int8_rows_serial"
-            if w8a8.forward_serial(x, out, self._buffers(1), *self.layout.arrays):
+            ws = getattr(self._local, "ws1", None)
+            if w8a8.forward_serial(x, out, self._buffers(1) if ws is None else ws, *self._arrays):
                 raise NonFinite(out)
             return out
         threads = numba.get_num_threads()
