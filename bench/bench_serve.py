@@ -3,8 +3,9 @@
 Contenders, all the MLP 784-1024-1024-10, each in its own server process:
 
 - fanin dense (fp32), fanin SRigL-90 % (ERK fan-ins, trained a few steps with SRigL), fanin SRigL-90 % int8
-  (``runtime.quantize(plan, 8)``): ``fanin serve`` (Starlette + Uvicorn), with dynamic batching
-  (``--max-batch 64 --max-wait-ms 2``) and without (``--max-batch 1``);
+  (``runtime.quantize(plan, 8)``), and that int8 network with int8 activations (``--activations int8``):
+  ``fanin serve`` (Starlette + Uvicorn), with dynamic batching (``--max-batch 64 --max-wait-ms 2``) and without
+  (``--max-batch 1``);
 - ONNX Runtime fp32 on the dense weights (MatMul + Add + Relu graph), in the *same* server stack (fanin.serve's
   app, batcher and workers with an ORT session as the predictor): the baseline a user would otherwise deploy;
 - the standard library's ``http.server`` (ThreadingHTTPServer, HTTP/1.1 keep-alive) serving the SRigL-90 %
@@ -356,6 +357,11 @@ def main():
                             ("srigl90-int8", "fanin SRigL-90 % int8")):
             specs[(label, "on")] = [py, "-m", "fanin.cli", "serve", str(files[name]), "--port", "0", *batching, *workers]
             specs[(label, "off")] = [py, "-m", "fanin.cli", "serve", str(files[name]), "--port", "0", *off, *workers]
+        w8 = "fanin SRigL-90 % int8, int8 activations"  # --activations int8: ORT int8's scheme (docs/INFERENCE.md)
+        specs[(w8, "on")] = [py, "-m", "fanin.cli", "serve", str(files["srigl90-int8"]), "--port", "0", *batching,
+                             *workers, "--activations", "int8"]
+        specs[(w8, "off")] = [py, "-m", "fanin.cli", "serve", str(files["srigl90-int8"]), "--port", "0", *off, *workers,
+                              "--activations", "int8"]
         if onnx_note:
             specs[("ONNX Runtime dense fp32", "on")] = [py, me, "--serve-ort", str(work / "dense.onnx"), *batching,
                                                           *workers]
@@ -376,7 +382,7 @@ def main():
                           f"{fmt_ms(r['p50'])} ms  p99 {fmt_ms(r['p99'])} ms  errors {r['errors']}", flush=True)
             target_key = ("fanin SRigL-90 %", "on")
             base_key = ("ONNX Runtime dense fp32", "on")
-            keys = [k for k in (target_key, base_key, ("ONNX Runtime dense fp32", "off")) if k in servers]
+            keys = [k for k in (target_key, base_key, ("ONNX Runtime dense fp32", "off"), (w8, "on")) if k in servers]
             long = alternate(servers, keys, 8, args.target_duration, max(args.slices, round(args.target_duration / 10)),
                              script)
             for key, r in long.items():
@@ -453,6 +459,10 @@ def targets(results, long, target_key, base_key, conc) -> str:
                        f"{b['predict_ms']:.3f} ms for {t['rows_per_call']:.1f} vs {b['rows_per_call']:.1f} rows: the "
                        f"model's share of a request's "
                        f"{1e3 / t['rps'] * 8:.2f} / {1e3 / b['rps'] * 8:.2f} ms latency at 8 connections")
+    w8 = long.get(("fanin SRigL-90 % int8, int8 activations", "on"))
+    if w8 and b:
+        out.append(f"  - (for reference) the int8 SRigL-90 % network with int8 activations, same run: {w8['rps']:.0f} vs "
+                   f"{b['rps']:.0f} = {w8['rps'] / b['rps']:.2f}x, {w8['errors']} errors, p99 {fmt_ms(w8['p99'])} ms")
     b0 = long.get(("ONNX Runtime dense fp32", "off"))
     if t and b0:
         out.append(f"  - against ONNX Runtime without dynamic batching (one session.run per request, as a plain "
@@ -462,7 +472,8 @@ def targets(results, long, target_key, base_key, conc) -> str:
         gain = on["rps"] / off["rps"]
         out.append(f"- dynamic batching raises requests/s at concurrency 64 (SRigL-90 %): {on['rps']:.0f} vs "
                    f"{off['rps']:.0f} with --max-batch 1 = {gain:.2f}x, {'met' if gain > 1 else 'MISSED'}")
-        for label in ("fanin dense fp32", "fanin SRigL-90 % int8", "ONNX Runtime dense fp32"):
+        for label in ("fanin dense fp32", "fanin SRigL-90 % int8", "fanin SRigL-90 % int8, int8 activations",
+                      "ONNX Runtime dense fp32"):
             if (label, "on", 64) in results:
                 a, z = results[(label, "on", 64)], results[(label, "off", 64)]
                 out.append(f"  - {label}: {a['rps']:.0f} vs {z['rps']:.0f} = {a['rps'] / z['rps']:.2f}x")
