@@ -500,12 +500,11 @@ def _strip(dtype):
     return numba.carray(stack_buffer(STRIP, dtype), (STRIP,))
 
 
-@njit(inline="always")
-def _quantize_block_body(y, n, P, blk, sv, zv, lo, hi, bad):
-    """Rows 0..n-1 of the float block y (n x P) as bytes in blk, each position p with its own scale (sv[p]) and
-    zero point (zv[p]) from lo[p] <= min, hi[p] >= max, exactly as ``_quantize_range`` per sample; a position
-    with bad[p] gets a NaN scale. Row n of blk (the sentinel) is zeroed."""
-    inv = np.empty(P)
+@njit(**_OPTS)
+def _qparams(P, sv, zv, inv, lo, hi, bad):
+    """Per position p, from lo[p] <= min, hi[p] >= max: its scale sv[p], zero point zv[p] and 1 / scale inv[p]
+    (0 for an all-zero position), exactly as ``_quantize_range`` per sample; a position with bad[p] gets a NaN
+    scale."""
     for p in range(P):
         inv[p] = 0.0
         if bad[p]:
@@ -521,22 +520,34 @@ def _quantize_block_body(y, n, P, blk, sv, zv, lo, hi, bad):
         else:
             inv[p] = np.float64(qmax) / np.float64(a)
             sv[p] = np.float64(a) / np.float64(qmax)
+
+
+@njit(inline="always")
+def _quantize_rows_body(y, n, P, blk, zv, inv):
     for i in range(n):
         for p in range(P):
             q = min(max(np.rint(np.float64(y[i * P + p]) * inv[p]), -127.0), 255.0)
             blk[i * P + p] = np.uint8(np.int32(q) + np.int32(zv[p]))
-    for p in range(P):
-        blk[n * P + p] = 0
 
 
 @njit(**_OPTS)
-def _quantize_block(y, n, P, blk, sv, zv, lo, hi, bad):
-    """``_quantize_block_body`` with P a constant (32 or 64): LLVM then keeps the loops over positions in vectors
-    (measured: the hidden layers' scans took 23 us a call with P a variable, 2.2 us with a constant)."""
+def _quantize_rows(y, n, P, blk, zv, inv):
+    """Rows 0..n-1 of the float block y (n x P; slices from a first row) as bytes in blk with the positions'
+    zero points and 1 / scales (P made a constant: the loop over positions stays in vectors)."""
     if P == 32:
-        _quantize_block_body(y, n, 32, blk, sv, zv, lo, hi, bad)
+        _quantize_rows_body(y, n, 32, blk, zv, inv)
     else:
-        _quantize_block_body(y, n, 64, blk, sv, zv, lo, hi, bad)
+        _quantize_rows_body(y, n, 64, blk, zv, inv)
+
+
+@njit(**_OPTS)
+def _quantize_block(y, n, P, blk, sv, zv, lo, hi, bad, inv):
+    """Rows 0..n-1 of the float block y (n x P) as bytes in blk, each position with its own scale and zero
+    point (``_qparams``); row n of blk (the sentinel) zeroed."""
+    _qparams(P, sv, zv, inv, lo, hi, bad)
+    _quantize_rows(y, n, P, blk, zv, inv)
+    for p in range(P):
+        blk[n * P + p] = 0
 
 
 @njit(inline="always")
@@ -595,29 +606,37 @@ def _panel_outputs(acc, nr, P, sq, zq, sc, wsum, bias, act, y):
 
 
 @njit(**_OPTS)
-def _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in):
-    """Samples b0..b0+nb-1 of x (flat, rows of n0) as the byte block of a panel: transposed in 8x8 float tiles
-    into y (n0 x P; positions past the batch 0), scanned and quantized per position; inbad marks samples with
-    NaN/Inf, perm[p] = p."""
-    n8, s8 = n0 & ~7, nb & ~7
-    for i0 in range(0, n8, 8):
+def _pack_rows(xf, b0, nb, n0, P, y, i0, i1):
+    """Rows i0..i1-1 (i0 a multiple of 8) of the input block: y[i P + p] = x[b0 + p, i] (xf: x flat, rows of n0)
+    for p < nb, 0 past the batch; in 8x8 float tiles (``infer.transpose8``) where they fit."""
+    s8 = nb & ~7
+    i8 = i0 + ((i1 - i0) & ~7)
+    for r0 in range(i0, i8, 8):
         for s0 in range(0, s8, 8):
-            transpose8(xf, (b0 + s0) * n0 + i0, n0, y, i0 * P + s0, P)
+            transpose8(xf, (b0 + s0) * n0 + r0, n0, y, r0 * P + s0, P)
     for p in range(s8, nb):
-        for i in range(n8):
+        for i in range(i0, i8):
             y[i * P + p] = xf[(b0 + p) * n0 + i]
     for p in range(nb):
-        for i in range(n8, n0):
+        for i in range(i8, i1):
             y[i * P + p] = xf[(b0 + p) * n0 + i]
-    for i in range(n0):
+    for i in range(i0, i1):
         for p in range(nb, P):
             y[i * P + p] = 0
+
+
+@njit(**_OPTS)
+def _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in, inv):
+    """Samples b0..b0+nb-1 of x (flat, rows of n0) as the byte block of a panel: transposed into y (n0 x P;
+    positions past the batch 0), scanned and quantized per position; inbad marks samples with NaN/Inf,
+    perm[p] = p."""
+    _pack_rows(xf, b0, nb, n0, P, y, 0, n0)
     for p in range(P):
         perm[p] = p
     _scan(y, n0, P, lo, hi, badv)
     for p in range(P):
         inbad[p] = badv[p]
-    _quantize_block(y, n0, P, blk, s_in, z_in, lo, hi, badv)
+    _quantize_block(y, n0, P, blk, s_in, z_in, lo, hi, badv, inv)
 
 
 @njit(**_OPTS)
@@ -637,7 +656,7 @@ def _panel_result(y, P, n_last, perm, inbad, nb, out, b0):
     return bad
 
 
-def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
+def _panels(x, out, P, fb, blks, accs, pv, pm, ps, lt, fp, idx4, w4):
     """Panels of P samples through every layer; workspace slot w takes panels w, w + W, ... Returns how many
     samples held a NaN or Inf (their logits are NaN)."""
     B, n0 = x.shape
@@ -650,12 +669,12 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
     for w in prange(W):
         y, blk, acc = fb[w], blks[w], accs[w]
         s_in, z_in, sq, zq, lo, hi, badv = pv[w, 0], pv[w, 1], pv[w, 2], pv[w, 3], pv[w, 4], pv[w, 5], pv[w, 6]
-        inbad = pv[w, 7]
+        inbad, inv = pv[w, 7], pv[w, 8]
         perm, perm2 = pm[w, 0], pm[w, 1]
         for pan in range(w, npan, W):
             b0 = pan * P
             nb = min(P, B - b0)
-            _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in)
+            _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in, inv)
             for layer in range(L):
                 n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
                 ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
@@ -671,7 +690,7 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
                     perm[q] = perm2[q]
                 if layer < L - 1:
                     _scan(y, n_out, P, lo, hi, badv)
-                    _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv)
+                    _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv, inv)
             bad_total += _panel_result(y, P, lt[L - 1, Q_NOUT], perm, inbad, nb, out, b0)
     return bad_total
 
@@ -679,20 +698,32 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4):
 panels_forward, panels_forward_serial = twins(_panels, _OPTS)
 
 
+@njit(**_OPTS)
+def _combine(ps, nparts, P, lo, hi, bad):
+    """The per-position min / max / NaN-flag of the whole block from those of its parts (ps[part, 0..2])."""
+    for q in range(P):
+        lo[q], hi[q], bad[q] = ps[0, 0, q], ps[0, 1, q], ps[0, 2, q]
+    for part in range(1, nparts):
+        for q in range(P):
+            lo[q] = min(lo[q], ps[part, 0, q])
+            hi[q] = max(hi[q], ps[part, 1, q])
+            bad[q] = max(bad[q], ps[part, 2, q])
+
+
 @njit(parallel=True, **_OPTS)
-def panel_layerwise(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4, nparts):
-    """One panel (B <= P) with each layer's rows split into ``nparts`` blocks over the threads (a batch too small
-    to give every thread a panel); the input, the scans and the quantizing between layers run on the calling
-    thread. The same per-sample arithmetic as ``_panels``: the same bits. Uses workspace slot 0."""
+def panel_layerwise(x, out, P, fb, blks, accs, pv, pm, ps, lt, fp, idx4, w4, nparts):
+    """One panel (B <= P) with each layer's rows split into ``nparts`` (<= 64) parts over the threads (a batch too
+    small to give every thread a panel): the sums, the outputs, each part's per-position min/max, and the next
+    layer's bytes; the input and the per-position scales run on the calling thread. The same per-sample arithmetic as ``_panels``: the same bits. Uses workspace slot 0."""
     B, n0 = x.shape
     L = lt.shape[0]
     sc, bias, wsum = fp[0], fp[1], fp[2]
     xf = x.reshape(-1)
     y, blk, acc = fb[0], blks[0], accs[0]
     s_in, z_in, sq, zq, lo, hi, badv = pv[0, 0], pv[0, 1], pv[0, 2], pv[0, 3], pv[0, 4], pv[0, 5], pv[0, 6]
-    inbad = pv[0, 7]
+    inbad, inv = pv[0, 7], pv[0, 8]
     perm, perm2 = pm[0, 0], pm[0, 1]
-    _panel_input(xf, 0, B, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in)
+    _panel_input(xf, 0, B, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_in, inv)  # (in parts: no faster)
     for layer in range(L):
         n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
         ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
@@ -701,17 +732,25 @@ def panel_layerwise(x, out, P, fb, blks, accs, pv, pm, lt, fp, idx4, w4, nparts)
             p = _position(q, P)
             sq[q], zq[q], perm2[q] = s_in[p], z_in[p], perm[p]
         per = (n_out + nparts - 1) // nparts
-        for part in prange(nparts):
-            r0 = part * per
+        last = layer == L - 1
+        for part in prange(nparts):  # rows in parts: sums, outputs, and each part's per-position min/max
+            r0 = min(n_out, part * per)
             r1 = min(n_out, r0 + per)
-            if r1 > r0:
-                _panel_rows(blk, idx4[ioff + r0 * kq:], w4[woff + r0 * (kq // 4):], kq, acc[r0 * P:], r1 - r0, P, sq, zq,
-                            sc[so + r0:so + r1], wsum[wo + r0:wo + r1], bias[bo + r0:bo + r1], act, y[r0 * P:])
+            _panel_rows(blk, idx4[ioff + r0 * kq:], w4[woff + r0 * (kq // 4):], kq, acc[r0 * P:], r1 - r0, P, sq, zq,
+                        sc[so + r0:so + r1], wsum[wo + r0:wo + r1], bias[bo + r0:bo + r1], act, y[r0 * P:])
+            if not last:
+                _scan(y[r0 * P:], r1 - r0, P, ps[part, 0], ps[part, 1], ps[part, 2])
         for q in range(P):
             perm[q] = perm2[q]
-        if layer < L - 1:
-            _scan(y, n_out, P, lo, hi, badv)
-            _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv)
+        if not last:
+            _combine(ps, nparts, P, lo, hi, badv)
+            _qparams(P, s_in, z_in, inv, lo, hi, badv)
+            for part in prange(nparts):  # the next layer's bytes, rows in parts
+                r0 = min(n_out, part * per)
+                r1 = min(n_out, r0 + per)
+                _quantize_rows(y[r0 * P:], r1 - r0, P, blk[r0 * P:], z_in, inv)
+            for q in range(P):
+                blk[n_out * P + q] = 0
     return _panel_result(y, P, lt[L - 1, Q_NOUT], perm, inbad, B, out, 0)
 
 
@@ -859,7 +898,7 @@ class QLayout:
         per-position float64 values, per-position sample numbers), each (slots, ...)."""
         big = max(self.widths[1:]) * P
         return (aligned_zeros((slots, max(big, self.n_in * P))), aligned_zeros((slots, (max(self.widths) + 1) * P), np.uint8),
-                aligned_zeros((slots, big), np.int32), np.zeros((slots, 8, P)), np.zeros((slots, 2, P), np.int64))
+                aligned_zeros((slots, big), np.int32), np.zeros((slots, 9, P)), np.zeros((slots, 2, P), np.int64), np.zeros((64, 3, P)))
 
     def run_panels(self, x: np.ndarray, P: int = 64, parallel: bool = False, ws=None) -> np.ndarray:
         """The chain on a C-contiguous float32 (B, n_in) batch in panels of P (32 or 64) samples: the same

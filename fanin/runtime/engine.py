@@ -269,7 +269,7 @@ class _QChain:
         try:
             slots = min(units, threads) if token else 1
             if path == "int8_layerwise" and token:
-                bad = w8a8.panel_layerwise(x, out, P, *self._buffers(1, P), *self.layout.panel_arrays, threads)
+                bad = w8a8.panel_layerwise(x, out, P, *self._buffers(1, P), *self.layout.panel_arrays, min(threads, 64))
             elif P:
                 fn = w8a8.panels_forward if token else w8a8.panels_forward_serial
                 bad = fn(x, out, P, *self._buffers(1 if path == "int8_layerwise" else slots, P),
