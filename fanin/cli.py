@@ -130,15 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", metavar="MODEL.fanin")
     v.add_argument("--batch-size", type=_positive_int, default=1000)
     v.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
-                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
+                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     i = sub.add_parser("info", help="layers, fan-ins, bits and size of a .fanin model")
     i.add_argument("model", metavar="MODEL.fanin")
     i.add_argument("--json", action="store_true", help="print the info as JSON")
     i.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
-                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
+                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     r = sub.add_parser("predict", help="predict the classes of the samples in a .npy file")
     r.add_argument("model", metavar="MODEL.fanin")
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--proba", action="store_true", help="print class probabilities instead of logits")
     r.add_argument("--out", default=None, metavar="OUT.npy", help="also write the logits (or probabilities) here")
     r.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
-                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
+                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     sv = sub.add_parser("serve", help="serve a .fanin model over HTTP: POST /predict, /healthz, /info, /metrics "
                                       "(the serve extra)")
@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds requests in flight get to finish after SIGTERM (default 30)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
     sv.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~3x faster at batch 1 on AVX-512 "
-                         "VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
+                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
     cv = sub.add_parser("convert", help="masked dense PyTorch (.pt) or safetensors weights -> a .fanin model")
     cv.add_argument("weights", metavar="WEIGHTS", help="a torch.save'd state_dict or a .safetensors file")

@@ -13,8 +13,8 @@ What it computes, per sample and per layer (``reference`` is the same in NumPy, 
 
 - the layer's input x (n floats) is quantized with a scale of its own: if min(x) >= 0 (after a ReLU),
   ``q = rint(x * (255 / max))`` in [0, 255] (zero point 0); else ``q = rint(x * (127 / a)) + 128`` in [1, 255]
-  with ``a = max|x|`` (zero point 128), the products in float64; the scale ``s = max / 255`` or ``a / 127`` (float64); an all-zero
-  input gives q = zero point, s = 0;
+  with ``a = max|x|`` (zero point 128), the products in float64; the scale ``s = max / 255`` or ``a / 127``
+  (float64); an all-zero input gives q = zero point, s = 0;
 - each output r: the exact integer ``acc = sum_t w_t * q[idx_t]`` (int32; w the int8 weights), then
   ``y = float32((acc - zp * sum_t w_t) * (s * scale_r)) + bias_r`` (float64 product, one rounding), then the
   activation. Integer sums do not depend on the order: every driver, thread count and CPU gives the same bits.
