@@ -306,6 +306,9 @@ def test_bad_activations_and_the_nan_policies(mlp, tmp_path):
         fanin.compile(net, activations="int4")
     with pytest.raises(ValueError, match="CPU only"):
         fanin.load(tmp_path / "missing.fanin", activations="int8", device="cuda")
+    with pytest.raises(ValueError, match="CPU only"):
+        fanin.compile(q8, activations="int8").to("cuda")
+    assert fanin.compile(q8, activations="int8").to("cpu").activations == "int8"
     x = np.zeros((2, 96), np.float32)
     x[1, 0] = np.inf
     with pytest.raises(PredictError, match="NaN or Inf"):

@@ -113,9 +113,12 @@ class Network:
 
     def to(self, device):
         """This network on ``device``: itself for 'cpu'; for 'cuda' a ``fanin.device.DeviceNetwork`` with the
-        weights copied to the GPU once (MLP plans; the cuda extra and an NVIDIA GPU)."""
+        weights copied to the GPU once (MLP plans; the cuda extra and an NVIDIA GPU; float32 activations)."""
         from fanin import device as _device
 
+        if self.activations != "float32" and _device.normalize(device) == "cuda":
+            raise ValueError("Network.to('cuda'): int8 activations run on the CPU only; build the Network with "
+                             "activations='float32' (the default) to run it on the GPU.")
         return _device.to_device(self, device)
 
     # ------------------------------------------------------------------ info
