@@ -57,6 +57,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_activations(p):
+    p.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                   help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
+                        "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fanin", description="Sparse, low-bit neural networks on NumPy + Numba.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -129,25 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="Fashion-MNIST test accuracy of a .fanin model")
     v.add_argument("model", metavar="MODEL.fanin")
     v.add_argument("--batch-size", type=_positive_int, default=1000)
-    v.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
-                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+    _add_activations(v)
 
     i = sub.add_parser("info", help="layers, fan-ins, bits and size of a .fanin model")
     i.add_argument("model", metavar="MODEL.fanin")
     i.add_argument("--json", action="store_true", help="print the info as JSON")
-    i.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
-                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+    _add_activations(i)
 
     r = sub.add_parser("predict", help="predict the classes of the samples in a .npy file")
     r.add_argument("model", metavar="MODEL.fanin")
     r.add_argument("input", metavar="INPUT.npy", help="float samples (batch, *input shape), normalized as in training")
     r.add_argument("--proba", action="store_true", help="print class probabilities instead of logits")
     r.add_argument("--out", default=None, metavar="OUT.npy", help="also write the logits (or probabilities) here")
-    r.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
-                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+    _add_activations(r)
 
     sv = sub.add_parser("serve", help="serve a .fanin model over HTTP: POST /predict, /healthz, /info, /metrics "
                                       "(the serve extra)")
@@ -167,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--graceful-timeout", type=_non_negative, default=30.0,
                     help="seconds requests in flight get to finish after SIGTERM (default 30)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
-    sv.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                    help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
-                         "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+    _add_activations(sv)
 
     cv = sub.add_parser("convert", help="masked dense PyTorch (.pt) or safetensors weights -> a .fanin model")
     cv.add_argument("weights", metavar="WEIGHTS", help="a torch.save'd state_dict or a .safetensors file")

@@ -72,9 +72,8 @@ __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows
            "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite", "TBH",
            "half_panels_serial", "half_layerwise"]
 
-def _vector_bits() -> int:
-    """512 when the code Numba generates here may use AVX-512, else 256 (AVX2 machines, or a Numba told
-    to target less than the host, NUMBA_CPU_FEATURES)."""
+def target_features() -> set:
+    """The CPU features the code Numba generates here may use: the host's, or what NUMBA_CPU_FEATURES says."""
     from numba.core import config
 
     feats = config.CPU_FEATURES
@@ -82,7 +81,13 @@ def _vector_bits() -> int:
         import llvmlite.binding as ll
 
         feats = ll.get_host_cpu_features().flatten()
-    return 512 if "+avx512f" in feats.split(",") else 256
+    return {f[1:] for f in feats.split(",") if f.startswith("+")}
+
+
+def _vector_bits() -> int:
+    """512 when the code Numba generates here may use AVX-512, else 256 (AVX2 machines, or a Numba told
+    to target less than the host)."""
+    return 512 if "avx512f" in target_features() else 256
 
 
 # samples per panel: two 512-bit vectors per row with AVX-512; with 256-bit vectors 16 (four rows of four

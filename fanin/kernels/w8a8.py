@@ -57,7 +57,8 @@ from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import stack_buffer
 from fanin.kernels._jit import twins
-from fanin.kernels.infer import ACT_GELU, ACT_RELU, ACTS, aligned_zeros, transpose8
+from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst, aligned_zeros,
+                                  target_features, transpose8)
 
 __all__ = ["QLayout", "qgroups", "qgroups_portable", "quantize_input", "forward", "forward_serial", "reference",
            "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial", "panel_layerwise",
@@ -69,44 +70,37 @@ CHUNK_BYTES = 128  # bytes of input one vpermi2b reads (two zmm tables)
 MAX_IN = 255 * CHUNK_BYTES - 1  # inputs of a layer (the sentinel too) within 255 chunks
 
 # layer table fields
-NQ = 17
-(Q_NIN, Q_NOUT, Q_G, Q_T, Q_OFF, Q_CROFF, Q_NCH, Q_SOFF, Q_BOFF, Q_WOFF, Q_ACT,
+NQ = 14
+(Q_NIN, Q_NOUT, Q_G, Q_T, Q_OFF, Q_CROFF,
+ Q_ROFF,  # the layer's first row in the per-row values (scale, bias, weight sum: the rows of QLayout.fp)
+ Q_ACT,
  Q_YA, Q_YB, Q_ACC,  # byte offsets of a workspace row's parts (the same in every row)
  Q_KQ, Q_IOFF4, Q_WOFF4) = range(NQ)  # the panel form: slots per row (multiple of 4), its index and word offsets
 
 _OPTS = dict(cache=True, nogil=True)
 
 
-def _host_features() -> set:
-    from numba.core import config
-
-    feats = config.CPU_FEATURES
-    if feats is None:
-        import llvmlite.binding as ll
-
-        feats = ll.get_host_cpu_features().flatten()
-    return {f[1:] for f in feats.split(",") if f.startswith("+")}
-
-
-FAST = {"avx512bw", "avx512vbmi", "avx512vnni"} <= _host_features()
+FAST = {"avx512bw", "avx512vbmi", "avx512vnni"} <= target_features()
 
 # ------------------------------------------------------------------ the kernel (LLVM IR)
-_I8, _I32, _I64 = llvmir.IntType(8), llvmir.IntType(32), llvmir.IntType(64)
+_I8 = llvmir.IntType(8)
 _V64 = llvmir.VectorType(_I8, 64)
 _V16 = llvmir.VectorType(_I32, 16)
 
 
-def _vconst(ty, vals):
-    return llvmir.Constant(llvmir.VectorType(ty, len(vals)), [llvmir.Constant(ty, v) for v in vals])
-
-
-def _qgroups_codegen(context, builder, sig, args):
+def _args(context, builder, sig, args):
+    """(data pointer of array argument i, argument i as intp): the two readers an intrinsic's codegen needs."""
     def data(i):
         return context.make_array(sig.args[i])(context, builder, args[i]).data
 
     def intp(i):
         return context.cast(builder, args[i], sig.args[i], types.intp)
 
+    return data, intp
+
+
+def _qgroups_codegen(context, builder, sig, args):
+    data, intp = _args(context, builder, sig, args)
     xp, qp, crp, accp = data(0), data(1), data(2), data(7)
     off, croff, G, T = intp(3), intp(4), intp(5), intp(6)
     mod = builder.module
@@ -225,22 +219,28 @@ _GROUPS = qgroups if FAST else qgroups_portable
 
 
 # ------------------------------------------------------------------ quantizing a layer's input
+@njit(inline="always")
+def _qscale(lo, hi):
+    """(zero point, 1 / scale, scale) of values in [lo, hi] (lo <= 0 <= hi, float32 values): 0 and 255 levels when
+    none is negative, else 128 and +-127; (zp, 0, 0) when all are zero. In float64: 255 / a overflows float32
+    for a below ~1e-36."""
+    if lo >= 0:
+        zp, qmax, a = 0, np.float32(255), np.float32(hi)
+    else:
+        zp, qmax, a = 128, np.float32(127), np.float32(max(-lo, hi))
+    if a == 0:
+        return zp, 0.0, 0.0
+    return zp, np.float64(qmax) / np.float64(a), np.float64(a) / np.float64(qmax)
+
+
 @njit(**_OPTS)
 def _quantize_range(x, n, xq, lo, hi):
     """x[:n] as bytes in xq[:n] given lo <= min(x, 0), hi >= max(x, 0): (scale, zero point)."""
-    if lo >= 0:
-        zp, qmax, a = 0, np.float32(255), hi
-    else:
-        zp, qmax, a = 128, np.float32(127), max(-lo, hi)
-    if a == 0:
-        for i in range(n):
-            xq[i] = zp
-        return 0.0, zp
-    inv = np.float64(qmax) / np.float64(a)  # float64: 255 / a overflows float32 for a below ~1e-36
+    zp, inv, s = _qscale(lo, hi)
     for i in range(n):
         q = min(max(np.rint(np.float64(x[i]) * inv), -127.0), 255.0)
         xq[i] = np.uint8(np.int32(q) + zp)
-    return np.float64(a) / np.float64(qmax), zp
+    return s, zp
 
 
 @njit(inline="always")
@@ -287,15 +287,6 @@ def _max_nonneg(y, n):
     return _as_f32(m)
 
 
-@njit(inline="always")
-def _activate(y, act):
-    if act == ACT_RELU:
-        return max(y, np.float32(0))
-    if act == ACT_GELU:
-        return np.float32(0.5 * y * (1.0 + math.erf(y * 0.7071067811865476)))
-    return y
-
-
 @njit(**_OPTS)
 def _outputs(acc, zp, wsum, s, sc, bias, act, dst):
     """dst[r] = act(float32((acc[r] - zp wsum[r]) * (s sc[r])) + bias[r]); one loop per activation (a branch
@@ -335,8 +326,8 @@ def _forward(x, out, ws, lt, qp, fp):
                 n_out = lt[layer, Q_NOUT]
                 _GROUPS(xq, qp, qp, lt[layer, Q_OFF], lt[layer, Q_CROFF], lt[layer, Q_G], lt[layer, Q_T], acc)
                 dst = out[b] if layer == L - 1 else (ya if layer % 2 == 0 else yb)
-                so, bo, wo, act = lt[layer, Q_SOFF], lt[layer, Q_BOFF], lt[layer, Q_WOFF], lt[layer, Q_ACT]
-                _outputs(acc, zp, wsum[wo:wo + n_out], s, sc[so:so + n_out], bias[bo:bo + n_out], act, dst[:n_out])
+                ro, act = lt[layer, Q_ROFF], lt[layer, Q_ACT]
+                _outputs(acc, zp, wsum[ro:ro + n_out], s, sc[ro:ro + n_out], bias[ro:ro + n_out], act, dst[:n_out])
                 if layer < L - 1:  # the next layer's input (finite: it came from finite values)
                     if act == ACT_RELU:
                         s, zp = _quantize_range(dst, n_out, xq, np.float32(0), _max_nonneg(dst, n_out))
@@ -379,12 +370,7 @@ def _vrow_codegen(P):
     name = "llvm.x86.avx512.vpdpbusd.512" if P == 64 else "llvm.x86.avx512.vpdpbusd.256"
 
     def codegen(context, builder, sig, args):
-        def data(i):
-            return context.make_array(sig.args[i])(context, builder, args[i]).data
-
-        def intp(i):
-            return context.cast(builder, args[i], sig.args[i], types.intp)
-
+        data, intp = _args(context, builder, sig, args)
         bp, ip, wp, ap = data(0), data(1), data(3), data(6)
         ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
         dpbusd = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(vd, [vd, vd, vd]), name)
@@ -495,6 +481,14 @@ STRIP = 16  # positions per strip of the element-wise panel loops: a constant, s
 
 
 @njit(inline="always")
+def _reorder(P, s_in, z_in, perm, sq, zq, perm_out):
+    """A layer's input scales, zero points and sample numbers in the order its sums come out (``_position``)."""
+    for q in range(P):
+        p = _position(q, P)
+        sq[q], zq[q], perm_out[q] = s_in[p], z_in[p], perm[p]
+
+
+@njit(inline="always")
 def _strip(dtype):
     """A STRIP-element array on the stack (registers, once LLVM has unrolled the loops over it)."""
     return numba.carray(stack_buffer(STRIP, dtype), (STRIP,))
@@ -506,20 +500,10 @@ def _qparams(P, sv, zv, inv, lo, hi, bad):
     (0 for an all-zero position), exactly as ``_quantize_range`` per sample; a position with bad[p] gets a NaN
     scale."""
     for p in range(P):
-        inv[p] = 0.0
         if bad[p]:
-            sv[p], zv[p] = np.nan, 0.0
-            continue
-        if lo[p] >= 0:
-            zp, qmax, a = 0, np.float32(255), np.float32(hi[p])
+            sv[p], zv[p], inv[p] = np.nan, 0.0, 0.0
         else:
-            zp, qmax, a = 128, np.float32(127), np.float32(max(-lo[p], hi[p]))
-        zv[p] = zp
-        if a == 0:
-            sv[p] = 0.0
-        else:
-            inv[p] = np.float64(qmax) / np.float64(a)
-            sv[p] = np.float64(a) / np.float64(qmax)
+            zv[p], inv[p], sv[p] = _qscale(lo[p], hi[p])
 
 
 @njit(inline="always")
@@ -606,21 +590,20 @@ def _panel_outputs(acc, nr, P, sq, zq, sc, wsum, bias, act, y):
 
 
 @njit(**_OPTS)
-def _pack_rows(xf, b0, nb, n0, P, y, i0, i1):
-    """Rows i0..i1-1 (i0 a multiple of 8) of the input block: y[i P + p] = x[b0 + p, i] (xf: x flat, rows of n0)
-    for p < nb, 0 past the batch; in 8x8 float tiles (``infer.transpose8``) where they fit."""
-    s8 = nb & ~7
-    i8 = i0 + ((i1 - i0) & ~7)
-    for r0 in range(i0, i8, 8):
+def _pack_input(xf, b0, nb, n0, P, y):
+    """y[i P + p] = x[b0 + p, i] (xf: x flat, rows of n0) for p < nb, 0 past the batch; in 8x8 float tiles
+    (``infer.transpose8``) where they fit."""
+    n8, s8 = n0 & ~7, nb & ~7
+    for i0 in range(0, n8, 8):
         for s0 in range(0, s8, 8):
-            transpose8(xf, (b0 + s0) * n0 + r0, n0, y, r0 * P + s0, P)
+            transpose8(xf, (b0 + s0) * n0 + i0, n0, y, i0 * P + s0, P)
     for p in range(s8, nb):
-        for i in range(i0, i8):
+        for i in range(n8):
             y[i * P + p] = xf[(b0 + p) * n0 + i]
     for p in range(nb):
-        for i in range(i8, i1):
+        for i in range(n8, n0):
             y[i * P + p] = xf[(b0 + p) * n0 + i]
-    for i in range(i0, i1):
+    for i in range(n0):
         for p in range(nb, P):
             y[i * P + p] = 0
 
@@ -630,7 +613,7 @@ def _panel_input(xf, b0, nb, n0, P, y, blk, lo, hi, badv, inbad, perm, s_in, z_i
     """Samples b0..b0+nb-1 of x (flat, rows of n0) as the byte block of a panel: transposed into y (n0 x P;
     positions past the batch 0), scanned and quantized per position; inbad marks samples with NaN/Inf,
     perm[p] = p."""
-    _pack_rows(xf, b0, nb, n0, P, y, 0, n0)
+    _pack_input(xf, b0, nb, n0, P, y)
     for p in range(P):
         perm[p] = p
     _scan(y, n0, P, lo, hi, badv)
@@ -678,13 +661,11 @@ def _panels(x, out, P, fb, blks, accs, pv, pm, ps, lt, fp, idx4, w4):
             for layer in range(L):
                 n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
                 ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
-                so, bo, wo = lt[layer, Q_SOFF], lt[layer, Q_BOFF], lt[layer, Q_WOFF]
-                for q in range(P):
-                    p = _position(q, P)
-                    sq[q], zq[q], perm2[q] = s_in[p], z_in[p], perm[p]
+                ro = lt[layer, Q_ROFF]
+                _reorder(P, s_in, z_in, perm, sq, zq, perm2)
                 for r in range(n_out):
                     _vrow(blk, idx4, ioff + r * kq, w4, woff + r * (kq // 4), kq // 4, acc, r * P, P)
-                _panel_outputs(acc, n_out, P, sq, zq, sc[so:so + n_out], wsum[wo:wo + n_out], bias[bo:bo + n_out],
+                _panel_outputs(acc, n_out, P, sq, zq, sc[ro:ro + n_out], wsum[ro:ro + n_out], bias[ro:ro + n_out],
                                act, y)
                 for q in range(P):
                     perm[q] = perm2[q]
@@ -727,17 +708,15 @@ def panel_layerwise(x, out, P, fb, blks, accs, pv, pm, ps, lt, fp, idx4, w4, npa
     for layer in range(L):
         n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
         ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
-        so, bo, wo = lt[layer, Q_SOFF], lt[layer, Q_BOFF], lt[layer, Q_WOFF]
-        for q in range(P):
-            p = _position(q, P)
-            sq[q], zq[q], perm2[q] = s_in[p], z_in[p], perm[p]
+        ro = lt[layer, Q_ROFF]
+        _reorder(P, s_in, z_in, perm, sq, zq, perm2)
         per = (n_out + nparts - 1) // nparts
         last = layer == L - 1
         for part in prange(nparts):  # rows in parts: sums, outputs, and each part's per-position min/max
             r0 = min(n_out, part * per)
             r1 = min(n_out, r0 + per)
             _panel_rows(blk, idx4[ioff + r0 * kq:], w4[woff + r0 * (kq // 4):], kq, acc[r0 * P:], r1 - r0, P, sq, zq,
-                        sc[so + r0:so + r1], wsum[wo + r0:wo + r1], bias[bo + r0:bo + r1], act, y[r0 * P:])
+                        sc[ro + r0:ro + r1], wsum[ro + r0:ro + r1], bias[ro + r0:ro + r1], act, y[r0 * P:])
             if not last:
                 _scan(y[r0 * P:], r1 - r0, P, ps[part, 0], ps[part, 1], ps[part, 2])
         for q in range(P):
@@ -789,7 +768,7 @@ class QLayout:
 
     def __init__(self, layers):
         rows, planes, crs, scs, biases, wsums, idx4s, w4s = [], [], [], [], [], [], [], []
-        off = croff = soff = woff = i4off = w4off = 0
+        off = croff = ro = i4off = w4off = 0
         self.widths = [int(layers[0]["n_in"])]
         nch_max = 1
         at = None  # where the previous layer's outputs are stored: output j at position at[j]
@@ -838,8 +817,7 @@ class QLayout:
                                     arrange(wp).view(np.uint8).reshape(-1, 64)], axis=1).reshape(-1))
             per_step = chunk.reshape(G * T, GROUP * STEP)
             crs.append(np.stack([per_step.min(axis=1), per_step.max(axis=1) + 1], axis=1).astype(np.uint8).reshape(-1))
-            nch = n_in // CHUNK_BYTES + 1  # chunks covering inputs 0..n_in
-            nch_max = max(nch_max, nch)
+            nch_max = max(nch_max, n_in // CHUNK_BYTES + 1)  # chunks covering inputs 0..n_in
             kq = max(4, -(-k // 4) * 4)  # the panel form: slots in fours (weight 0, the sentinel row, past k)
             i4 = np.full((n_out, kq), n_in, np.int16)  # n_in <= MAX_IN < 2**15
             i4[:, :k] = idx
@@ -847,8 +825,7 @@ class QLayout:
             w4[:, :k] = q
             idx4s.append(i4.reshape(-1))
             w4s.append(w4.reshape(-1).view(np.int32))
-            rows.append([n_in, n_out, G, T, off, croff, nch, soff, soff, woff, ACTS[spec["act"]], 0, 0, 0,
-                         kq, i4off, w4off])
+            rows.append([n_in, n_out, G, T, off, croff, ro, ACTS[spec["act"]], 0, 0, 0, kq, i4off, w4off])
             i4off += i4.size
             w4off += i4.size // 4
             scs.append(scale)
@@ -856,8 +833,7 @@ class QLayout:
             wsums.append(q.astype(np.int32).sum(axis=1, dtype=np.int32))
             off += 3 * G * T * GROUP * STEP
             croff += 2 * G * T
-            soff += n_out
-            woff += n_out
+            ro += n_out
             self.widths.append(n_out)
         self.lt = np.asarray(rows, np.int64)
         cr = np.concatenate(crs)
@@ -910,12 +886,6 @@ class QLayout:
 
             ws = self.panel_workspace(min(-(-B // P), numba.get_num_threads()) if parallel else 1, P)
         (panels_forward if parallel else panels_forward_serial)(x, out, P, *ws, *self.panel_arrays)
-        return out
-
-    def run_layerwise(self, x: np.ndarray, P: int = 32, nparts: int = 2, ws=None) -> np.ndarray:
-        """One panel (B <= P) with each layer's rows split in ``nparts`` over the threads: ``run``'s bits."""
-        out = np.empty((x.shape[0], self.n_out), np.float32)
-        panel_layerwise(x, out, P, *(ws or self.panel_workspace(1, P)), *self.panel_arrays, nparts)
         return out
 
     def nbytes(self) -> int:

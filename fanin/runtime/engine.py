@@ -270,10 +270,9 @@ class _QChain:
             slots = min(units, threads) if token else 1
             if path == "int8_layerwise" and token:
                 bad = w8a8.panel_layerwise(x, out, P, *self._buffers(1, P), *self.layout.panel_arrays, min(threads, 64))
-            elif P:
+            elif P:  # (a layerwise call that goes serial: one panel on this thread, slots == 1)
                 fn = w8a8.panels_forward if token else w8a8.panels_forward_serial
-                bad = fn(x, out, P, *self._buffers(1 if path == "int8_layerwise" else slots, P),
-                         *self.layout.panel_arrays)
+                bad = fn(x, out, P, *self._buffers(slots, P), *self.layout.panel_arrays)
             else:
                 fn = w8a8.forward if token else w8a8.forward_serial
                 bad = fn(x, out, self._buffers(slots), *self.layout.arrays)
