@@ -61,9 +61,9 @@ _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the
 ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
 EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
 ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
-# int8 activations: from this batch on, panels (one 32-sample panel ~75 us on the 784-1024-1024-10 MLP at 90 %,
-# sample by sample ~4.3 us a sample: measured crossing between 16 and 32)
-INT8_PANELS = 20
+# int8 activations: from this batch on, panels (2 threads, 784-1024-1024-10 MLP at 90 %: one 32-sample panel split
+# over the threads 44-54 us whatever the batch, sample by sample ~3.6 us a sample: measured crossing at 12-13)
+INT8_PANELS = 13
 
 
 # ------------------------------------------------------------------ parallel policy (process-wide)
