@@ -32,8 +32,8 @@ Two forms compute exactly that:
 - one sample at a time (``forward``; batch 1 and small batches), with ``qgroups`` below;
 - panels of P = 32 or 64 samples (``panels_forward``; larger batches): the block of a layer input is
   input-major (P bytes per input), and ``vrow64``/``vrow32`` lay the bytes of four slots' inputs side by side
-  with byte permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). ~170-180 G
-  multiply-adds/s on one core, ~4-5x the float panels of ``infer``.
+  with byte permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). ~140 (P = 32)
+  to ~180 (P = 64) G multiply-adds/s on one core, ~4x the float panels of ``infer``.
 
 Layout of the one-sample form: rows in groups of 4, a row's ``k`` slots padded to ``kp`` = 16 ``T`` (weight 0, index repeated);
 per group and step t, 64 bytes: 16 slots of each of the 4 rows (``[g][t][row][16]``), kept as three byte
@@ -347,10 +347,12 @@ forward, forward_serial = twins(_forward, _OPTS)
 # four weights (a broadcast word) and adds them to those samples' sums. Per four slots and 32 samples: 4 loads
 # (two folded into inserts), 2 permutes, 2 vpdpbusd for 128 multiply-adds. The loop takes two groups of four
 # slots at a time into two sets of sums (rows are padded to eights) and reads a group's four int16 indices in
-# one 64-bit load: measured on the reference machine, 1.25x (P = 32) and 1.4x (P = 64) faster than the
-# byte/word unpacks this replaced, whose three-op-per-lane chain and separate index loads bound the loop. Per
-# sample, the integers and the float steps are exactly those of the one-sample form (``_forward``), so every
-# batch gives the same bits.
+# one 64-bit load. Against the byte/word unpacks this replaced (8 unpacks per group, sums in the unpack order,
+# which had to be tracked through the layers), measured on one core of the quiet reference machine: 1.05-1.15x
+# at P = 32 (~140 G multiply-adds/s), 0.93-1.05x at P = 64 (~180 G/s); 1.25-1.45x while another process loaded
+# the machine. It is kept for both widths because the sums come out in sample order: nothing is reordered
+# between layers. Per sample, the integers and the float steps are exactly those of the one-sample form
+# (``_forward``), so every batch gives the same bits.
 
 PAIR = 8  # slots per loop iteration of the panel kernel: a row's slots are padded to a multiple of it
 
