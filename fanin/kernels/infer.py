@@ -53,6 +53,7 @@ Each output element is computed by the same code in every driver of a form, so s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -72,8 +73,10 @@ __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows
            "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite", "TBH",
            "half_panels_serial", "half_layerwise"]
 
-def target_features() -> set:
-    """The CPU features the code Numba generates here may use: the host's, or what NUMBA_CPU_FEATURES says."""
+@functools.cache
+def target_features() -> frozenset:
+    """The CPU features the code Numba generates here may use: the host's, or what NUMBA_CPU_FEATURES says
+    (read once: LLVM's host query costs ~0.3 ms, and both kernel modules ask at import)."""
     from numba.core import config
 
     feats = config.CPU_FEATURES
@@ -81,7 +84,7 @@ def target_features() -> set:
         import llvmlite.binding as ll
 
         feats = ll.get_host_cpu_features().flatten()
-    return {f[1:] for f in feats.split(",") if f.startswith("+")}
+    return frozenset(f[1:] for f in feats.split(",") if f.startswith("+"))
 
 
 def _vector_bits() -> int:

@@ -635,10 +635,8 @@ def _panels(x, out, P, fb, blks, accs, pv, ps, lt, fp, idx4, w4):
                 n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
                 ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
                 ro = lt[layer, Q_ROFF]
-                for r in range(n_out):
-                    _vrow(blk, idx4, ioff + r * kq, w4, woff + r * (kq // 4), kq // 4, acc, r * P, P)
-                _panel_outputs(acc, n_out, P, s_in, z_in, sc[ro:ro + n_out], wsum[ro:ro + n_out],
-                               bias[ro:ro + n_out], act, y)
+                _panel_rows(blk, idx4[ioff:], w4[woff:], kq, acc, n_out, P, s_in, z_in, sc[ro:ro + n_out],
+                            wsum[ro:ro + n_out], bias[ro:ro + n_out], act, y)
                 if layer < L - 1:  # (the outputs have used this layer's scales: the next layer's replace them)
                     _scan(y, n_out, P, lo, hi, badv)
                     _quantize_block(y, n_out, P, blk, s_in, z_in, lo, hi, badv, inv)
