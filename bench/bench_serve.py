@@ -120,6 +120,7 @@ def serve_ort(args):
     from fanin.serve.server import serve
 
     config = ServeConfig(model=None, port=0, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         inline_ms=args.inline_ms,
                          threads=args.threads)
     return serve(config, OrtPredictor(args.serve_ort, config.predict_threads()))
 
@@ -290,6 +291,8 @@ def main():
     ap.add_argument("--concurrency", default="1,8,64", help="wrk connections, comma-separated")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--inline-ms", type=float, default=0.25,
+                    help="fanin serve --inline-ms, for every server of the run (ONNX Runtime's too; default 0.25)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes of the fanin servers (default 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="predict threads per server, fanin's and ONNX Runtime's alike (default: fanin serve's)")
@@ -349,8 +352,9 @@ def main():
 
         py = sys.executable
         me = str(pathlib.Path(__file__).resolve())
-        batching = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-        off = ["--max-batch", "1"]
+        inline = ["--inline-ms", str(args.inline_ms)]
+        batching = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *inline]
+        off = ["--max-batch", "1", *inline]
         workers = ["--workers", str(args.workers)] + (["--threads", str(args.threads)] if args.threads else [])
         specs = {}
         for name, label in (("dense", "fanin dense fp32"), ("srigl90", "fanin SRigL-90 %"),

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per predict call when stacking concurrent requests (default 64; 1: no batching)")
     sv.add_argument("--max-wait-ms", type=_non_negative, default=2.0,
                     help="how long a batch waits for more requests (default 2 ms)")
+    sv.add_argument("--inline-ms", type=_non_negative, default=0.25,
+                    help="predict calls expected to take at most this run on the event loop's thread instead of "
+                         "the predict thread, saving a ~0.1 ms hand-off (default 0.25 ms; 0: never)")
     sv.add_argument("--max-rows", type=_positive_int, default=1024, help="rows one request may send (413 above)")
     sv.add_argument("--max-body-mb", type=_positive, default=16.0, help="MiB one request may send (413 above)")
     sv.add_argument("--threads", type=_positive_int, default=None,
@@ -537,8 +540,8 @@ def cmd_serve(args) -> int:
         return _fail(str(exc))
     try:
         config = ServeConfig(model=str(args.model), host=args.host, port=args.port, workers=args.workers,
-                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows,
-                             max_body=int(args.max_body_mb * (1 << 20)), threads=args.threads,
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, inline_ms=args.inline_ms,
+                             max_rows=args.max_rows, max_body=int(args.max_body_mb * (1 << 20)), threads=args.threads,
                              graceful_timeout=args.graceful_timeout, access_log=args.access_log,
                              activations=args.activations)
     except ValueError as exc:

@@ -201,6 +201,25 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, net, case
         conn.close()
 
 
+def test_chunked_bodies_without_a_length_are_read_whole_and_limited(server, net):
+    """No Content-Length (Transfer-Encoding: chunked): the body arrives in pieces; the limit still holds."""
+    x = rows(3, 5)
+    body = _npy(x)
+    pieces = [body[i:i + 700] for i in range(0, len(body), 700)]
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn.request("POST", "/predict", body=iter(pieces), headers=NPY, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 200
+    close(json.loads(r.read())["logits"], net.predict(x))
+    conn.close()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn.request("POST", "/predict", body=iter([b" " * 40000] * 2), headers=JSON, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and "over 65536 bytes" in json.loads(r.read())["error"]
+    conn.close()
+    assert server.predict(x)[0] == 200
+
+
 def concurrent_clients(server, net, n_threads=16, rounds=4):
     """Each thread sends its own distinct rows (1-3 per request) several times; every answer must be its own."""
 
@@ -374,3 +393,82 @@ def test_batcher_does_not_wait_when_full_and_waits_when_not():
     t0 = time.perf_counter()
     run_batcher([1], max_batch=8, max_wait_ms=200)
     assert time.perf_counter() - t0 >= 0.19  # alone: waits for company until max_wait_ms
+
+
+def run_inline(sizes_per_round, max_batch, inline_ms, rounds=3):
+    """Rounds of concurrent requests through a Batcher; per call: (rows, ran on the event loop's thread)."""
+    calls = []
+
+    def predict(x):
+        calls.append((len(x), threading.get_ident() == loop_thread))
+        return x + 1
+
+    async def main():
+        nonlocal loop_thread
+        loop_thread = threading.get_ident()
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            b = Batcher(predict, ex, max_batch=max_batch, max_wait_ms=50.0, inline_ms=inline_ms)
+            await b.start()
+            for _ in range(rounds):
+                xs = [np.full((n, 2), i, np.float32) for i, n in enumerate(sizes_per_round)]
+                out = await asyncio.gather(*(b.predict(x) for x in xs))
+                for x, y in zip(xs, out):
+                    np.testing.assert_array_equal(y, x + 1)
+            await b.stop()
+            return b
+
+    loop_thread = None
+    b = asyncio.run(main())
+    return calls, b
+
+
+def test_batcher_runs_short_calls_on_the_loop_once_measured():
+    calls, b = run_inline([1, 2], max_batch=8, inline_ms=1000.0)
+    assert [rows for rows, _ in calls] == [3, 3, 3]
+    assert [inline for _, inline in calls] == [False, True, True]  # measured once in the executor, then inline
+    assert b.inline_calls == 2 and b.executor_calls == 1 and b.expected_seconds(3) is not None
+    assert b.expected_seconds(4) is not None and b.expected_seconds(5) is None  # size classes: powers of two
+
+
+def test_batcher_keeps_long_queued_and_unbatched_calls_off_the_loop():
+    calls, b = run_inline([1, 2], max_batch=8, inline_ms=0.0)  # inline off
+    assert not any(inline for _, inline in calls) and b.inline_calls == 0
+    calls, b = run_inline([1, 2], max_batch=8, inline_ms=1e-9)  # every call takes longer than that
+    assert not any(inline for _, inline in calls)
+    calls, b = run_inline([1, 1], max_batch=1, inline_ms=1000.0)  # batching off: always the executor
+    assert len(calls) == 6 and not any(inline for _, inline in calls)
+    calls, b = run_inline([2, 2, 2], max_batch=4, inline_ms=1000.0)  # a request left queued: the loop keeps reading
+    assert [rows for rows, _ in calls] == [4, 2] * 3
+    assert [inline for _, inline in calls] == [False, False, False, True, False, True]
+
+
+def test_the_app_sends_post_predict_past_starlette_and_the_rest_through_it():
+    from fanin.serve.app import App
+
+    seen = []
+
+    async def handler(scope, receive, send):
+        seen.append(("predict", scope.get("path")))
+
+    async def inner(scope, receive, send):
+        seen.append(("starlette", scope.get("path")))
+
+    app = App(handler, inner)
+    for scope in ({"type": "http", "method": "POST", "path": "/predict"},
+                  {"type": "http", "method": "POST", "path": "/m/predict", "root_path": "/m"},
+                  {"type": "http", "method": "GET", "path": "/predict"},
+                  {"type": "http", "method": "POST", "path": "/m/predict"},
+                  {"type": "lifespan"}):
+        asyncio.run(app(scope, None, None))
+    assert [k for k, _ in seen] == ["predict", "predict", "starlette", "starlette", "starlette"]
+
+
+def test_serve_config_and_cli_refuse_a_bad_inline_ms(tmp_path):
+    from fanin.serve import ServeConfig
+
+    assert ServeConfig().inline_ms == 0.25
+    with pytest.raises(ValueError, match="inline_ms"):
+        ServeConfig(inline_ms=-1)
+    r = subprocess.run([sys.executable, "-m", "fanin.cli", "serve", str(tmp_path / "m.fanin"), "--inline-ms", "-2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--inline-ms" in r.stderr

@@ -8,7 +8,8 @@ prometheus_client).
     GET  /metrics   Prometheus text: requests, errors, rows per predict call, latencies
 
 Concurrent requests are stacked into one ``predict`` call (``Batcher``: up to ``max_batch`` rows, waiting at
-most ``max_wait_ms`` for more), which runs on one thread off the event loop; each caller gets its own rows
+most ``max_wait_ms`` for more), which runs on one thread off the event loop, or on the loop's own thread when
+it is expected to take at most ``inline_ms`` and every waiting request is in it; each caller gets its own rows
 back. ``workers > 1`` starts that many spawned processes sharing the listening socket, each loading the
 model file itself (``server.serve``). docs/SERVING.md has the details and the numbers.
 

@@ -1,4 +1,8 @@
-"""The Starlette app of ``fanin serve``: request decoding and checks, the endpoints, the metrics.
+"""The ASGI app of ``fanin serve``: request decoding and checks, the endpoints, the metrics.
+
+``POST /predict`` is a plain ASGI handler (``App`` sends it there directly); the other endpoints, 404/405 and
+the lifespan go through a Starlette app. Starlette's layers cost ~10 us of the ~50-85 us the event loop spends
+on a request, and /predict is the one endpoint that is called thousands of times a second.
 
 Every request a client gets wrong is answered with a 4xx and ``{"error": "<one line>"}``: 400 (malformed
 JSON or .npy, bad query), 404/405 (no such endpoint or method), 413 (body over ``max_body`` bytes, more
@@ -17,6 +21,7 @@ import math
 import os
 import re
 import time
+from urllib import parse
 
 import numpy as np
 from scipy import special
@@ -29,7 +34,7 @@ from fanin.kernels import infer
 from fanin.serve.batcher import Batcher
 from fanin.serve.config import ServeConfig
 
-__all__ = ["create_app", "RequestError", "decode_inputs"]
+__all__ = ["create_app", "App", "RequestError", "decode_inputs"]
 
 log = logging.getLogger("fanin.serve")
 JSON_TYPES = ("application/json",)
@@ -47,9 +52,9 @@ class RequestError(Exception):
 
 
 # ------------------------------------------------------------------ decoding
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes whether or not the client announced its length."""
-    length = request.headers.get("content-length")
+async def read_body(receive, length: str | None, limit: int) -> bytes | None:
+    """The request body from ASGI ``receive`` (None if the client disconnected), refused (413) past ``limit``
+    bytes whether or not the client announced its length (``length``: the Content-Length header)."""
     if length is not None:
         if not length.isdigit():
             raise RequestError(400, f"the Content-Length header {length!r} is not a number.")
@@ -57,13 +62,18 @@ async def read_body(request, limit: int) -> bytes:
             raise RequestError(413, f"the body is {int(length)} bytes; this server takes at most {limit} "
                                     "(fanin serve --max-body); send fewer rows per request.")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RequestError(413, f"the body is over {limit} bytes, the most this server takes (fanin serve "
                                     "--max-body); send fewer rows per request.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: int, check_finite: bool = True):
@@ -204,7 +214,7 @@ class Metrics:
 
 
 # ------------------------------------------------------------------ the app
-def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> Starlette:
+def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
     """The ASGI app serving ``net`` (a ``Network``, or anything with ``predict``, ``input_shape``, ``info()``).
 
     Its lifespan starts a one-thread predict executor and the batcher, warms the kernels up, then calls
@@ -222,9 +232,13 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> Star
         loop = asyncio.get_running_loop()
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanin-predict",
                                                          initializer=_set_threads, initargs=(cfg.predict_threads(),))
-        batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch)
-        for rows in sorted({1, cfg.max_batch}):  # load the kernels now, not in the first request
-            await loop.run_in_executor(executor, net.predict, np.zeros((rows, *shape), np.float32))
+        batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch,
+                          inline_ms=cfg.inline_ms, inline_call=_with_threads(_timed(net.predict), cfg.predict_threads()))
+        # load the kernels now, not in the first request; then time each size class once (Batcher: inline calls)
+        for rows in sorted({1 << i for i in range(cfg.max_batch.bit_length())} | {cfg.max_batch}):
+            x = np.zeros((rows, *shape), np.float32)
+            await loop.run_in_executor(executor, net.predict, x)
+            await batcher.calibrate(x)
         await batcher.start()
         state["batcher"] = batcher
         if on_ready is not None:
@@ -235,26 +249,34 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> Star
             await batcher.stop()
             executor.shutdown(wait=True)
 
-    async def predict(request):
+    async def predict(scope, receive, send):
+        """POST /predict as a plain ASGI handler: Starlette's request, routing and middleware layers cost ~10 us of
+        the ~85 us the event loop spends on a request (docs/SERVING.md), so this one endpoint skips them."""
         t0 = time.perf_counter()
         try:
-            proba = _FLAGS.get(request.query_params.get("proba", "0").lower())
+            flag = _query_flag(scope.get("query_string", b""), "proba")
+            proba = _FLAGS.get(flag.lower())
             if proba is None:
-                raise RequestError(400, f"proba must be 1 or 0, got {request.query_params.get('proba')!r}.")
-            body = await read_body(request, cfg.max_body)
-            x = decode_inputs(body, request.headers.get("content-type", ""), shape, cfg.max_rows, check_finite)
+                raise RequestError(400, f"proba must be 1 or 0, got {flag!r}.")
+            ctype, length = _content_headers(scope["headers"])
+            body = await read_body(receive, length, cfg.max_body)
+            if body is None:  # the client went away: nothing to answer
+                return
+            x = decode_inputs(body, ctype, shape, cfg.max_rows, check_finite)
             y = await state["batcher"].predict(x) if len(x) else np.empty((0, net.n_classes), np.float32)
-            response = Response(encode_outputs(y, proba), media_type="application/json")
+            status, out = 200, encode_outputs(y, proba)
         except RequestError as exc:
-            response = _error(exc.status, str(exc))
+            status, out = exc.status, _error_body(str(exc))
         except ValueError as exc:  # a PredictError the checks above did not foresee
-            response = _error(422, _one_line(exc))
+            status, out = 422, _error_body(_one_line(exc))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             log.exception("predict failed")
-            response = _error(500, f"predict failed: {_one_line(exc)}")
+            status, out = 500, _error_body(f"predict failed: {_one_line(exc)}")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))]})
+        await send({"type": "http.response.body", "body": out})
         metrics.latency.observe(time.perf_counter() - t0)
-        metrics.count("/predict", response.status_code)
-        return response
+        metrics.count("/predict", status)
 
     async def healthz(request):
         metrics.count("/healthz", 200)
@@ -275,13 +297,92 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> Star
         metrics.count("other", exc.status_code)
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path} (endpoints: {ENDPOINTS}).")
 
-    routes = [Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
+    routes = [Route("/predict", _Endpoint(predict), methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
               Route("/info", info_, methods=["GET"]), Route("/metrics", metrics_, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    return App(predict, Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}))
+
+
+class _Endpoint:
+    """An ASGI endpoint for a Starlette ``Route`` (so that, e.g., GET /predict gets Starlette's 405)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send):
+        await self.handler(scope, receive, send)
+
+
+class App:
+    """The ASGI app of ``fanin serve``: POST /predict straight to its handler, everything else (the other
+    endpoints, 404/405, the lifespan) through the Starlette app ``starlette``."""
+
+    def __init__(self, predict, starlette: Starlette):
+        self.predict, self.starlette = predict, starlette
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/predict":
+            await self.predict(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The path below the app's mount point (ASGI ``root_path``), as Starlette's router matches it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _query_flag(query: bytes, name: str) -> str:
+    """The last value of ``name`` in the query string (as Starlette's ``query_params.get``), "0" when absent."""
+    if not query:
+        return "0"
+    values = [v for k, v in parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == name]
+    return values[-1] if values else "0"
+
+
+def _content_headers(headers) -> tuple:
+    """(Content-Type, Content-Length or None) from ASGI's raw header pairs (names arrive lower-cased)."""
+    ctype, length = "", None
+    for key, value in headers:
+        if key == b"content-type":
+            ctype = value.decode("latin-1")
+        elif key == b"content-length":
+            length = value.decode("latin-1")
+    return ctype, length
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
 
 
 def _error(status: int, message: str) -> Response:
-    return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
+    return Response(_error_body(message), status_code=status, media_type="application/json")
+
+
+def _timed(predict):
+    def timed(x):
+        t0 = time.perf_counter()
+        y = predict(x)
+        return y, time.perf_counter() - t0
+    return timed
+
+
+def _with_threads(call, n):
+    """``call`` run with ``n`` Numba threads on the calling thread (the event loop's, for the batcher's inline
+    calls), the thread's own setting restored after: the app may be mounted in someone else's service."""
+    def scoped(x):
+        import numba
+
+        want = min(n, numba.config.NUMBA_NUM_THREADS)
+        prev = numba.get_num_threads()
+        if prev == want:
+            return call(x)
+        numba.set_num_threads(want)
+        try:
+            return call(x)
+        finally:
+            numba.set_num_threads(prev)
+    return scoped
 
 
 def _set_threads(n):

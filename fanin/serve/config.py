@@ -15,6 +15,7 @@ class ServeConfig:
     workers: int = 1                 # processes sharing the port
     max_batch: int = 64              # rows per predict call; 1 turns dynamic batching off
     max_wait_ms: float = 2.0         # how long a batch waits for more requests
+    inline_ms: float = 0.25          # predict calls expected to take at most this run on the event loop's thread
     max_rows: int = 1024             # rows one request may send
     max_body: int = 16 << 20         # bytes one request may send
     threads: int | None = None       # Numba threads per worker (None: cores / workers - 1, at least 1)
@@ -29,6 +30,8 @@ class ServeConfig:
                 raise ValueError(f"ServeConfig: {name} must be at least 1, got {getattr(self, name)}.")
         if not 0 <= self.max_wait_ms < 10_000:
             raise ValueError(f"ServeConfig: max_wait_ms must be in [0, 10000), got {self.max_wait_ms}.")
+        if not 0 <= self.inline_ms < 10_000:
+            raise ValueError(f"ServeConfig: inline_ms must be in [0, 10000), got {self.inline_ms}.")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"ServeConfig: port must be in [0, 65535], got {self.port}.")
         if self.activations not in ("float32", "int8"):
