@@ -4,7 +4,7 @@ Contenders, all the MLP 784-1024-1024-10, each in its own server process:
 
 - fanin dense (fp32), fanin SRigL-90 % (ERK fan-ins, trained a few steps with SRigL), fanin SRigL-90 % int8
   (``runtime.quantize(plan, 8)``), and that int8 network with int8 activations (``--activations int8``):
-  ``fanin serve`` (Starlette + Uvicorn), with dynamic batching (``--max-batch 64 --max-wait-ms 2``) and without
+  ``fanin serve`` (Uvicorn; Starlette but for POST /predict), with dynamic batching (``--max-batch 64 --max-wait-ms 2``) and without
   (``--max-batch 1``);
 - ONNX Runtime fp32 on the dense weights (MatMul + Add + Relu graph), in the *same* server stack (fanin.serve's
   app, batcher and workers with an ORT session as the predictor): the baseline a user would otherwise deploy;
@@ -407,8 +407,9 @@ def main():
             f"steps on random data; speed depends on the shapes only); int8 = post-training per-neuron power-of-two "
             f"scales of the SRigL-90 % network; ONNX: MatMul+Add+Relu graph of the dense weights, {onnx_note}, "
             f"intra-op threads = cores / workers; models built in {build_s:.0f} s")
-        log(f"- server: fanin serve (Starlette + Uvicorn with uvloop/httptools), {args.workers} worker(s); batching on = "
-            f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, off = --max-batch 1; the ONNX Runtime "
+        log(f"- server: fanin serve (Uvicorn with uvloop/httptools; POST /predict a plain ASGI handler, the other "
+            f"endpoints Starlette), {args.workers} worker(s); batching on = --max-batch {args.max_batch} --max-wait-ms "
+            f"{args.max_wait_ms:g}, off = --max-batch 1; --inline-ms {args.inline_ms:g} for all; the ONNX Runtime "
             "rows use the same app, batcher and server with an ORT session as the predictor")
         log(f"- load generator: wrk 4.1 (1 thread), POST /predict with a one-row .npy body (3.2 kB) on keep-alive "
             f"connections; {args.duration:g} s per cell in {args.slices} slices, the servers taking turns slice by "
@@ -463,6 +464,16 @@ def targets(results, long, target_key, base_key, conc) -> str:
                        f"{b['predict_ms']:.3f} ms for {t['rows_per_call']:.1f} vs {b['rows_per_call']:.1f} rows: the "
                        f"model's share of a request's "
                        f"{1e3 / t['rps'] * 8:.2f} / {1e3 / b['rps'] * 8:.2f} ms latency at 8 connections")
+        if t["predict_ms"] and b["predict_ms"] and t["rows_per_call"]:
+            # A batch cycle at 8 connections: the loop's HTTP work for its requests, then the predict call.
+            rows = t["rows_per_call"]
+            h = (rows / t["rps"] * 1e3 - t["predict_ms"]) / rows
+            need = (b["predict_ms"] * rows / b["rows_per_call"] - 2 * t["predict_ms"]) / rows
+            out.append(f"  - the bound: a batch cycle of {rows:.1f} requests costs {rows:.1f} x h (HTTP and event loop "
+                       f"per request; this run: h = {1e3 * h:.0f} us) plus the predict call, so 2x the batched baseline "
+                       f"needs h <= (t_ort - 2 t_fanin) / rows = {1e3 * need:.0f} us"
+                       f"{'' if need > 0 else ' (impossible)'}; even a model that cost nothing would need "
+                       f"h <= t_ort / rows = {1e3 * b['predict_ms'] / b['rows_per_call']:.0f} us")
     w8 = long.get(("fanin SRigL-90 % int8, int8 activations", "on"))
     if w8 and b:
         out.append(f"  - (for reference) the int8 SRigL-90 % network with int8 activations, same run: {w8['rps']:.0f} vs "
