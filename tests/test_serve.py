@@ -165,6 +165,8 @@ BAD = {
     "wrong rank": ("POST", "/predict", json.dumps({"inputs": [[[0.0] * WIDTH]]}), JSON, 422, "shape (1, 1, 100)"),
     "ragged rows": ("POST", "/predict", json.dumps({"inputs": [[0.0] * WIDTH, [0.0]]}), JSON, 422, "rectangular"),
     "strings": ("POST", "/predict", json.dumps({"inputs": [["a"] * WIDTH]}), JSON, 422, "rectangular"),
+    "huge integer": ("POST", "/predict", json.dumps({"inputs": [[10 ** 400] + [0] * (WIDTH - 1)]}), JSON, 422,
+                     "integer too large"),
     "nan in json": ("POST", "/predict", '{"inputs": [[NaN' + ", 0" * (WIDTH - 1) + "]]}", JSON, 422, "NaN or Inf"),
     "inf in npy": ("POST", "/predict", _npy(np.full((2, WIDTH), np.inf, np.float32)), NPY, 422, "row(s) [0, 1]"),
     "npy int dtype": ("POST", "/predict", _npy(np.zeros((1, WIDTH), np.int64)), NPY, 422, "dtype int64"),
@@ -472,3 +474,40 @@ def test_serve_config_and_cli_refuse_a_bad_inline_ms(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fanin.cli", "serve", str(tmp_path / "m.fanin"), "--inline-ms", "-2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--inline-ms" in r.stderr
+
+
+TRICKY_JSON = [b'{"inputs": [[1, 2.5, -3e-7]]}', b'{"inputs": [[NaN, Infinity, -Infinity]]}', b'{"inputs": [[1e400, 0, 1]]}',
+               b'{"inputs": [[' + b"9" * 30 + b", 18446744073709551616, -9223372036854775809]]}", b"\xef\xbb\xbf{}",
+               '{"inputs": [[1, 2, 3]]}'.encode("utf-16"), b'{"inputs": [[1, 2, 3,]]}', b'{"inputs": 1, "inputs": [[1, 2, 3]]}',
+               b"[" * 5000 + b"]" * 5000, b'"\\ud800"', b"", b'{"inputs": [[0.1, 0.2, 0.3]], }', b"  {}  ",
+               b'{"inputs": [["1", 2, 3]]}', b"\x00", b"nul", b'{"x": "\xff"}', b'{"inputs": [[1, 2, 3], [4, 5]]}',
+               b'{"inputs": [[true, false, null]]}', b'{"inputs": [1, 2, 3]}', b'{"inputs": [[1' + b"0" * 400 + b', 2, 3]]}']
+
+
+def _decoded(body):
+    from fanin.serve.app import RequestError, decode_inputs
+
+    try:
+        x = decode_inputs(body, "application/json", (3,), 16, check_finite=True)
+        return "ok", x.dtype.str, x.shape, x.tobytes()
+    except RequestError as exc:
+        return "refused", exc.status, str(exc)
+
+
+@pytest.mark.parametrize("body", TRICKY_JSON, ids=range(len(TRICKY_JSON)))
+def test_the_fast_json_decoder_gives_what_the_standard_library_gives(body, monkeypatch):
+    """orjson (the serve extra) or not, a JSON body decodes to the same array, or is refused the same way."""
+    from fanin.serve import app
+
+    pytest.importorskip("orjson")
+    fast = _decoded(body)
+    monkeypatch.setattr(app, "orjson", None)
+    assert fast == _decoded(body)
+
+
+def test_the_fast_json_encoder_writes_what_the_standard_library_reads_back():
+    from fanin.serve.app import json_dumps
+
+    y = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
+    doc = {"logits": y.tolist(), "classes": y.argmax(axis=1).tolist()}
+    assert json.loads(json_dumps(doc)) == doc
