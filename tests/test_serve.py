@@ -139,6 +139,7 @@ def test_healthz_info_metrics(server, net):
     info = json.loads(body)
     assert status == 200 and info["input_shape"] == [WIDTH] and info["classes"] == 10
     assert info["weights"] == net.info()["weights"] and info["server"]["max_rows"] == 16
+    assert info["server"]["inline_ms"] == 0.25 and info["server"]["max_wait_ms"] == 20
     server.predict(rows(2, 1))
     status, body, ctype = server.request("GET", "/metrics")
     text = body.decode()

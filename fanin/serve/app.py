@@ -260,11 +260,13 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
                                                          initializer=_set_threads, initargs=(cfg.predict_threads(),))
         batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch,
                           inline_ms=cfg.inline_ms, inline_call=_with_threads(_timed(net.predict), cfg.predict_threads()))
-        # load the kernels now, not in the first request; then time each size class once (Batcher: inline calls)
-        for rows in sorted({1 << i for i in range(cfg.max_batch.bit_length())} | {cfg.max_batch}):
-            x = np.zeros((rows, *shape), np.float32)
-            await loop.run_in_executor(executor, net.predict, x)
-            await batcher.calibrate(x)
+        for rows in sorted({1, cfg.max_batch}):  # load the kernels now, not in the first request
+            await loop.run_in_executor(executor, net.predict, np.zeros((rows, *shape), np.float32))
+        if cfg.max_batch > 1 and cfg.inline_ms > 0:  # time the size classes that may run inline (Batcher)
+            for rows in sorted({1 << i for i in range(cfg.max_batch.bit_length())} | {cfg.max_batch}):
+                await batcher.calibrate(np.zeros((rows, *shape), np.float32))
+                if batcher.expected_seconds(rows) > 1e-3 * cfg.inline_ms:
+                    break  # larger batches take longer still: measured when they first come
         await batcher.start()
         state["batcher"] = batcher
         if on_ready is not None:
@@ -311,8 +313,8 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
     async def info_(request):
         metrics.count("/info", 200)
         body = {**info, "server": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
-                                   "max_rows": cfg.max_rows, "max_body": cfg.max_body, "workers": cfg.workers,
-                                   "pid": os.getpid()}}
+                                   "inline_ms": cfg.inline_ms, "max_rows": cfg.max_rows, "max_body": cfg.max_body,
+                                   "workers": cfg.workers, "pid": os.getpid()}}
         return Response(json.dumps(body, default=str), media_type="application/json")
 
     async def metrics_(request):
