@@ -29,7 +29,7 @@ def missing_extra() -> str | None:
     absent = [m for m in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if absent:
         return (f"fanin serve needs {', '.join(absent)} (the serve extra): pip install 'fanin[serve]' "
-                "(or: pip install starlette uvicorn uvloop httptools prometheus_client).")
+                "(or: pip install starlette uvicorn uvloop httptools prometheus_client orjson).")
     return None
 
 
