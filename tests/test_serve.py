@@ -512,3 +512,18 @@ def test_the_fast_json_encoder_writes_what_the_standard_library_reads_back():
     y = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
     doc = {"logits": y.tolist(), "classes": y.argmax(axis=1).tolist()}
     assert json.loads(json_dumps(doc)) == doc
+
+
+def test_inline_calls_set_the_loop_threads_numba_count_and_restore_it():
+    import numba
+
+    from fanin.serve.app import _numba_threads
+
+    top = numba.config.NUMBA_NUM_THREADS
+    before = numba.get_num_threads()
+    with _numba_threads(1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    with _numba_threads(top + 5):  # capped at what Numba started
+        assert numba.get_num_threads() == top
+    assert numba.get_num_threads() == before

@@ -30,12 +30,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fanin.kernels import infer
-
 try:  # the serve extra's JSON codec: 14 us instead of 132 us to parse one 784-number row (docs/SERVING.md)
     import orjson
 except ImportError:  # pragma: no cover - the standard library does the same, slower
     orjson = None
+
+from fanin.kernels import infer
 from fanin.serve.batcher import Batcher
 from fanin.serve.config import ServeConfig
 
@@ -259,7 +259,7 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanin-predict",
                                                          initializer=_set_threads, initargs=(cfg.predict_threads(),))
         batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch,
-                          inline_ms=cfg.inline_ms, inline_call=_with_threads(_timed(net.predict), cfg.predict_threads()))
+                          inline_ms=cfg.inline_ms, inline_context=lambda: _numba_threads(cfg.predict_threads()))
         for rows in sorted({1, cfg.max_batch}):  # load the kernels now, not in the first request
             await loop.run_in_executor(executor, net.predict, np.zeros((rows, *shape), np.float32))
         if cfg.max_batch > 1 and cfg.inline_ms > 0:  # time the size classes that may run inline (Batcher)
@@ -387,30 +387,21 @@ def _error(status: int, message: str) -> Response:
     return Response(_error_body(message), status_code=status, media_type="application/json")
 
 
-def _timed(predict):
-    def timed(x):
-        t0 = time.perf_counter()
-        y = predict(x)
-        return y, time.perf_counter() - t0
-    return timed
+@contextlib.contextmanager
+def _numba_threads(n):
+    """``n`` Numba threads for the calls made on this thread (the event loop's, for the batcher's inline calls)
+    inside the block, the thread's own setting restored after: the app may be mounted in someone else's service."""
+    import numba
 
-
-def _with_threads(call, n):
-    """``call`` run with ``n`` Numba threads on the calling thread (the event loop's, for the batcher's inline
-    calls), the thread's own setting restored after: the app may be mounted in someone else's service."""
-    def scoped(x):
-        import numba
-
-        want = min(n, numba.config.NUMBA_NUM_THREADS)
-        prev = numba.get_num_threads()
-        if prev == want:
-            return call(x)
-        numba.set_num_threads(want)
-        try:
-            return call(x)
-        finally:
-            numba.set_num_threads(prev)
-    return scoped
+    want, prev = min(n, numba.config.NUMBA_NUM_THREADS), numba.get_num_threads()
+    if prev == want:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 def _set_threads(n):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 
 import numpy as np
@@ -38,12 +39,12 @@ class Batcher:
     """Stacks the rows of requests that arrive close together into one ``predict`` call."""
 
     def __init__(self, predict, executor, max_batch: int = 64, max_wait_ms: float = 2.0, on_batch=None,
-                 inline_ms: float = 0.0, inline_call=None):
+                 inline_ms: float = 0.0, inline_context=contextlib.nullcontext):
         self._predict, self._executor = predict, executor
         self.max_batch, self.max_wait = int(max_batch), float(max_wait_ms) / 1000.0
         self._on_batch = on_batch  # called with (rows, seconds predict ran) after each predict call
         self.inline = float(inline_ms) / 1000.0
-        self._inline_call = inline_call or self._timed  # x -> (y, seconds) on the loop thread
+        self._inline_context = inline_context  # entered around each inline call (app: the Numba thread count)
         self._cost = {}  # size class (rows rounded up to a power of two) -> running mean seconds of a call
         self.inline_calls = self.executor_calls = 0
         self._waiting = 0  # predict() calls awaiting their rows
@@ -98,7 +99,8 @@ class Batcher:
         size = 1 << max(0, len(x) - 1).bit_length()
         cost = self._cost.get(size)
         if cost is not None and cost <= self.inline and self._task is not None and self._waiting <= callers:
-            y, seconds = self._inline_call(x)
+            with self._inline_context():
+                y, seconds = self._timed(x)
             self.inline_calls += 1
         else:
             y, seconds = await loop.run_in_executor(self._executor, self._timed, x)
