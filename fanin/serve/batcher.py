@@ -91,8 +91,8 @@ class Batcher:
             self._waiting -= 1
 
     async def calibrate(self, x):
-        """Run ``predict(x)`` once through the batcher's choice of thread, to measure its size class (not reported
-        to ``on_batch``); call it after a first call of that size has compiled whatever it needs."""
+        """Run ``predict(x)`` once to measure its size class (in the executor before ``start``; not reported to
+        ``on_batch``); call it after a first call of that size has compiled whatever it needs."""
         await self._call(asyncio.get_running_loop(), x, report=False)
 
     async def _call(self, loop, x, report=True, callers=1):
@@ -115,7 +115,7 @@ class Batcher:
         return self._cost.get(1 << max(0, rows - 1).bit_length())
 
     def _timed(self, x):
-        """(predict(x), the seconds it took), in the predict thread."""
+        """(predict(x), the seconds it took), in the predict thread or, inline, on the loop's."""
         t0 = time.perf_counter()
         y = self._predict(x)
         return y, time.perf_counter() - t0
