@@ -21,11 +21,11 @@ import math
 import os
 import re
 import time
-from urllib import parse
 
 import numpy as np
 from scipy import special
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -78,7 +78,7 @@ async def read_body(receive, length: str | None, limit: int) -> bytes | None:
                                     "--max-body); send fewer rows per request.")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
 
 
 def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: int, check_finite: bool = True):
@@ -256,10 +256,11 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loop = asyncio.get_running_loop()
+        threads = cfg.predict_threads()
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanin-predict",
-                                                         initializer=_set_threads, initargs=(cfg.predict_threads(),))
+                                                         initializer=_set_threads, initargs=(threads,))
         batcher = Batcher(net.predict, executor, cfg.max_batch, cfg.max_wait_ms, on_batch=metrics.on_batch,
-                          inline_ms=cfg.inline_ms, inline_context=lambda: _numba_threads(cfg.predict_threads()))
+                          inline_ms=cfg.inline_ms, inline_context=lambda: _numba_threads(threads))
         for rows in sorted({1, cfg.max_batch}):  # load the kernels now, not in the first request
             await loop.run_in_executor(executor, net.predict, np.zeros((rows, *shape), np.float32))
         if cfg.max_batch > 1 and cfg.inline_ms > 0:  # time the size classes that may run inline (Batcher)
@@ -282,7 +283,8 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
         the ~85 us the event loop spends on a request (docs/SERVING.md), so this one endpoint skips them."""
         t0 = time.perf_counter()
         try:
-            flag = _query_flag(scope.get("query_string", b""), "proba")
+            query = scope.get("query_string", b"")
+            flag = QueryParams(query.decode("latin-1")).get("proba", "0") if query else "0"
             proba = _FLAGS.get(flag.lower())
             if proba is None:
                 raise RequestError(400, f"proba must be 1 or 0, got {flag!r}.")
@@ -358,14 +360,6 @@ def _route_path(scope) -> str:
     """The path below the app's mount point (ASGI ``root_path``), as Starlette's router matches it."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
-
-
-def _query_flag(query: bytes, name: str) -> str:
-    """The last value of ``name`` in the query string (as Starlette's ``query_params.get``), "0" when absent."""
-    if not query:
-        return "0"
-    values = [v for k, v in parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == name]
-    return values[-1] if values else "0"
 
 
 def _content_headers(headers) -> tuple:

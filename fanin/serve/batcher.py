@@ -96,7 +96,7 @@ class Batcher:
         await self._call(asyncio.get_running_loop(), x, report=False)
 
     async def _call(self, loop, x, report=True, callers=1):
-        size = 1 << max(0, len(x) - 1).bit_length()
+        size = _size_class(len(x))
         cost = self._cost.get(size)
         if cost is not None and cost <= self.inline and self._task is not None and self._waiting <= callers:
             with self._inline_context():
@@ -112,7 +112,7 @@ class Batcher:
 
     def expected_seconds(self, rows: int):
         """The running mean time of a predict call of ``rows`` rows' size class, or None before one ran."""
-        return self._cost.get(1 << max(0, rows - 1).bit_length())
+        return self._cost.get(_size_class(rows))
 
     def _timed(self, x):
         """(predict(x), the seconds it took), in the predict thread or, inline, on the loop's."""
@@ -165,3 +165,8 @@ class Batcher:
             if not fut.done():
                 fut.set_result(y[start:start + len(x)])
             start += len(x)
+
+
+def _size_class(rows: int) -> int:
+    """Rows rounded up to a power of two: calls of one class are timed together."""
+    return 1 << max(0, rows - 1).bit_length()
