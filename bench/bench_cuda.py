@@ -23,7 +23,8 @@ cost of a step without updates; every timed epoch counts (median), PyTorch warme
 Host overhead: the host time a call of a batch-1 forward and a batch-256 fwd+bwd with fanin's fast kernel launch
 on and off (``fanin.kernels.cuda_kernels.FAST_LAUNCH``; off is Numba's own launch path), launch and pool counts, and a
 cProfile of 200 batch-1 forwards at 4096x4096 (top 12 functions by own time): where the host time of a call goes.
-``--sweep`` adds the tile kernels' launch configurations (forward, dx, dvalues at 4096x4096, batch 256), and every
+``--sweep`` adds the batched kernels' launch plans (forward and dx: tile and panel kernels; dvalues; 4096x4096, batch
+256; each checked against the CPU first), and every
 kernel line is followed by the host-side time a call (Python and launches): when it is about the event time the
 GPU waited for the host. Anything that cannot run is listed at the end with the reason.
 """
@@ -221,30 +222,57 @@ def kernel_table(shapes, batches, timer, torch):
     return rows
 
 
-def plan_sweep(timer, n=4096, B=256, simulate=False):
-    """Tile-kernel launch configurations (spl, warps, rows a warp) of the forward, dx and dvalues at n x n, 90 %,
-    batch B: the default plan first, then forced ones (fanin.kernels.cuda.PLAN_OVERRIDE / DVALS_PLAN_OVERRIDE)."""
+SWEEP_PLANS = [None, (1, 8, 8),  # the default, then the tile kernel's plan before the panel kernel
+               (2, 8, 8, 96 * 1024), (2, 16, 4, 96 * 1024), (2, 16, 8, 160 * 1024), (2, 16, 8, 200 * 1024),
+               (2, 16, 8, 224 * 1024), (2, 32, 4, 200 * 1024), (2, 16, 16, 200 * 1024), (1, 16, 8, 200 * 1024),
+               (2, 24, 8, 200 * 1024)]
+
+
+def plan_sweep(timer, n=4096, B=256, simulate=False, torch=None):
+    """Launch plans of the forward and dx (``fanin.kernels.cuda.PLAN_OVERRIDE``: (spl, warps, rows a warp) is the
+    tile kernel, (spl, warps, rows a warp, shared bytes) the panel kernel) and the value gradient's
+    (DVALS_PLAN_OVERRIDE) at n x n, 90 %, batch B: each result checked against the CPU kernels first (largest
+    difference relative to the largest output), then timed, interleaved with cuBLAS fp32 (PyTorch ``F.linear``,
+    TF32 off) when torch has CUDA, so each plan's ratio to it comes from the same rounds."""
     from numba import cuda
 
     from fanin import kernels as K
     from fanin.kernels import cuda as KC
 
+    plans = SWEEP_PLANS
     if simulate:
         n, B = 40, 9
+        plans = [None, (1, 2, 2), (2, 2, 2, 65 * 4 * 8)]
     rng = np.random.default_rng(1)
-    topo, vals, _ = layer(n, n, 0.9, rng)
+    topo, vals, w = layer(n, n, 0.9, rng)
     dvals = cuda.to_device(vals)
-    dx = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
-    ddy = cuda.to_device(rng.standard_normal((B, n)).astype(np.float32))
-    fwd = [None, (2, 8, 8), (2, 8, 4), (1, 8, 8), (2, 4, 8)]
-    dv = [None, (2, 8, 8), (2, 8, 4), (2, 8, 2), (2, 8, 1), (1, 8, 2)]
-    if simulate:
-        fwd, dv = fwd[:2], dv[:2]
-    lines = [f"plan sweep {n}x{n} at 90 %, batch {B} (spl, warps, rows a warp; None = the default "
-             f"{KC._plan(n, B)} fwd/dx, {KC._dvals_plan(n, B)} dvalues):"]
+    x = rng.standard_normal((B, n)).astype(np.float32)
+    dy = rng.standard_normal((B, n)).astype(np.float32)
+    dx, ddy = cuda.to_device(x), cuda.to_device(dy)
+    ref_y, ref_g = K.fanin_forward(x, topo, vals), K.fanin_backward_input(topo, vals, dy, n)
+    dv = [None, (2, 8, 8), (2, 8, 2)] if not simulate else [None]
+    lines = [f"plan sweep {n}x{n} at 90 %, batch {B} (None = the default: {KC._plan(n, B)} fwd/dx, "
+             f"{KC._dvals_plan(n, B)} dvalues); error = max |gpu - cpu| / max |cpu|:"]
+    fns = {}
+    if torch is not None:
+        tw, tx = torch.from_numpy(w).cuda(), torch.from_numpy(x).cuda()
+
+        def dense():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            return torch.nn.functional.linear(tx, tw)
+        fns["cuBLAS fp32 (dense)"] = dense
     try:
-        fns = {}
-        for plan in fwd:
+        for plan in plans:
+            KC.PLAN_OVERRIDE = plan
+            try:
+                ey = np.abs(K.fanin_forward(dx, topo, dvals).copy_to_host() - ref_y).max() / np.abs(ref_y).max()
+                eg = np.abs(K.fanin_backward_input(topo, dvals, ddy, n).copy_to_host() - ref_g).max() / np.abs(
+                    ref_g).max()
+            except Exception as exc:  # noqa: BLE001 - a plan this GPU refuses: say so, time the others
+                lines.append(f"  {plan}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            lines.append(f"  {plan}: error fwd {ey:.1e}, dx {eg:.1e}")
+
             def f(plan=plan):
                 KC.PLAN_OVERRIDE = plan
                 K.fanin_forward(dx, topo, dvals)
@@ -263,8 +291,9 @@ def plan_sweep(timer, n=4096, B=256, simulate=False):
         t = timer.compare(fns)
     finally:
         KC.PLAN_OVERRIDE = KC.DVALS_PLAN_OVERRIDE = None
+    base = t.get("cuBLAS fp32 (dense)")
     for name, v in t.items():
-        lines.append(f"  {name}: {us(v)} us")
+        lines.append(f"  {name}: {us(v)} us" + (f" ({base / v:.2f}x cuBLAS fp32)" if base else ""))
     return lines
 
 
@@ -560,7 +589,7 @@ def main(argv=None):
     md += ["", "```"] + prof + ["```"]
     if args.sweep:
         log("")
-        for ln in plan_sweep(timer, simulate=args.simulate):
+        for ln in plan_sweep(timer, simulate=args.simulate, torch=torch):
             log(ln)
     if args.train_rounds:
         log(f"\ntraining: MLP {'-'.join(map(str, (30, 20, 20, 10) if args.simulate else (784, 4096, 4096, 10)))}, "

@@ -195,6 +195,67 @@ def test_eight_warp_configurations():
 
 
 @sim
+@pytest.mark.parametrize("plan, B, n_out, n_in, k, dt", [
+    ((1, 2, 2, 33 * 4 * 8), 9, 11, 30, 5, np.float32),    # 4 chunks of 8 inputs, a partial batch tile and row block
+    ((1, 2, 2, 33 * 4 * 8), 40, 6, 20, 20, np.float32),   # k = n_in, two batch tiles
+    ((2, 1, 4, 65 * 4 * 9), 9, 7, 13, 1, np.float32),     # k = 1, two samples a lane, one warp of 4 rows
+    ((1, 2, 2, 33 * 8 * 8), 9, 9, 30, 4, np.float64),     # float64
+])
+def test_panel_kernel_matches_cpu(plan, B, n_out, n_in, k, dt):
+    """The panel kernel (large layers' batched forward and dx on a GPU), forced with PLAN_OVERRIDE on tiny shapes:
+    several input chunks, partial tiles, ablated rows, row-major and panel-layout x, int8 and 4-bit weights."""
+    from fanin import kernels as K
+    from fanin.kernels import cuda as KC
+    from fanin.kernels import lowbit
+
+    rng = np.random.default_rng(11)
+    idx, vals, active = _layer(rng, n_out, n_in, k, ablate=(1,))
+    vals = vals.astype(dt)
+    topo = K.Topology(idx, n_in)
+    x = rng.standard_normal((B, n_in)).astype(dt)
+    dy = rng.standard_normal((B, n_out)).astype(dt)
+    bias = rng.standard_normal(n_out).astype(dt)
+    try:
+        KC.PLAN_OVERRIDE = plan
+        _close(_h(K.fanin_forward(_dev(x), topo, _dev(vals), _dev(bias))), K.fanin_forward(x, topo, vals, bias))
+        _close(_h(K.fanin_forward(_dev(x), topo, _dev(vals), xp=K.pack_panels(_dev(x)))), K.fanin_forward(x, topo, vals))
+        _close(_h(K.fanin_backward_input(topo, _dev(vals), _dev(dy), n_in)), K.fanin_backward_input(topo, vals, dy, n_in))
+        if dt == np.float32:
+            q8 = rng.integers(-128, 128, (n_out, k)).astype(np.int8)
+            scale = np.exp2(rng.integers(-6, 0, n_out)).astype(np.float32)
+            _close(_h(K.fixed_point_forward(_dev(x), topo, _dev(q8), _dev(scale))),
+                   K.fixed_point_forward(x, topo, q8, scale))
+            q4 = rng.integers(-8, 8, (n_out, k + k % 2)).astype(np.int8)
+            q4[:, k:] = 0
+            y4 = KC.fixed_point_forward4(_dev(x), topo.indices, _dev(lowbit.pack_nibbles(q4)), k, _dev(scale))
+            _close(_h(y4), K.fanin_forward(x, topo, scale[:, None] * q4[:, :k].astype(np.float32)))
+    finally:
+        KC.PLAN_OVERRIDE = None
+
+
+@sim
+def test_large_layers_get_the_panel_plan_the_gpu_allows(monkeypatch):
+    """What _plan gives a large layer on a GPU (the simulator stands in; its own plan is the small one): the panel
+    kernel with PANEL_PLAN's shared memory capped at the GPU's opt-in limit, the tile kernel where that is too small."""
+    from fanin.kernels import cuda as KC
+
+    monkeypatch.setattr(KC, "SIMULATOR", False)
+    spl, warps, rpw, smem = KC.PANEL_PLAN
+    for optin, want in ((232448, (spl, warps, rpw, smem)),      # H100 / H200: 227 KiB
+                        (166912, (spl, warps, rpw, 166912)),    # A100: 163 KiB
+                        (49152, None)):                         # no opt-in: the tile kernel
+        monkeypatch.setattr(KC, "_OPTIN", [optin])
+        monkeypatch.setattr(KC, "_plans", {})
+        plan = KC._plan(4096, 256)
+        if want is None:
+            assert len(plan) == 3 and plan[1] == 8, plan
+        else:
+            assert plan == want
+        assert KC._plan(300, 256) == (2, 2, 2)  # small layers keep the tile kernel
+    monkeypatch.setattr(KC, "_plans", {})
+
+
+@sim
 def test_fixed_point_int8_and_4bit_match_cpu():
     from fanin import kernels as K
     from fanin.kernels import cuda as KC

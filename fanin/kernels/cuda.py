@@ -12,10 +12,11 @@ transposed (CSC) structure are built once and cached, keyed on the host array (d
 configurations and the bytes/FLOPs of each kernel: ``fanin.kernels.cuda_kernels``.
 
 Paths:
-- forward, batch < ``SMALL_BATCH``: ``rows_kernel`` (warp per neuron); otherwise ``tile_kernel`` reading x
-  row-major (or packed panels) through shared-memory tiles. Rows must be sorted for the tiles (a Topology's are);
-  plain device indices are checked once per call and unsorted ones fall back to ``rows_kernel``.
-- dx: the same two kernels over the transposed structure (CSC) -- a gather per input, no atomics, deterministic.
+- forward, batch < ``SMALL_BATCH``: ``rows_kernel`` (warp per neuron); otherwise ``panel_kernel`` (from 512 rows on
+  a GPU: large x tiles in opted-in dynamic shared memory) or ``tile_kernel`` (smaller layers), reading x row-major
+  (or packed panels) through shared-memory tiles. Rows must be sorted for the tiles (a Topology's are); plain
+  device indices are checked once per call and unsorted ones fall back to ``rows_kernel``.
+- dx: the same kernels over the transposed structure (CSC) -- a gather per input, no atomics, deterministic.
   The structure depends on the topology only and is built once on the host (O(nnz), ``cpu.transpose_structure``)
   then kept on the device; each call permutes the values into its order (``k_take``, nnz reads and writes).
 - dvalues: ``dvals_tile_kernel`` (deterministic, no atomics); ``dvals_rows_kernel`` below ``SMALL_BATCH``. Its grid
@@ -95,6 +96,9 @@ ROWS_WARPS = 4  # warps (rows) per block of the latency kernel
 # None: chosen from shapes. DVALS_PLAN_OVERRIDE forces the value-gradient kernel's alone (it wins over PLAN_OVERRIDE).
 PLAN_OVERRIDE = None
 DVALS_PLAN_OVERRIDE = None
+# The panel kernel's plan for large layers (spl, warps, rows a warp, shared-memory bytes; see _plan); None: the tile
+# kernel everywhere.
+PANEL_PLAN = K.DEFAULT_PANEL_PLAN
 
 
 # ================================================================ arrays
@@ -418,14 +422,43 @@ def _rows_per_warp(n_rows: int, batch_tiles: int) -> int:
     return 1
 
 
-def _plan(n_rows: int, bx: int):
-    """(spl, warps, rpw) of the tile kernels for n_rows outputs and a batch extent bx (see cuda_kernels).
+def _smem_optin() -> int:
+    """Bytes of shared memory one block may opt in to on this GPU (227 KiB on an H100); 48 KiB when unknown."""
+    if not _OPTIN:
+        try:
+            _OPTIN.append(int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN))
+        except Exception:  # noqa: BLE001 - no such attribute (simulator, old driver): the default limit
+            _OPTIN.append(48 * 1024)
+    return _OPTIN[0]
 
-    Grid ``(ceil(bx / BT), ceil(n_rows / RB))``: 8 warps of 8 rows (RB 64) unless that grid is smaller than the
-    GPU's SM count; then fewer rows per warp (``_rows_per_warp``). One sample per lane (BT 32) from 512 rows on:
-    on an H100 at 4096x4096, 90 %, batch 256, (1, 8, 8) took the forward from 847 to 690 us and dx from 1016 to
-    699 us against the earlier (2, 8, 8) (bench_cuda.py --sweep): twice the batch tiles, so each block's x tile
-    and accumulators are half the size and the grid twice as large, for the same shared-memory loads."""
+
+_OPTIN: list = []
+
+
+def _panel_fits(plan, smem: int) -> bool:
+    """Whether the panel kernel's plan leaves enough input rows a chunk with smem bytes (float64 halves them)."""
+    try:
+        K.panel_geometry(*plan[:3], smem, np.float64)
+        return True
+    except ValueError:
+        return False
+
+
+def _plan(n_rows: int, bx: int):
+    """The launch plan of the batched sparse product for n_rows outputs and a batch extent bx (see cuda_kernels):
+    ``(spl, warps, rpw)`` for ``tile_kernel``, ``(spl, warps, rpw, smem_bytes)`` for ``panel_kernel``.
+
+    From 512 rows on a GPU: the panel kernel with PANEL_PLAN, its shared memory capped at what a block may opt in
+    to on this GPU (227 KiB on an H100/H200, 163 KiB on an A100); the tile kernel where even that leaves too few
+    chunk rows. Measured on an H200 at 4096x4096, 90 %, batch 256 (bench_cuda.py --sweep, medians of interleaved
+    rounds; forward / dx): tile kernel (1, 8, 8) 688 / 690 us; panel (2, 8, 8, 96 KiB) 269 / 306; (2, 16, 4, 96 KiB)
+    230 / 248; (2, 16, 8, 200 KiB), the default, 204 / 243; (2, 32, 4, 200 KiB) 176 / 194 -- the fastest, not the
+    default yet because the device tests ran on (2, 16, 8) and 1024-thread blocks may not launch where a kernel
+    needs more registers (float64). More warps an SM hide the shared-memory and shuffle latency; more rows a block
+    re-read fewer x tiles from L2; 4 samples a lane halved the grid and lost (370-509 us).
+
+    The tile kernel (small layers, the simulator): 8 warps of 8 rows (RB 64) unless that grid is smaller than the
+    GPU's SM count; then fewer rows per warp (``_rows_per_warp``), one sample per lane from 512 rows."""
     if PLAN_OVERRIDE is not None:
         return PLAN_OVERRIDE
     key = (n_rows, bx)
@@ -433,6 +466,8 @@ def _plan(n_rows: int, bx: int):
     if plan is None:
         if SIMULATOR or n_rows < 512:
             plan = (1 if bx <= 32 else 2), 2, 2
+        elif PANEL_PLAN is not None and _panel_fits(PANEL_PLAN, min(PANEL_PLAN[3], _smem_optin())):
+            plan = (*PANEL_PLAN[:3], min(PANEL_PLAN[3], _smem_optin()))
         else:
             plan = 1, 8, _rows_per_warp(n_rows, -(-int(bx) // 32))
         if len(_plans) > 1024:
@@ -450,7 +485,7 @@ def _dvals_plan(n_rows: int, bx: int):
     the batch tiles, so its rows' sums stay in one block: deterministic), so RB is chosen to cover the SMs."""
     if DVALS_PLAN_OVERRIDE is not None:
         return DVALS_PLAN_OVERRIDE
-    if PLAN_OVERRIDE is not None:
+    if PLAN_OVERRIDE is not None and len(PLAN_OVERRIDE) == 3:
         return PLAN_OVERRIDE
     key = (n_rows, bx)
     plan = _dvals_plans.get(key)
@@ -472,15 +507,24 @@ def _bits_of(vals) -> int:
 
 
 def _spmm(st: _DevStructure, vals, rb, scale, bias, x, sb, si, b_in, n_in, out, ob, oj, b_out, b_valid):
-    """Launch the tile kernel over structure ``st`` (x and out strided; see cuda_kernels)."""
+    """Launch the batched kernel its plan names over structure ``st`` (x and out strided; see cuda_kernels)."""
     dt = _dt(out)
-    spl, warps, rpw = _plan(st.n_rows, b_out)
-    bt, _, rb_rows, ch = K.tile_geometry(spl, warps, rpw, dt)
+    plan = _plan(st.n_rows, b_out)
+    if len(plan) == 4 and st.idx.size < 2 ** 31:  # the panel kernel (32-bit entry offsets)
+        spl, warps, rpw, smem = plan
+        bt, ld, rb_rows, ch = K.panel_geometry(spl, warps, rpw, smem, dt)
+        kern = K.panel_kernel(spl, warps, rpw, ch, _bits_of(vals), dt)
+        launch = (ch * ld * dt.itemsize,)
+    else:
+        spl, warps, rpw = plan[:3]
+        bt, _, rb_rows, ch = K.tile_geometry(spl, warps, rpw, dt)
+        kern = K.tile_kernel(spl, warps, rpw, _bits_of(vals), dt)
+        launch = ()
     seg, n_chunks = st.seg(ch, n_in)
-    kern = K.tile_kernel(spl, warps, rpw, _bits_of(vals), dt)
     grid = (max(1, -(-b_out // bt)), max(1, -(-st.n_rows // rb_rows)))
-    kern[grid, 32 * warps](x, sb, si, b_in, st.ptr, st.idx, vals, rb, scale, bias, seg, n_chunks, n_in,
-                           out, ob, oj, b_out, b_valid, st.n_rows)
+    kern[(grid, 32 * warps, 0) + launch if launch else (grid, 32 * warps)](
+        x, sb, si, b_in, st.ptr, st.idx, vals, rb, scale, bias, seg, n_chunks, n_in,
+        out, ob, oj, b_out, b_valid, st.n_rows)
 
 
 def _rows(st: _DevStructure, vals, rb, scale, bias, x2d, out2d):

@@ -35,6 +35,25 @@ Launch configurations (derived in ``fanin.kernels.cuda``; numbers for a 4096x409
   per 64 samples, x tiles from L2 ``n_rows / RB * B * n_in * 4`` = 256 MB, idx+vals 4 * 6 * nnz = 40 MB.
   FLOPs 2 * nnz * B = 0.86 GFLOP (dense: 8.6 GFLOP).
 
+``panel_kernel`` -- the batched forward and dx of large layers (from 512 rows, on a GPU whose blocks may opt in to
+  more than 48 KiB of shared memory: ``fanin.kernels.cuda.PANEL_PLAN``). The tile kernel's scheme with what held it
+  back removed: the x tile lives in *dynamic* shared memory sized at launch, each thread keeps its rows' running
+  sums in its own storage for the whole pass (a local array: registers, or L1-cached local memory touched once per
+  row and chunk where NVVM keeps it there; no shared accumulator tile, so all of the shared memory holds x), the tile is
+  staged with four independent loads in flight per thread (the tile kernel's load-then-store loop waited for every
+  load), the warp's rows' chunk segments, scales and first entries are read with one load each and broadcast by
+  ``shfl``, and the inner loop takes two entries a step into two sets of sums, with unsigned shared offsets (Numba
+  adds a negative-index wrap-around to signed ones: four more instructions per load). Sums are staged through the
+  tile at the end and written coalesced as the tile kernel writes them. Above 48 KiB a kernel must opt in
+  (``opt_in_shared``, once per signature).
+  Default (2 samples a lane, 16 warps, 8 rows a warp, 200 KiB): BT 64, RB 128, CH 787 input rows (6 chunks at
+  n_in = 4096, against the tile kernel's 33), one 512-thread block an SM; grid at 4096 rows, batch 256:
+  4 x 32 = 128 blocks. Traffic there: x tiles from L2 ``n_rows / RB * B * n_in * 4`` = 128 MB; shared loads and
+  shuffles 13.4 M warp instructions each (one load per 32 multiply-adds, two shuffles per entry per 64 samples),
+  about 100 us of an H200's shared-memory pipe (1 wavefront a clock an SM, 132 SMs, 1.98 GHz) -- the floor of this
+  formulation; measured 204 us (bench/RESULTS.md). Halving the shuffles (one 64-bit broadcast of offset and weight
+  staged in shared memory) is the next step.
+
 ``dvals_tile_kernel`` -- value gradient ``dv[e] = sum_b dy[b, row] * x[b, idx[e]]``. Grid ``ceil(n_rows / RB)``
   blocks that loop over batch tiles and input chunks (deterministic: a block owns its rows' outputs; no atomics).
   RB is chosen so the grid covers the SMs (4096 rows on a 132-SM H100: 2 rows a warp, RB 16, 256 blocks).
@@ -69,6 +88,9 @@ from numba import cuda
 
 FULL = 0xFFFFFFFF
 SMEM_BYTES = 48 * 1024  # static shared memory per block without an opt-in
+# panel_kernel's plan for large layers: samples a lane, warps, rows a warp, dynamic shared bytes (fanin.kernels.cuda
+# uses it as PANEL_PLAN; the measurements behind it: its _plan)
+DEFAULT_PANEL_PLAN = (2, 16, 8, 200 * 1024)
 EW_THREADS = 256
 
 _cache: dict = {}
@@ -119,12 +141,15 @@ _REFUSED: list = []  # (kernel key, reason) of signatures kept on Numba's path (
 
 
 class _Launch:
-    __slots__ = ("k", "config", "cfg", "fast")
+    __slots__ = ("k", "config", "cfg", "fast", "smem")
 
     def __init__(self, k, config):
         self.k, self.config = k, config
         self.cfg = None  # Numba's configured launcher, made on first use
         self.fast = {}  # signature key -> (cuda.core kernel, LaunchConfig, stream) or None (Numba's path)
+        # dynamic shared memory past the 48 KiB every kernel may use: the kernel must opt in (Numba does not)
+        big = isinstance(config, tuple) and len(config) >= 4 and config[3] > SMEM_BYTES
+        self.smem = int(config[3]) if big else 0
 
     def __call__(self, *args):
         if Kernel.RECORD is not None:
@@ -142,13 +167,48 @@ class _Launch:
             cfg = self.cfg
             if cfg is None:  # Numba's configured launcher (immutable on a GPU; the simulator's is the kernel itself)
                 cfg = self.cfg = self.k.kern[self.config]
+            if self.smem:
+                opt_in_shared(self.k.kern, args, self.smem)
             cfg(*args)
             FAST_STATS["numba"] += 1
             if sig is not None and entry is False:
                 self.fast[sig] = _fast_entry(self.k, cfg, args, params)
             return
+        if self.smem and not _SIM:
+            opt_in_shared(self.k.kern, args, self.smem)
         self.k.kern[self.config](*args)
         FAST_STATS["numba"] += 1
+
+
+
+
+def _simulated() -> bool:
+    try:
+        from numba.cuda.core import config as _config
+    except ImportError:  # pragma: no cover - older layouts
+        from numba import config as _config
+    return bool(getattr(_config, "ENABLE_CUDASIM", 0))
+
+
+_SIM = _simulated()
+_OPTED: set = set()
+
+
+def opt_in_shared(disp, args, nbytes: int):
+    """Let the kernel ``disp`` compiles for ``args`` launch with ``nbytes`` of dynamic shared memory: above 48 KiB
+    the driver refuses a launch unless the function's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES was raised,
+    and Numba's launcher does not raise it (numba-cuda issue #94). Compiles the kernel if needed; once per
+    (kernel, argument types, size)."""
+    argtypes = tuple(disp.typeof_pyval(a) for a in args)
+    key = (id(disp), argtypes, int(nbytes))
+    if key in _OPTED:
+        return
+    from numba.cuda.cudadrv import driver as drv
+
+    fn = disp.compile(argtypes)._codelibrary.get_cufunc()
+    attr = drv.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    drv.driver.cuKernelSetAttribute(attr, int(nbytes), fn.handle, fn.device.id)
+    _OPTED.add(key)
 
 
 _core_launch = None  # cuda.core's launch, as Numba's dispatcher imports it (set by _fast_entry)
@@ -328,7 +388,7 @@ def build(key):
     name, *params = key
     if name.startswith("k_"):
         return globals()[name]
-    factory = {"rows": rows_kernel, "tile": tile_kernel, "dvals": dvals_tile_kernel, "dvals_rows": dvals_rows_kernel,
+    factory = {"rows": rows_kernel, "tile": tile_kernel, "panel": panel_kernel, "dvals": dvals_tile_kernel, "dvals_rows": dvals_rows_kernel,
                "transpose": transpose_kernel, "gemm": gemm_kernel, "topc": topc_kernel}[name]
     return factory(*params)
 
@@ -538,6 +598,185 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
                         out[r * oj + b * ob] = v
         return Kernel(("tile", spl, warps, rpw, bits, np.dtype(dtype).name), k_tile)
     return _memo(("tile", spl, warps, rpw, bits, DT), make)
+
+
+@functools.lru_cache(maxsize=256)
+def panel_geometry(spl: int, warps: int, rpw: int, smem_bytes: int, dtype):
+    """(BT, LD, RB, CH) of ``panel_kernel``: its x tile of CH input rows fills ``smem_bytes`` of dynamic shared
+    memory (rounded down to whole rows); CH >= RB because the tile is reused to stage the block's outputs."""
+    bt = 32 * spl
+    ld = bt + 1
+    rb = warps * rpw
+    ch = int(smem_bytes) // (ld * np.dtype(dtype).itemsize)
+    if ch < max(8, rb):
+        raise ValueError(f"panel configuration spl={spl} warps={warps} rpw={rpw} with {smem_bytes} bytes of shared "
+                         f"memory leaves {ch} chunk rows (at least {max(8, rb)} needed)")
+    return bt, ld, rb, ch
+
+
+@_fronted
+def panel_kernel(spl: int, warps: int, rpw: int, ch: int, bits: int, dtype):
+    """Batched sparse product with large x tiles in dynamic shared memory and per-thread running sums (see the module
+    doc): the tile kernel's successor for large layers."""
+    DT = _nbtype(dtype)
+    W = _weight_fn(bits, DT)
+    BT, LD, RB = 32 * spl, 32 * spl + 1, warps * rpw
+    CH, NT, SPL, RPW, WARPS = ch, 32 * warps, spl, rpw, warps
+    ACC = rpw * spl
+    if CH < RB or 2 * RPW > 32:
+        raise ValueError(f"panel kernel: {CH} chunk rows for {RB} rows a block, {RPW} rows a warp")
+
+    def make():
+        @cuda.jit
+        def k_panel(x, sb, si, B_in, ptr, idx, vals, rb, scale, bias, seg, n_chunks, n_in,
+                    out, ob, oj, B_out, B_valid, n_rows):
+            xs = cuda.shared.array(0, DT)  # dynamic: CH * LD values (the launch's shared-memory size)
+            acc = cuda.local.array(ACC, DT)
+            a0 = cuda.local.array(SPL, DT)
+            a1 = cuda.local.array(SPL, DT)
+            pf = cuda.local.array(4, DT)
+            tid = cuda.threadIdx.x
+            lane = tid & 31
+            ulane = numba.uint32(lane)
+            w = tid >> 5
+            b0 = cuda.blockIdx.x * BT
+            r0 = cuda.blockIdx.y * RB
+            rw = r0 + w * RPW  # the warp's rows: rw .. rw + RPW - 1
+            for i in range(ACC):
+                acc[i] = 0
+            # per row of the warp, read once: lane t < RPW holds row t's scale and first entry
+            srl = DT(0.0)
+            epl = numba.int32(0)
+            if lane < RPW and rw + lane < n_rows:
+                srl = scale[rw + lane]
+                epl = numba.int32(ptr[rw + lane])
+            ns = n_chunks + 1
+            for c in range(n_chunks):
+                c0 = c * CH
+                nr = min(CH, n_in - c0)
+                # this chunk's segment of each row: lane t < RPW its start, lane RPW + t its end (rows past the
+                # end: 0, 0 = empty)
+                sv = numba.int32(0)
+                if lane < 2 * RPW:
+                    t = lane
+                    hi_side = 0
+                    if t >= RPW:
+                        t -= RPW
+                        hi_side = 1
+                    if rw + t < n_rows:
+                        sv = numba.int32(seg[(rw + t) * ns + c + hi_side])
+                cuda.syncthreads()
+                if si == 1:  # row-major x: a warp reads consecutive inputs of one sample, four loads in flight
+                    for s in range(w, BT, WARPS):
+                        bi = b0 + s
+                        if bi < B_in:
+                            xb = bi * sb + c0
+                            for i in range(lane, nr, 128):
+                                v0 = x[xb + i]
+                                v1 = DT(0.0)
+                                v2 = DT(0.0)
+                                v3 = DT(0.0)
+                                if i + 32 < nr:
+                                    v1 = x[xb + i + 32]
+                                if i + 64 < nr:
+                                    v2 = x[xb + i + 64]
+                                if i + 96 < nr:
+                                    v3 = x[xb + i + 96]
+                                xs[i * LD + s] = v0
+                                if i + 32 < nr:
+                                    xs[(i + 32) * LD + s] = v1
+                                if i + 64 < nr:
+                                    xs[(i + 64) * LD + s] = v2
+                                if i + 96 < nr:
+                                    xs[(i + 96) * LD + s] = v3
+                        else:
+                            for i in range(lane, nr, 32):
+                                xs[i * LD + s] = 0
+                else:  # panel layout: consecutive threads read consecutive samples, four loads in flight
+                    tot = BT * nr
+                    for q in range(tid, tot, 4 * NT):
+                        for u in range(4):
+                            qq = q + u * NT
+                            pf[u] = 0
+                            if qq < tot:
+                                i = qq // BT
+                                s = qq - i * BT
+                                if b0 + s < B_in:
+                                    pf[u] = x[(c0 + i) * si + (b0 + s) * sb]
+                        for u in range(4):
+                            qq = q + u * NT
+                            if qq < tot:
+                                i = qq // BT
+                                s = qq - i * BT
+                                xs[i * LD + s] = pf[u]
+                cuda.syncthreads()
+                for rr in range(RPW):
+                    lo = cuda.shfl_sync(FULL, sv, rr)
+                    hi = cuda.shfl_sync(FULL, sv, RPW + rr)
+                    sr = cuda.shfl_sync(FULL, srl, rr)
+                    e_row = cuda.shfl_sync(FULL, epl, rr)
+                    if lo < hi:  # the same for the whole warp
+                        r = rw + rr
+                        for q in range(SPL):
+                            a0[q] = 0
+                            a1[q] = 0
+                        for e0 in range(lo, hi, 32):
+                            e = e0 + lane
+                            off = numba.int32(0)
+                            wv = DT(0.0)
+                            if e < hi:
+                                off = numba.int32((idx[e] - c0) * LD)
+                                wv = W(vals, e, e - e_row, rb, r, sr)
+                            n = min(32, hi - e0)
+                            m = 0
+                            # unsigned offsets: Numba adds no negative-index wrap-around to the shared loads
+                            while m + 1 < n:  # two entries a step, two sets of sums (independent FMA chains)
+                                o = numba.uint32(cuda.shfl_sync(FULL, off, m)) + ulane
+                                wa = cuda.shfl_sync(FULL, wv, m)
+                                o2 = numba.uint32(cuda.shfl_sync(FULL, off, m + 1)) + ulane
+                                wb = cuda.shfl_sync(FULL, wv, m + 1)
+                                for q in range(SPL):
+                                    a0[q] += wa * xs[o + numba.uint32(q * 32)]
+                                    a1[q] += wb * xs[o2 + numba.uint32(q * 32)]
+                                m += 2
+                            if m < n:
+                                o = numba.uint32(cuda.shfl_sync(FULL, off, m)) + ulane
+                                wa = cuda.shfl_sync(FULL, wv, m)
+                                for q in range(SPL):
+                                    a0[q] += wa * xs[o + numba.uint32(q * 32)]
+                        for q in range(SPL):
+                            acc[rr * SPL + q] += a0[q] + a1[q]
+            # stage the block's sums in the tile (CH >= RB rows), then write them coalesced
+            cuda.syncthreads()
+            for rr in range(RPW):
+                rl = w * RPW + rr
+                for q in range(SPL):
+                    xs[rl * LD + q * 32 + lane] = acc[rr * SPL + q]
+            cuda.syncthreads()
+            if oj == 1:  # row-major output (B, n_rows): consecutive threads write consecutive rows
+                for q in range(tid, RB * BT, NT):
+                    s = q // RB
+                    rl = q - s * RB
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        y = DT(0.0)
+                        if b < B_valid:
+                            y = bias[r] + xs[rl * LD + s]
+                        out[b * ob + r] = y
+            else:  # panel output (n_rows, Bp): consecutive threads write consecutive samples; zero padding
+                for q in range(tid, RB * BT, NT):
+                    rl = q // BT
+                    s = q - rl * BT
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        y = DT(0.0)
+                        if b < B_valid:
+                            y = bias[r] + xs[rl * LD + s]
+                        out[r * oj + b * ob] = y
+        return Kernel(("panel", spl, warps, rpw, ch, bits, np.dtype(dtype).name), k_panel)
+    return _memo(("panel", spl, warps, rpw, ch, bits, DT), make)
 
 
 @_fronted

@@ -5,7 +5,7 @@ under Numba's simulator with launches switched off (``Kernel.DRY``), collecting 
 every launch: exactly what the dispatcher would compile on a GPU. ``compile_ptx(records, cc)`` then compiles each
 one to PTX with NVVM (the ``cuda`` extra ships it), outside the simulator, for a compute capability such as
 ``(9, 0)`` (H100) or ``(8, 0)`` (A100). The tile kernels are compiled in the 8-warp configuration large layers use
-on a GPU as well as in the one the small shapes recorded.
+on a GPU as well as in the one the small shapes recorded, and the panel kernel in ``PANEL_PLAN``'s.
 
     NUMBA_ENABLE_CUDASIM=1 python -m fanin.kernels.cuda_ptx > records.json   # record
     python -m fanin.kernels.cuda_ptx --compile records.json                  # compile for sm_80 and sm_90
@@ -105,12 +105,19 @@ def record() -> list:
 
 
 def variants(records) -> list:
-    """The records, plus the 8-warp configuration of every tile kernel (what large layers use on a GPU)."""
+    """The records, plus the 8-warp configuration of every tile kernel and the panel kernel of ``PANEL_PLAN`` (what
+    large layers use on a GPU)."""
+    from fanin.kernels import cuda_kernels as K
+
     out, seen = [], set()
     for key, desc in records:
         keys = [tuple(key)]
         if key[0] in ("tile", "dvals"):
             keys.append((key[0], key[1], 8, 8, *key[4:]))
+        if key[0] == "tile":  # large layers' panel kernel (fanin.kernels.cuda.PANEL_PLAN): the same arguments
+            spl, warps, rpw, smem = K.DEFAULT_PANEL_PLAN
+            ch = K.panel_geometry(spl, warps, rpw, smem, np.dtype(key[-1]))[3]
+            keys.append(("panel", spl, warps, rpw, ch, *key[4:]))
         if key[0] == "topc":  # the simulator records 32 threads a row; a GPU launches 256
             keys = [("topc", 256)]
         for k2 in keys:
