@@ -514,17 +514,16 @@ def _spmm(st: _DevStructure, vals, rb, scale, bias, x, sb, si, b_in, n_in, out, 
         spl, warps, rpw, smem = plan
         bt, ld, rb_rows, ch = K.panel_geometry(spl, warps, rpw, smem, dt)
         kern = K.panel_kernel(spl, warps, rpw, ch, _bits_of(vals), dt)
-        launch = (ch * ld * dt.itemsize,)
+        shared = (0, ch * ld * dt.itemsize)  # (stream, dynamic shared bytes) of the launch configuration
     else:
         spl, warps, rpw = plan[:3]
         bt, _, rb_rows, ch = K.tile_geometry(spl, warps, rpw, dt)
         kern = K.tile_kernel(spl, warps, rpw, _bits_of(vals), dt)
-        launch = ()
+        shared = ()
     seg, n_chunks = st.seg(ch, n_in)
     grid = (max(1, -(-b_out // bt)), max(1, -(-st.n_rows // rb_rows)))
-    kern[(grid, 32 * warps, 0) + launch if launch else (grid, 32 * warps)](
-        x, sb, si, b_in, st.ptr, st.idx, vals, rb, scale, bias, seg, n_chunks, n_in,
-        out, ob, oj, b_out, b_valid, st.n_rows)
+    kern[(grid, 32 * warps, *shared)](x, sb, si, b_in, st.ptr, st.idx, vals, rb, scale, bias, seg, n_chunks, n_in,
+                                      out, ob, oj, b_out, b_valid, st.n_rows)
 
 
 def _rows(st: _DevStructure, vals, rb, scale, bias, x2d, out2d):
