@@ -1,8 +1,9 @@
 """The CUDA kernels on a real GPU against the CPU kernels, up to 4096x4096 layers and batch 256.
 
 Skipped without numba-cuda or without a GPU (and under the simulator, which ``test_cuda_sim.py`` covers). The
-simulator cannot show races that only parallel hardware has, so these run the large configurations (8 warps a
-block, many blocks, chunked inputs) and check that repeated runs agree bit for bit (no atomics anywhere).
+simulator cannot show races that only parallel hardware has, so these run the large configurations (the panel
+kernel's 16-warp blocks with up to 227 KiB of shared memory from 512 rows, the tile kernel's below; many blocks,
+chunked inputs) and check that repeated runs agree bit for bit (no atomics anywhere).
 
     make test-gpu      # or: python -m pytest -q -p no:cacheprovider tests/test_cuda_device.py -ra
 """

@@ -3,7 +3,8 @@ and the `cuda` extra's numba-cuda imports with the installed NumPy. No GPU neede
 
 The signatures are recorded by running every dispatcher path under the simulator with launches switched off
 (``fanin.kernels.cuda_ptx.record``, in a subprocess since the simulator is chosen at import); each is then compiled
-here, outside the simulator, the tile kernels also in the 8-warp configuration large layers get on a GPU.
+here, outside the simulator, the tile kernels also in the 8-warp configuration and the panel kernel in the one
+large layers get on a GPU.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 The simulator must be switched on before Numba is imported, so ``test_simulator_suite`` runs this very file in a
 subprocess with ``NUMBA_ENABLE_CUDASIM=1``; there the other tests run (in the parent they are skipped). The
 simulator executes every thread in Python (about a million times slower than a GPU): shapes are tiny, but each
-kernel path runs (batch 1 and the small-batch kernels, the shared-memory tile kernels with one and two samples per
-lane and with the 8-warp configuration, k = 1, k = n_in, ablated rows, int16/int32 indices, float32/float64).
+kernel path runs (batch 1 and the small-batch kernels, the shared-memory tile and panel kernels with one and two
+samples per lane and the tile kernel's 8-warp configuration, k = 1, k = n_in, ablated rows, int16/int32 indices,
+float32/float64).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
 under Numba's simulator with launches switched off (``Kernel.DRY``), collecting the (kernel key, argument types) of
 every launch: exactly what the dispatcher would compile on a GPU. ``compile_ptx(records, cc)`` then compiles each
 one to PTX with NVVM (the ``cuda`` extra ships it), outside the simulator, for a compute capability such as
-``(9, 0)`` (H100) or ``(8, 0)`` (A100). The tile kernels are compiled in the 8-warp configuration large layers use
-on a GPU as well as in the one the small shapes recorded, and the panel kernel in ``PANEL_PLAN``'s.
+``(9, 0)`` (H100) or ``(8, 0)`` (A100). The tile kernels are compiled in their 8-warp configuration as
+well as in the one the small shapes recorded, and the panel kernel (what large layers use on a GPU) in
+``PANEL_PLAN``'s.
 
     NUMBA_ENABLE_CUDASIM=1 python -m fanin.kernels.cuda_ptx > records.json   # record
     python -m fanin.kernels.cuda_ptx --compile records.json                  # compile for sm_80 and sm_90
