@@ -87,6 +87,7 @@ if not SIMULATOR and "NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT" not in os.environ:
         _numba_config.CUDA_DEALLOCS_COUNT = max(int(_numba_config.CUDA_DEALLOCS_COUNT), DEALLOCS_COUNT)
 
 # Launches skip Numba's per-call dispatch on a GPU (cuda_kernels.Kernel); FANIN_FAST_LAUNCH=0 keeps Numba's path.
+K.ON_GPU = not SIMULATOR
 K.enable_fast_launch(not SIMULATOR and os.environ.get("FANIN_FAST_LAUNCH", "1") not in ("", "0"))
 
 TB = cpu.TB
@@ -466,10 +467,12 @@ def _plan(n_rows: int, bx: int):
     if plan is None:
         if SIMULATOR or n_rows < 512:
             plan = (1 if bx <= 32 else 2), 2, 2
-        elif PANEL_PLAN is not None and _panel_fits(PANEL_PLAN, min(PANEL_PLAN[3], _smem_optin())):
-            plan = (*PANEL_PLAN[:3], min(PANEL_PLAN[3], _smem_optin()))
         else:
             plan = 1, 8, _rows_per_warp(n_rows, -(-int(bx) // 32))
+            if PANEL_PLAN is not None:
+                smem = min(PANEL_PLAN[3], _smem_optin())
+                if _panel_fits(PANEL_PLAN, smem):
+                    plan = (*PANEL_PLAN[:3], smem)
         if len(_plans) > 1024:
             _plans.clear()
         _plans[key] = plan

@@ -174,7 +174,7 @@ class _Launch:
             if sig is not None and entry is False:
                 self.fast[sig] = _fast_entry(self.k, cfg, args, params)
             return
-        if self.smem and not _SIM:
+        if self.smem and ON_GPU:
             opt_in_shared(self.k.kern, args, self.smem)
         self.k.kern[self.config](*args)
         FAST_STATS["numba"] += 1
@@ -182,15 +182,8 @@ class _Launch:
 
 
 
-def _simulated() -> bool:
-    try:
-        from numba.cuda.core import config as _config
-    except ImportError:  # pragma: no cover - older layouts
-        from numba import config as _config
-    return bool(getattr(_config, "ENABLE_CUDASIM", 0))
-
-
-_SIM = _simulated()
+# True when fanin.kernels.cuda runs on a real GPU (it sets this; the simulator and PTX-only use leave it False)
+ON_GPU = False
 _OPTED: set = set()
 
 
@@ -488,6 +481,40 @@ def rows_kernel(bits: int, dtype):
     return _memo(("rows", bits, DT), make)
 
 
+def _tile_writer(RB: int, BT: int, LD: int, NT: int, DT):
+    """Device function ``write(tile, tid, r0, b0, bias, out, ob, oj, B_out, B_valid, n_rows)``: a block's RB x BT
+    sums, staged in shared memory at ``tile[rl * LD + s]``, plus the bias, written to ``out`` coalesced -- along rows
+    for a row-major output (B, n_rows) (``oj == 1``), along samples for the panel layout (n_rows, Bp), whose padding
+    columns (``B_valid <= b < B_out``) get zeros. The tile and panel kernels end with it."""
+    def make():
+        @cuda.jit(device=True, inline="always")
+        def write(tile, tid, r0, b0, bias, out, ob, oj, B_out, B_valid, n_rows):
+            if oj == 1:  # row-major output: consecutive threads write consecutive rows
+                for q in range(tid, RB * BT, NT):
+                    s = q // RB
+                    rl = q - s * RB
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        v = DT(0.0)
+                        if b < B_valid:
+                            v = bias[r] + tile[rl * LD + s]
+                        out[b * ob + r] = v
+            else:  # panel output: consecutive threads write consecutive samples
+                for q in range(tid, RB * BT, NT):
+                    rl = q // BT
+                    s = q - rl * BT
+                    r = r0 + rl
+                    b = b0 + s
+                    if r < n_rows and b < B_out:
+                        v = DT(0.0)
+                        if b < B_valid:
+                            v = bias[r] + tile[rl * LD + s]
+                        out[r * oj + b * ob] = v
+        return write
+    return _memo(("write", RB, BT, LD, NT, DT), make)
+
+
 @functools.lru_cache(maxsize=256)
 def tile_geometry(spl: int, warps: int, rpw: int, dtype, staged_rows: bool = True):
     """(BT, LD, RB, CH): batch tile, padded row stride, rows per block, input rows per chunk."""
@@ -510,6 +537,7 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
     NT = 32 * warps
     SPL, RPW, WARPS = spl, rpw, warps
     X_SIZE, R_SIZE = CH * LD, RB * LD  # shared tiles: compile-time sizes
+    WRITE = _tile_writer(RB, BT, LD, NT, DT)
 
     def make():
         @cuda.jit
@@ -574,28 +602,7 @@ def tile_kernel(spl: int, warps: int, rpw: int, bits: int, dtype):
                             for q in range(SPL):
                                 acs[rl * LD + q * 32 + lane] += a[q]
             cuda.syncthreads()
-            if oj == 1:  # row-major output (B, n_rows): consecutive threads write consecutive rows
-                for q in range(tid, RB * BT, NT):
-                    s = q // RB
-                    rl = q - s * RB
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        v = DT(0.0)
-                        if b < B_valid:
-                            v = bias[r] + acs[rl * LD + s]
-                        out[b * ob + r] = v
-            else:  # panel output (n_rows, Bp): consecutive threads write consecutive samples; zero padding
-                for q in range(tid, RB * BT, NT):
-                    rl = q // BT
-                    s = q - rl * BT
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        v = DT(0.0)
-                        if b < B_valid:
-                            v = bias[r] + acs[rl * LD + s]
-                        out[r * oj + b * ob] = v
+            WRITE(acs, tid, r0, b0, bias, out, ob, oj, B_out, B_valid, n_rows)
         return Kernel(("tile", spl, warps, rpw, bits, np.dtype(dtype).name), k_tile)
     return _memo(("tile", spl, warps, rpw, bits, DT), make)
 
@@ -625,6 +632,7 @@ def panel_kernel(spl: int, warps: int, rpw: int, ch: int, bits: int, dtype):
     ACC = rpw * spl
     if CH < RB or 2 * RPW > 32:
         raise ValueError(f"panel kernel: {CH} chunk rows for {RB} rows a block, {RPW} rows a warp")
+    WRITE = _tile_writer(RB, BT, LD, NT, DT)
 
     def make():
         @cuda.jit
@@ -753,28 +761,7 @@ def panel_kernel(spl: int, warps: int, rpw: int, ch: int, bits: int, dtype):
                 for q in range(SPL):
                     xs[rl * LD + q * 32 + lane] = acc[rr * SPL + q]
             cuda.syncthreads()
-            if oj == 1:  # row-major output (B, n_rows): consecutive threads write consecutive rows
-                for q in range(tid, RB * BT, NT):
-                    s = q // RB
-                    rl = q - s * RB
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        y = DT(0.0)
-                        if b < B_valid:
-                            y = bias[r] + xs[rl * LD + s]
-                        out[b * ob + r] = y
-            else:  # panel output (n_rows, Bp): consecutive threads write consecutive samples; zero padding
-                for q in range(tid, RB * BT, NT):
-                    rl = q // BT
-                    s = q - rl * BT
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        y = DT(0.0)
-                        if b < B_valid:
-                            y = bias[r] + xs[rl * LD + s]
-                        out[r * oj + b * ob] = y
+            WRITE(xs, tid, r0, b0, bias, out, ob, oj, B_out, B_valid, n_rows)
         return Kernel(("panel", spl, warps, rpw, ch, bits, np.dtype(dtype).name), k_panel)
     return _memo(("panel", spl, warps, rpw, ch, bits, DT), make)
 
