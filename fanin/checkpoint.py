@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -63,12 +64,20 @@ def load_checkpoint(path) -> dict:
     """Read a checkpoint written by ``save_checkpoint`` (refuses anything else, with a reason)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; check the --resume path.")
+        raise CheckpointError(f"no checkpoint at {path}; check the path (fanin train --checkpoint-every N writes them).")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"FANIN\x00"):
+        raise CheckpointError(f"{path} is a .fanin model file, not a training checkpoint: it is already what fanin "
+                              "export makes (fanin info / eval / predict read it).")
+    if not head.startswith(b"PK"):
+        raise CheckpointError(f"{path} is not a fanin checkpoint (not an .npz archive); fanin train "
+                              "--checkpoint-every N writes them.")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["__meta__"]).decode())
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path} is not a readable fanin checkpoint ({exc}).") from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a fanin checkpoint of version {VERSION}.")

@@ -38,6 +38,34 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, what: str = ""):
+    """An argparse type: a float in the interval from lo to hi (open at an end where asked); ``what`` says what
+    the number means, in the one-line error."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def check(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        inside = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)  # False for nan
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be in {interval}{what}, got {text}")
+        return v
+
+    return check
+
+
 def _gamma(text: str):
     """--compress's value: a gamma >= 0, or "default" (argparse passes a string ``const`` through ``type`` too)."""
     return text if text == "default" else _non_negative(text)
@@ -75,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
     t.add_argument("--lr", type=_positive, default=None, help="learning rate (default: 0.05 for sgd, 1e-3 for adam)")
-    t.add_argument("--momentum", type=_non_negative, default=0.9)
+    t.add_argument("--momentum", type=_in(0, 1, hi_open=True), default=0.9)
     t.add_argument("--weight-decay", type=_non_negative, default=5e-4)
     t.add_argument("--warmup-epochs", type=_non_negative, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.add_argument("--dropout", type=_in(0, 1, hi_open=True), default=0.0, help="dropout before the classifier")
     t.add_argument("--limit", type=_positive_int, default=None,
                    help="use only the first N training images (quick runs)")
     t.add_argument("--validation", type=_positive_int, default=None, metavar="N",
@@ -89,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = t.add_argument_group("sparse training (SPEC.md section 2)")
     s.add_argument("--method", default="dense", choices=["dense", "static", "rigl", "srigl"],
                    help="dense; static (random unstructured mask); rigl (unstructured); srigl (constant fan-in)")
-    s.add_argument("--sparsity", type=float, default=0.9, help="global fraction of weights removed")
+    s.add_argument("--sparsity", type=_in(0, 1, True, True, " (the fraction of weights removed: 0.9 keeps 10 %)"), default=0.9, help="global fraction of weights removed")
     s.add_argument("--distribution", default="erk", choices=["uniform", "erk"])
     s.add_argument("--dense-first", action="store_true", help="keep the first sparse layer dense")
     s.add_argument("--delta-t", type=_positive_int, default=100, help="optimizer steps between connectivity updates")
-    s.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
-    s.add_argument("--t-end", type=float, default=0.75, help="stop updating after this fraction of all steps")
-    s.add_argument("--gamma-sal", type=float, default=0.3, help="SRigL: salient fraction a neuron needs to stay")
+    s.add_argument("--alpha", type=_in(0, 1), default=0.3, help="initial drop fraction")
+    s.add_argument("--t-end", type=_in(0, 1, lo_open=True), default=0.75, help="stop updating after this fraction of all steps")
+    s.add_argument("--gamma-sal", type=_in(0, 1), default=0.3, help="SRigL: salient fraction a neuron needs to stay")
     s.add_argument("--no-ablation", action="store_true", help="SRigL without neuron ablation")
     s.add_argument("--grad-accumulation", type=_positive_int, default=1, help="batches of gradient behind each update")
     q = t.add_argument_group("self-compression (SPEC.md section 3)")
@@ -103,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn bits per channel and remove channels at 0 bits; GAMMA weighs the size term "
                         "(without a value: fanin.compress.DEFAULT_GAMMA, 0.1)")
     q.add_argument("--compress-lr", type=_positive, default=0.03, help="Adam learning rate of the bits and exponents")
-    q.add_argument("--init-bits", type=float, default=8.0, help="initial bit depth of every channel")
+    q.add_argument("--init-bits", type=_in(1, 16), default=8.0, help="initial bit depth of every channel")
     q.add_argument("--compress-cost", choices=["bits", "macs", "bits+macs"], default="bits",
                    help="what the size term counts: value bits (storage, default), bit-operations per sample "
                         "(compute: a filter's bits count once per output position), or both")
-    q.add_argument("--compress-until", type=float, default=0.6, metavar="FRACTION",
+    q.add_argument("--compress-until", type=_in(0, 1, lo_open=True), default=0.6, metavar="FRACTION",
                    help="learn bits and remove channels for this fraction of the steps, then fine-tune the weights "
                         "to them (default 0.6; 1.0: to the end)")
     c = t.add_argument_group("checkpoints")
@@ -205,6 +233,35 @@ def load_data(model: str, limit=None, validation=None):
     return (data.normalize(xtr, flat), ytr), (data.normalize(xte, flat), yte)
 
 
+def _listed(names) -> str:
+    """'--a applies' or '--a, --b apply' for option dests."""
+    flags = ", ".join("--" + n.replace("_", "-") for n in names)
+    return flags + (" applies" if len(names) == 1 else " apply")
+
+
+_SPARSE_ONLY = ("sparsity", "distribution", "dense_first", "delta_t", "alpha", "t_end", "gamma_sal", "no_ablation",
+                "grad_accumulation")
+_COMPRESS_ONLY = ("compress_lr", "init_bits", "compress_cost", "compress_until")
+
+
+def ignored_options(args) -> list:
+    """Notes for options given a value other than their default that this run does not use (a user who types
+    ``fanin train --sparsity 0.95`` without ``--method`` would otherwise get a dense network and no word of it)."""
+    defaults = build_parser().parse_args(["train"])
+    notes = []
+    changed = [n for n in _SPARSE_ONLY if getattr(args, n) != getattr(defaults, n)]
+    if args.method == "dense" and changed:
+        notes.append(f"{_listed(changed)} only to --method srigl, rigl or static; this run trains a dense network "
+                     "(add --method srigl for a sparse one).")
+    changed = [n for n in ("gamma_sal", "no_ablation") if getattr(args, n) != getattr(defaults, n)]
+    if args.method in ("rigl", "static") and changed:
+        notes.append(f"{_listed(changed)} only to --method srigl; ignored with --method {args.method}.")
+    changed = [n for n in _COMPRESS_ONLY if getattr(args, n) != getattr(defaults, n)]
+    if args.compress is None and changed:
+        notes.append(f"{_listed(changed)} only with --compress; this run does not compress.")
+    return notes
+
+
 def build_model(args):
     """The model the arguments ask for (condensed layers for srigl, dense otherwise)."""
     from fanin import models
@@ -290,6 +347,12 @@ def cmd_train(args) -> int:
     from fanin.data import DatasetNotFound
     from fanin.train import TrainConfig, fit, make_optimizer
 
+    if args.warmup_epochs > args.epochs:
+        print(f"fanin: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}); "
+              "use at most the number of epochs.", file=sys.stderr)
+        return 2
+    for note in ignored_options(args):
+        say(f"fanin: note: {note}", file=sys.stderr)
     try:
         train, test = load_data(args.model, args.limit, args.validation)
     except (DatasetNotFound, ValueError) as exc:
@@ -361,10 +424,16 @@ def cmd_train(args) -> int:
         f"{cfg.optimizer} lr={lr} batch={cfg.batch_size} seed={cfg.seed}{ranks}")
     start = time.perf_counter()
     new = []
-    fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, schedule=schedule,
-        hooks=hooks, loss_terms=[compressor.size_loss] if compressor is not None else [],
-        progress=not args.no_progress, start_epoch=start_epoch, rng=rng, on_epoch_end=on_epoch_end, history=new,
-        comm=dp)
+    try:  # a diverging run ends in FloatingPointError below; NumPy's warnings on the way there are noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            fit(model, opt, train, test, epochs=cfg.epochs, batch_size=cfg.batch_size, schedule=schedule,
+                hooks=hooks, loss_terms=[compressor.size_loss] if compressor is not None else [],
+                progress=not args.no_progress, start_epoch=start_epoch, rng=rng, on_epoch_end=on_epoch_end,
+                history=new, comm=dp)
+    except FloatingPointError as exc:  # diverged: the settings, not a bug -- one line, like a bad argument
+        say(f"fanin: {exc} (this run: --optimizer {args.optimizer} --lr {lr:g} --momentum {args.momentum:g})",
+            file=sys.stderr)
+        return 2
     history += new
     wall = time.perf_counter() - start
     if new:
@@ -400,7 +469,8 @@ def _meta(args, last) -> dict:
 
     keep = ("model", "sizes", "method", "sparsity", "distribution", "epochs", "optimizer", "seed", "compress")
     return {"fanin": fanin.__version__, "data": "fashion-mnist", "normalize": "fashion-mnist",
-            "train": {k: v for k, v in vars(args).items() if k in keep},
+            "train": {k: v for k, v in vars(args).items()
+                      if k in keep and not (k in ("sparsity", "distribution") and args.method == "dense")},
             "validation_acc" if getattr(args, "validation", None) else "test_acc": last.get("test_acc"),
             "bits_pct": last.get("bits_pct")}
 
@@ -501,6 +571,11 @@ def cmd_predict(args) -> int:
     if net is None:
         return rc
     try:
+        with open(args.input, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            return _fail(f"{args.input} is not a .npy file (no NumPy magic bytes); save the samples with "
+                         "numpy.save(path, x), x of shape (batch, *input shape).")
         x = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as exc:
         return _fail(f"cannot read {args.input} as a .npy array ({exc}).")

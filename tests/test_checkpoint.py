@@ -131,7 +131,13 @@ def test_atomic_write_keeps_the_old_checkpoint_on_failure(tmp_path, monkeypatch)
 def test_corrupt_or_foreign_files_are_refused(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not an .npz archive"):
+        load_checkpoint(bad)
+    bad.write_bytes(b"PK\x03\x04 a zip header, then garbage")
     with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(bad)
+    bad.write_bytes(b"FANIN\x00\r\n and the rest of a model file")
+    with pytest.raises(CheckpointError, match="is a .fanin model file"):
         load_checkpoint(bad)
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
     with pytest.raises(CheckpointError):

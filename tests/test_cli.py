@@ -1,0 +1,113 @@
+"""`fanin train`'s arguments: every bad value is one line on stderr and exit status 2, never a traceback; options
+a run does not use are named, not silently dropped. No dataset needed (the data loader is replaced)."""
+import numpy as np
+import pytest
+
+from fanin import cli
+
+BAD = [
+    (["--sparsity", "1.5", "--method", "srigl"], "--sparsity"),
+    (["--sparsity", "0"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--alpha", "2"], "--alpha"),
+    (["--alpha", "-0.1"], "--alpha"),
+    (["--t-end", "0"], "--t-end"),
+    (["--gamma-sal", "1.5"], "--gamma-sal"),
+    (["--dropout", "1"], "--dropout"),
+    (["--dropout", "-1"], "--dropout"),
+    (["--momentum", "1"], "--momentum"),
+    (["--init-bits", "0.5"], "--init-bits"),
+    (["--init-bits", "17"], "--init-bits"),
+    (["--compress-until", "0"], "--compress-until"),
+    (["--compress-until", "1.01"], "--compress-until"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "1.5"], "--seed"),
+    (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _guest(monkeypatch):
+    """cli.main applies fanin.tuning (environment variables, malloc) for training: not in the test process."""
+    from fanin import tuning
+    monkeypatch.setattr(tuning, "apply", lambda *a, **k: {})
+
+
+def _tiny_data(model, limit=None, validation=None):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    return (x, y), (x[:16], y[:16])
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_train_arguments_are_one_line_and_exit_2(argv, flag, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    try:
+        code = cli.main(["train", "--no-progress", *argv])
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
+
+
+def test_in_range_types_accept_the_ends_they_should():
+    p = cli.build_parser()
+    a = p.parse_args(["train", "--alpha", "0", "--gamma-sal", "1", "--t-end", "1", "--dropout", "0",
+                      "--momentum", "0", "--init-bits", "16", "--compress-until", "1", "--sparsity", "0.999",
+                      "--seed", "0"])
+    assert (a.alpha, a.gamma_sal, a.t_end, a.dropout, a.momentum, a.init_bits, a.compress_until, a.sparsity,
+            a.seed) == (0, 1, 1, 0, 0, 16, 1, 0.999, 0)
+
+
+def test_options_the_run_does_not_use_are_named():
+    p = cli.build_parser()
+    assert cli.ignored_options(p.parse_args(["train"])) == []
+    assert cli.ignored_options(p.parse_args(["train", "--method", "srigl", "--sparsity", "0.95",
+                                             "--compress", "--init-bits", "4"])) == []
+    notes = cli.ignored_options(p.parse_args(["train", "--sparsity", "0.95", "--alpha", "0.5"]))
+    assert len(notes) == 1 and "--sparsity, --alpha apply only to --method" in notes[0] and "dense" in notes[0]
+    notes = cli.ignored_options(p.parse_args(["train", "--method", "rigl", "--gamma-sal", "0.5",
+                                              "--compress-until", "0.8"]))
+    assert len(notes) == 2 and "--gamma-sal applies only to --method srigl" in notes[0]
+    assert "--compress-until applies only with --compress" in notes[1]
+
+
+def test_a_diverging_run_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    code = cli.main(["train", "--no-progress", "--epochs", "2", "--lr", "1e30", "--sizes", "784-16-10"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "diverged" in err and "--lr 1e+30" in err, err
+
+
+def test_files_of_the_wrong_kind_are_named(tmp_path, capsys):
+    """export given a model file or junk, predict given something that is not a .npy: one line, exit 2."""
+    import fanin
+    from fanin import models
+
+    model_file = tmp_path / "m.fanin"
+    fanin.save(models.mlp([784, 16, 10], seed=0), model_file)
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not an array at all")
+    good = tmp_path / "x.npy"
+    np.save(good, np.zeros((2, 784), np.float32))
+    cases = [(["export", str(model_file), "--out", str(tmp_path / "o.fanin")], "is a .fanin model file"),
+             (["export", str(junk), "--out", str(tmp_path / "o.fanin")], "not an .npz archive"),
+             (["predict", str(model_file), str(junk)], "is not a .npy file"),
+             (["predict", str(model_file), str(model_file)], "is not a .npy file")]
+    for argv, says in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert cli.main(["predict", str(model_file), str(good)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_a_dense_run_does_not_record_a_sparsity_in_its_model_file():
+    p = cli.build_parser()
+    dense = cli._meta(p.parse_args(["train", "--sparsity", "0.95"]), {})["train"]
+    sparse = cli._meta(p.parse_args(["train", "--method", "srigl", "--sparsity", "0.95"]), {})["train"]
+    assert "sparsity" not in dense and dense["method"] == "dense"
+    assert sparse["sparsity"] == 0.95 and sparse["distribution"] == "erk"
