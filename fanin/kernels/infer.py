@@ -886,30 +886,48 @@ def _panels_forward(x, out, ws, wq, tab, i16, i32, f32, q8, q4, cptr):
         _unpack_panel(ws[p, L % 2], outf, p, nb, tab[L - 1, F_NOUT])
 
 
+@njit(**_FAST)
+def _layerwise_task(tab, l, ws, wq, task, nrb, i16, i32, f32, q8, q4):
+    """Task ``task`` of layer l in _panels_layerwise: JB rows of one panel (the panel's sentinel row after the
+    last block)."""
+    n_out = tab[l, F_NOUT]
+    p = task // nrb
+    j0 = (task % nrb) * JB
+    j1 = min(n_out, j0 + JB)
+    dst = ws[p, 1 - l % 2]
+    _layer_panel(tab, l, ws[p, l % 2], dst, j0, j1, i16, i32, f32, q8, q4, wq[task])
+    if j1 == n_out:
+        for s in range(TB):
+            dst[n_out * TB + s] = 0
+
+
 def _panels_layerwise(x, out, ws, wq, tab, i16, i32, f32, q8, q4, cptr):
     """The forward in panels, layer after layer, each layer's (panel, block of JB rows) tasks in parallel;
-    wq (n_tasks_max, JB * max kp) dequantization buffers, one per task of a layer."""
+    wq (n_tasks_max, JB * max kp) dequantization buffers, one per task of a layer. Work of a single task
+    (the packing and unpacking of a single panel, a layer of at most JB rows) runs on the calling thread: a
+    parallel region costs ~2.6 us to open and close on the 2-core reference machine, and the SRigL-90 % MLP
+    at batch 32 would otherwise open three that have nothing to share."""
     B = x.shape[0]
     L = tab.shape[0]
     outf = out.reshape(-1)
     n_panels = (B + TB - 1) // TB
-    for p in prange(n_panels):
-        _pack_panel(x, p, min(TB, B - p * TB), ws[p, 0], tab[0, F_NIN])
+    if n_panels == 1:
+        _pack_panel(x, 0, B, ws[0, 0], tab[0, F_NIN])
+    else:
+        for p in prange(n_panels):
+            _pack_panel(x, p, min(TB, B - p * TB), ws[p, 0], tab[0, F_NIN])
     for l in range(L):
-        n_out = tab[l, F_NOUT]
-        nrb = (n_out + JB - 1) // JB
-        for task in prange(n_panels * nrb):
-            p = task // nrb
-            j0 = (task % nrb) * JB
-            j1 = min(n_out, j0 + JB)
-            src = ws[p, l % 2]
-            dst = ws[p, 1 - l % 2]
-            _layer_panel(tab, l, src, dst, j0, j1, i16, i32, f32, q8, q4, wq[task])
-            if j1 == n_out:
-                for s in range(TB):
-                    dst[n_out * TB + s] = 0
-    for p in prange(n_panels):
-        _unpack_panel(ws[p, L % 2], outf, p, min(TB, B - p * TB), tab[L - 1, F_NOUT])
+        nrb = (tab[l, F_NOUT] + JB - 1) // JB
+        if n_panels * nrb == 1:
+            _layerwise_task(tab, l, ws, wq, 0, 1, i16, i32, f32, q8, q4)
+        else:
+            for task in prange(n_panels * nrb):
+                _layerwise_task(tab, l, ws, wq, task, nrb, i16, i32, f32, q8, q4)
+    if n_panels == 1:
+        _unpack_panel(ws[0, L % 2], outf, 0, B, tab[L - 1, F_NOUT])
+    else:
+        for p in prange(n_panels):
+            _unpack_panel(ws[p, L % 2], outf, p, min(TB, B - p * TB), tab[L - 1, F_NOUT])
 
 
 rows_forward, rows_forward_serial = twins(_rows_forward, _FAST)
@@ -926,6 +944,7 @@ def _half_family():
     for name in ("_panel_rows_sparse", "_panel_rows_dense", "_pack_panel", "_unpack_panel"):
         swap[name] = njit(**_FAST)(clone(globals()[name], "_half", swap))
     swap["_layer_panel"] = njit(**_FAST)(clone(_layer_panel, "_half", swap))
+    swap["_layerwise_task"] = njit(**_FAST)(clone(_layerwise_task, "_half", swap))
     return (njit(**_FAST)(clone(_panels_forward, "_half_serial", swap)),
             njit(parallel=True, **_FAST)(clone(_panels_layerwise, "_half", swap)))
 
