@@ -10,6 +10,8 @@ def write_atomic(path, write) -> pathlib.Path:
     """Call ``write(f)`` on a temporary file beside ``path`` (parents created), fsync it, and rename it over
     ``path``; on any error the temporary file is removed and ``path`` is left as it was."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file path inside it, e.g. {path / 'model.fanin'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

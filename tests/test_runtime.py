@@ -155,6 +155,15 @@ def test_compile_refuses_what_it_cannot_run():
             return self.a(x)
     with pytest.raises(TypeError, match="Sequential"):
         fanin.compile(Custom())
+    for not_a_model in (42, "model.fanin", np.zeros((2, 2))):
+        with pytest.raises(TypeError, match="expected a fanin model"):
+            fanin.compile(not_a_model)
+
+
+def test_save_to_a_directory_says_so_and_leaves_nothing(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file path"):
+        fanin.save(models.mlp([4, 2], seed=0), tmp_path)
+    assert list(tmp_path.iterdir()) == [] and list(tmp_path.parent.glob(tmp_path.name + ".*.tmp")) == []
 
 
 # ------------------------------------------------------------------ the file

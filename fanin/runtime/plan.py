@@ -43,6 +43,10 @@ def lower(model, input_shape=None) -> dict:
     from fanin import nn
     from fanin.compress import _leaves
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fanin.compile: expected a fanin model (an nn.Sequential of fanin layers, e.g. "
+                        f"fanin.models.mlp(...)) or a Network, got {type(model).__name__}; a saved model file is "
+                        "opened with fanin.load(path).")
     leaves = _leaves(model)
     if leaves is None:
         raise TypeError("fanin.compile: the model must be a Sequential (nested Sequentials are fine) of fanin layers; "
