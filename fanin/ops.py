@@ -513,7 +513,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
         raise ValueError(f"max_pool2d: padding {(ph, pw)} must be at most half the window {(kh, kw)}.")
     b, c, h, w = x.shape
     ho, wo = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw))
-    out, arg = pool.max_pool_forward(np.ascontiguousarray(x.data), kh, kw, sh, sw, ph, pw, ho, wo)
+    xd = np.ascontiguousarray(x.data)
+    if not (_tm.is_grad_enabled() and x.requires_grad):  # evaluation: the maxima alone, no argmax to keep
+        return Tensor._make(pool.max_pool_values(xd, kh, kw, sh, sw, ph, pw, ho, wo), (x,), None)
+    out, arg = pool.max_pool_forward(xd, kh, kw, sh, sw, ph, pw, ho, wo)
     return Tensor._make(out, (x,), lambda g: (pool.max_pool_backward(np.ascontiguousarray(g), arg, h, w),))
 
 

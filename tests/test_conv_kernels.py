@@ -85,6 +85,9 @@ def check(case):
     # the serial twin (no parallel region: the runtime's small batches, forked children) computes the same bits
     np.testing.assert_array_equal(conv.fanin_conv2d_forward(x, indices, values, bias, ks, stride, padding,
                                                             parallel=False), y)
+    for parallel in (True, False):  # the ReLU the runtime fuses into the stores: exactly max(y, 0)
+        np.testing.assert_array_equal(conv.fanin_conv2d_forward(x, indices, values, bias, ks, stride, padding,
+                                                                parallel=parallel, relu=True), np.maximum(y, 0))
     np.testing.assert_allclose(y, ref_forward(x, w, None if bias is None else bias.astype(np.float64), stride, padding),
                                **tol)
     dy = rng.standard_normal(y.shape).astype(dt)

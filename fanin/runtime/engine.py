@@ -412,9 +412,10 @@ class _Conv:
         return self.n_out * ho * wo * self.values.shape[1], (self.n_out, ho, wo)
 
     def __call__(self, x, parallel):
+        relu = self.act == "relu"  # fused into the kernel's stores; other activations are a NumPy pass
         y = kconv.fanin_conv2d_forward(x, self.indices, self.values, self.bias, self.kernel, self.stride,
-                                       self.padding, parallel=parallel)
-        return _activate(y, self.act)
+                                       self.padding, parallel=parallel, relu=relu)
+        return y if relu else _activate(y, self.act)
 
 
 class _Pool:
@@ -430,8 +431,8 @@ class _Pool:
         (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
         ho, wo = _out_hw(x.shape[1:], self.k, self.s, self.p)
         if self.max:
-            fn = pool.max_pool_forward if parallel else pool.max_pool_forward_serial
-            return fn(x, kh, kw, sh, sw, ph, pw, ho, wo)[0]
+            fn = pool.max_pool_values if parallel else pool.max_pool_values_serial
+            return fn(x, kh, kw, sh, sw, ph, pw, ho, wo)
         xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
         out = np.zeros((x.shape[0], x.shape[1], ho, wo), np.float32)
         for i in range(kh):
