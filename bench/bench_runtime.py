@@ -17,7 +17,8 @@ median of the per-round ratios. ``uptime``'s load average is printed at the star
 service that predicts now and then sees. ``--fork``: predict in a child forked after the parent predicted
 (serial kernels there when the parent's OpenMP threads had started) against the parent. ``--threads``:
 8 Python threads predicting at once against one thread doing the same calls one after another.
-``--no-adaptive``: the work rule alone chooses serial or parallel (no timing tuner). ``--one-thread``: everything
+``--cnn-steps``: the CNN's predict split into its steps (each convolution, pooling, the linear chain),
+serial and parallel. ``--no-adaptive``: the work rule alone chooses serial or parallel (no timing tuner). ``--one-thread``: everything
 on one thread (fanin's serial kernels, BLAS limited with threadpoolctl): the per-core cost, comparable
 on a loaded machine.
 """
@@ -346,6 +347,45 @@ def section_threads(args):
               f"8 threads at once {conc * 1e3:.0f} ms")
 
 
+def section_cnn_steps(args):
+    """The CNN's predict split into its steps (convolution with its fused activation, pooling, flatten, the
+    linear chain), each timed serial and parallel on the previous step's real output: where a CNN's time goes."""
+    import fanin
+
+    print("\n## CNN steps (ms per call, median of rounds; 'par': the step's parallel kernel)")
+    print("| network | batch | predict | " + " | ".join(f"{n} ser / par" for n in
+                                                          ("conv1", "pool1", "conv2", "pool2", "flatten", "chain"))
+          + " |")
+    print("|---|---|---|" + "---|" * 6)
+    rng = np.random.default_rng(0)
+    for sparsity in (None, 0.9):
+        net = fanin.compile(models.cnn(sparsity=sparsity, seed=0), (1, 28, 28))
+        eng = net._engine
+        for B in args.batches:
+            x = rng.random((B, 1, 28, 28), dtype=np.float32)
+            reps = max(1, int(0.02 / max(1e-6, _once(lambda: net.predict(x)))))
+
+            def med(fn):
+                fn()
+                return statistics.median(_once(fn, reps) for _ in range(args.rounds)) * 1e3
+
+            cells, y = [], x
+            for step in eng.steps:
+                inp = y
+                cells.append(f"{med(lambda: step(inp, False)):.3f} / {med(lambda: step(inp, True)):.3f}")
+                y = step(inp, False)
+            cells.append(f"{med(lambda: eng.chain.run(y)):.3f}")
+            name = "CNN dense" if sparsity is None else "CNN 90 %"
+            print(f"| {name} | {B} | {med(lambda: net.predict(x)):.3f} | " + " | ".join(cells) + " |")
+
+
+def _once(fn, reps=1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
@@ -354,6 +394,7 @@ def main():
     ap.add_argument("--layers", action="store_true", help="batch 1, one layer per bench_kernels shape, vs SciPy CSR")
     ap.add_argument("--fork", action="store_true")
     ap.add_argument("--threads", action="store_true")
+    ap.add_argument("--cnn-steps", action="store_true", help="the CNN's predict split into its steps, serial / parallel")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--no-adaptive", action="store_true", help="the work rule alone picks serial or parallel")
     ap.add_argument("--one-thread", action="store_true",
@@ -380,6 +421,8 @@ def main():
         section_big(args)
     if args.layers:
         section_layers(args)
+    if args.cnn_steps:
+        section_cnn_steps(args)
     if args.fork:
         section_fork(args)
     if args.threads:
