@@ -65,9 +65,11 @@ def load_checkpoint(path) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; check the path (fanin train --checkpoint-every N writes them).")
+    from fanin.io import MAGIC  # the model file's magic bytes (fanin.io loads Numba: not at import time)
+
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"FANIN\x00"):
+        head = f.read(len(MAGIC))
+    if head == MAGIC:
         raise CheckpointError(f"{path} is a .fanin model file, not a training checkpoint: it is already what fanin "
                               "export makes (fanin info / eval / predict read it).")
     if not head.startswith(b"PK"):

@@ -18,14 +18,22 @@ def _sizes(text: str):
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _int_at_least(lo: int, what: str):
+    """An argparse type: an integer >= lo (``what`` names it in the one-line error, e.g. 'a positive integer')."""
+    def check(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    return check
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _non_negative(text: str) -> float:
@@ -35,16 +43,6 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
     return v
 
 
@@ -571,9 +569,10 @@ def cmd_predict(args) -> int:
     if net is None:
         return rc
     try:
+        prefix = np.lib.format.MAGIC_PREFIX
         with open(args.input, "rb") as f:
-            magic = f.read(6)
-        if magic != b"\x93NUMPY":
+            magic = f.read(len(prefix))
+        if magic != prefix:
             return _fail(f"{args.input} is not a .npy file (no NumPy magic bytes); save the samples with "
                          "numpy.save(path, x), x of shape (batch, *input shape).")
         x = np.load(args.input, allow_pickle=False)

@@ -489,28 +489,20 @@ def _tile_writer(RB: int, BT: int, LD: int, NT: int, DT):
     def make():
         @cuda.jit(device=True, inline="always")
         def write(tile, tid, r0, b0, bias, out, ob, oj, B_out, B_valid, n_rows):
-            if oj == 1:  # row-major output: consecutive threads write consecutive rows
-                for q in range(tid, RB * BT, NT):
+            for q in range(tid, RB * BT, NT):
+                if oj == 1:  # row-major output: consecutive threads write consecutive rows
                     s = q // RB
                     rl = q - s * RB
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        v = DT(0.0)
-                        if b < B_valid:
-                            v = bias[r] + tile[rl * LD + s]
-                        out[b * ob + r] = v
-            else:  # panel output: consecutive threads write consecutive samples
-                for q in range(tid, RB * BT, NT):
+                else:  # panel output: consecutive threads write consecutive samples
                     rl = q // BT
                     s = q - rl * BT
-                    r = r0 + rl
-                    b = b0 + s
-                    if r < n_rows and b < B_out:
-                        v = DT(0.0)
-                        if b < B_valid:
-                            v = bias[r] + tile[rl * LD + s]
-                        out[r * oj + b * ob] = v
+                r = r0 + rl
+                b = b0 + s
+                if r < n_rows and b < B_out:
+                    v = DT(0.0)
+                    if b < B_valid:
+                        v = bias[r] + tile[rl * LD + s]
+                    out[b * ob + r * oj] = v  # both layouts: row-major passes oj == 1
         return write
     return _memo(("write", RB, BT, LD, NT, DT), make)
 
