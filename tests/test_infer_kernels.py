@@ -229,6 +229,38 @@ def test_transpose8_tiles():
     np.testing.assert_array_equal(dst[2:2 + 80].reshape(8, 10)[:, :8], src[3:3 + 8 * 13].reshape(8, 13)[:, :8].T)
 
 
+@pytest.mark.skipif("avx2" not in infer.target_features(), reason="the hardware gather is an AVX2 instruction")
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(["fp32", "int8", "int4"]), st.sampled_from([np.int16, np.int32]),
+       st.integers(1, 12), st.integers(1, 700))
+def test_hardware_and_inserted_gathers_give_the_same_bits(seed, kind, idx_dtype, slots8, n_in):
+    """gdot's two gathers (HW_GATHER picks one per CPU) build the same vectors, so the same sums bit for bit:
+    which one a machine runs never changes a result. Rows of 8..96 slots (both accumulators, the odd tail)."""
+    from numba import njit
+
+    @njit
+    def both(x, idx, vals, vstride, scale, kp, n, a, b):
+        for j in range(n):
+            a[j] = infer.gdot_insert(x, 0, idx, j * kp, vals, j * vstride, scale[j], kp)
+            b[j] = infer.gdot_hardware(x, 0, idx, j * kp, vals, j * vstride, scale[j], kp)
+
+    rng = np.random.default_rng(seed)
+    n, kp = 5, 8 * slots8
+    idx = rng.integers(0, n_in, (n, kp)).astype(idx_dtype)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    scale = rng.uniform(0.1, 1, n).astype(np.float32)
+    if kind == "fp32":
+        vals = rng.standard_normal((n, kp)).astype(np.float32)
+    else:
+        q = rng.integers(-8, 8, (n, kp)).astype(np.int8)
+        vals = q if kind == "int8" else lowbit.pack_nibbles(q)
+    flat = np.concatenate([vals.reshape(-1), np.zeros(infer.PAD, vals.dtype)])
+    a, b = np.zeros(n, np.float32), np.ones(n, np.float32)
+    both(x, np.concatenate([idx.reshape(-1), np.zeros(infer.PAD, idx_dtype)]), flat,
+         kp // 2 if kind == "int4" else kp, scale, kp, n, a, b)
+    np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
+
+
 @pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("idx_dtype", [np.int16, np.int32])
 def test_gathered_dot_is_exact_to_rounding(kind, idx_dtype):

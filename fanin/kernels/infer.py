@@ -20,7 +20,8 @@ Two forms of the forward:
   kernel: 8 lanes, two accumulators, the gather done as scalar loads inserted into a vector, four int16
   indices per 64-bit load). Measured on the 2-core AMD EPYC (Zen 5), 784x1024 layer at fan-in 80: 11.9 us
   this way, 19.3 us with the zmm hardware gathers LLVM emits for AVX-512, 19.8 us with ymm hardware gathers
-  (Intel parts with the GDS microcode fix lose their fast gathers too). Rows of 8 slots (fan-in <= 8) go eight
+  (Intel parts with the GDS microcode fix lose their fast gathers too); on an Intel Xeon with AVX-512 FP16 the
+  ymm gather wins (22.5 against 26.5 us), and is used there (``HW_GATHER``: the same lanes). Rows of 8 slots (fan-in <= 8) go eight
   at a time (``gdot8``: straight-line, the eight lane sums in one shuffle tree; the same sums bitwise): per row,
   the loop, branches and reduction cost more than their eight products. Int8 and 4-bit weights are widened
   and multiplied by their scale in registers: the weight used is exactly ``scale * q``. Activations are rows
@@ -71,7 +72,7 @@ from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows_forward", "rows_forward_serial",
            "panels_forward", "panels_forward_serial", "panels_layerwise", "gdot", "cdot", "gdot8", "scol",
            "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite", "TBH",
-           "half_panels_serial", "half_layerwise"]
+           "half_panels_serial", "half_layerwise", "HW_GATHER", "gdot_insert", "gdot_hardware"]
 
 @functools.cache
 def target_features() -> frozenset:
@@ -92,6 +93,30 @@ def _vector_bits() -> int:
     to target less than the host)."""
     return 512 if "avx512f" in target_features() else 256
 
+
+def _hardware_gathers_pay() -> bool:
+    """Whether ``gdot`` gathers its 8 lanes with one AVX2 ``vgatherdps`` instead of 8 scalar loads inserted
+    into a vector (the same lanes, the same sums: bitwise the same result). Measured, 784x1024 layer at fan-in
+    80, batch 1: on the AMD EPYC (Zen 5) the inserts win, 11.9 us against 19.8 us; on the Intel Xeon with
+    AVX-512 FP16 (Sapphire Rapids and later) the gather wins, 22.5 us against 26.5 us (the whole SRigL-90 %
+    MLP at batch 1: 52.5 against 60.6 us). Intel parts before those run the Downfall (GDS) microcode fix,
+    which makes gathers several times slower. So: hardware gathers on Intel CPUs with AVX-512 FP16 only.
+    Decided from the CPU name and features Numba compiles for, which are part of its cache key: a kernel
+    cached on one machine is never run with the other choice on another."""
+    from numba.core import config
+
+    feats = target_features()
+    if "avx2" not in feats or "avx512fp16" not in feats:
+        return False
+    name = config.CPU_NAME
+    if not name or name == "host":
+        import llvmlite.binding as ll
+
+        name = ll.get_host_cpu_name()
+    return not name.startswith("znver")
+
+
+HW_GATHER = _hardware_gathers_pay()
 
 # samples per panel: two 512-bit vectors per row with AVX-512; with 256-bit vectors 16 (four rows of four
 # ymm accumulators would take all 16 registers and spill: 1.4x slower, measured)
@@ -155,10 +180,11 @@ def _splat(builder, value):
     return v
 
 
-def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk):
+def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk, hw=False):
     """IR of one row's dot before its lane sum: the 8-lane vector a0 + a1 (``gdot``'s order). ``args``/``sig``
     are the intrinsic's (x, xoff first; idx at 2 when gathering; vals at 4 or 2); ``ioff``, ``voff``, ``kk``
-    (intp: the row's first index and value, its slot count kp) and ``scale`` (float) are this row's."""
+    (intp: the row's first index and value, its slot count kp) and ``scale`` (float) are this row's; ``hw``:
+    gather with ``vgatherdps`` (AVX2) instead of scalar loads and inserts (``HW_GATHER``; the same vector)."""
     xt, xot = sig.args[0], sig.args[1]
     xb = builder.gep(context.make_array(xt)(context, builder, args[0]).data,
                      [context.cast(builder, args[1], xot, types.intp)], inbounds=True)
@@ -179,6 +205,17 @@ def _dot_row(context, builder, sig, args, gather, kind, ioff, voff, scale, kk):
         if not gather:
             p = builder.bitcast(builder.gep(xb, [t], inbounds=True), _VF.as_pointer())
             return builder.load(p, align=4)
+        if hw:  # the same 8 lanes in one vgatherdps
+            iv = llvmir.VectorType(iw, _W)
+            ivec = builder.load(builder.bitcast(builder.gep(ib, [t], inbounds=True), iv.as_pointer()),
+                                align=ity.bitwidth // 8)
+            ivec = (builder.sext if ity.signed else builder.zext)(ivec, llvmir.VectorType(_I32, _W))
+            i8p = llvmir.IntType(8).as_pointer()
+            gt = llvmir.FunctionType(_VF, [_VF, i8p, llvmir.VectorType(_I32, _W), _VF, llvmir.IntType(8)])
+            gfn = cgutils.get_or_insert_function(builder.module, gt, "llvm.x86.avx2.gather.d.ps.256")
+            allset = builder.bitcast(llvmir.Constant(llvmir.VectorType(_I32, _W), [-1] * _W), _VF)
+            return builder.call(gfn, [llvmir.Constant(_VF, None), builder.bitcast(xb, i8p), ivec, allset,
+                                      llvmir.IntType(8)(4)])
         v = llvmir.Constant(_VF, None)
         lane = 0
         for g in range(_W // per):  # `per` indices per 64-bit load, split with shifts (ALU, not loads)
@@ -281,7 +318,7 @@ def _lane_sums8(builder, rows):
     return v[0]
 
 
-def _dot_codegen(gather, kind):
+def _dot_codegen(gather, kind, hw=False):
     """Codegen of sum_{t < kp} w[t] * x[xoff + idx[ioff + t]] (gather) or w[t] * x[xoff + t] (contiguous)."""
 
     def codegen(context, builder, sig, args):
@@ -289,12 +326,13 @@ def _dot_codegen(gather, kind):
         voff = context.cast(builder, args[vo], sig.args[vo], types.intp)
         ioff = context.cast(builder, args[3], sig.args[3], types.intp) if gather else None
         kk = context.cast(builder, args[vo + 2], sig.args[vo + 2], types.intp)
-        return _lane_sum(builder, _dot_row(context, builder, sig, args, gather, kind, ioff, voff, args[vo + 1], kk))
+        return _lane_sum(builder, _dot_row(context, builder, sig, args, gather, kind, ioff, voff, args[vo + 1], kk,
+                                           hw))
 
     return codegen
 
 
-def _dot8_codegen(kind):
+def _dot8_codegen(kind, hw=False):
     """Codegen of eight rows of eight slots: row r (indices from ioff + 8 r, values from voff + r * vstride,
     scale and bias at soff + r) -> dst[doff + r] = bias + dot (ReLU'd when act is ACT_RELU), each row's
     arithmetic exactly ``gdot``'s followed by ``_activate``'s. With kp the constant 8, LLVM drops each row's
@@ -314,7 +352,7 @@ def _dot8_codegen(kind):
             sc = builder.load(builder.gep(sp, [_I64(r)], inbounds=True), align=4)
             io = builder.add(ioff, _I64(8 * r))
             vo = builder.add(voff, builder.mul(vstride, _I64(r)))
-            rows.append(_dot_row(context, builder, sig, args, True, kind, io, vo, sc, _I64(8)))
+            rows.append(_dot_row(context, builder, sig, args, True, kind, io, vo, sc, _I64(8), hw))
         y = builder.fadd(builder.load(builder.bitcast(bp, _VF.as_pointer()), align=4), _lane_sums8(builder, rows))
         zero = llvmir.Constant(_VF, [_F32(0)] * _W)
         relu = builder.icmp_signed("==", arg(10), _I64(ACT_RELU))
@@ -334,16 +372,26 @@ def _dot_args_ok(x, vals):
             and isinstance(vals, types.Array) and vals.ndim == 1 and str(vals.dtype) in _KINDS)
 
 
-@intrinsic
-def gdot(typingctx, x, xoff, idx, ioff, vals, voff, scale, kp):
-    """sum_{t < kp} w_t * x[xoff + idx[ioff + t]] in float32, ``kp`` a multiple of 8; ``w_t`` is
-    ``vals[voff + t]`` (float32 vals), ``scale * vals[voff + t]`` (int8) or ``scale *`` nibble ``t`` of the
-    packed row starting at byte ``voff`` (uint8). Fixed order: lanes t mod 8 in two accumulators (t mod 16
-    below 8 / from 8), then a pairwise sum of the lanes. No bounds checks: the caller guarantees them."""
-    if not (_dot_args_ok(x, vals) and isinstance(idx, types.Array) and idx.ndim == 1
-            and idx.dtype in (types.int16, types.int32)):
-        return None
-    return types.float32(x, xoff, idx, ioff, vals, voff, scale, kp), _dot_codegen(True, _KINDS[str(vals.dtype)])
+def _make_gdot(hw):
+    @intrinsic
+    def gdot(typingctx, x, xoff, idx, ioff, vals, voff, scale, kp):
+        """sum_{t < kp} w_t * x[xoff + idx[ioff + t]] in float32, ``kp`` a multiple of 8; ``w_t`` is
+        ``vals[voff + t]`` (float32 vals), ``scale * vals[voff + t]`` (int8) or ``scale *`` nibble ``t`` of the
+        packed row starting at byte ``voff`` (uint8). Fixed order: lanes t mod 8 in two accumulators (t mod 16
+        below 8 / from 8), then a pairwise sum of the lanes. No bounds checks: the caller guarantees them."""
+        if not (_dot_args_ok(x, vals) and isinstance(idx, types.Array) and idx.ndim == 1
+                and idx.dtype in (types.int16, types.int32)):
+            return None
+        return (types.float32(x, xoff, idx, ioff, vals, voff, scale, kp),
+                _dot_codegen(True, _KINDS[str(vals.dtype)], hw))
+
+    return gdot
+
+
+gdot = _make_gdot(HW_GATHER)
+# both forms of the gather, whatever this CPU uses (tests compare them bit for bit)
+gdot_insert = _make_gdot(False)
+gdot_hardware = _make_gdot(True)
 
 
 @intrinsic
@@ -369,7 +417,7 @@ def gdot8(typingctx, x, xoff, idx, ioff, vals, voff, vstride, scale, soff, bias,
             and idx.dtype in (types.int16, types.int32) and _dot8_args_ok(scale, bias, dst)):
         return None
     return (types.none(x, xoff, idx, ioff, vals, voff, vstride, scale, soff, bias, act, dst, doff),
-            _dot8_codegen(_KINDS[str(vals.dtype)]))
+            _dot8_codegen(_KINDS[str(vals.dtype)], HW_GATHER))
 
 
 @intrinsic

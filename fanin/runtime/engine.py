@@ -11,8 +11,8 @@ Which driver runs a chain is chosen per call by the amount of work:
 
 - batch < ``infer.SMALL_BATCH``: the rows form (gathered dot products), on the calling thread, or with the
   rows of a layer split over Numba's threads when the batch holds at least ``PARALLEL_ROWS_MACS``
-  multiply-adds (a 4096x4096 layer at 90 %: yes; the 784-1024-1024-10 MLP: no, waking threads would cost
-  more than it saves);
+  multiply-adds (a 4096x4096 layer at 90 %, the 784-1024-1024-10 MLP at 90 %: yes; a 784-512-512-10 one:
+  no, waking threads would cost more than it saves), the tuner checking that it pays;
 - larger batches: panels of ``infer.TB`` samples; serial below ``PARALLEL_PANELS_MACS``, else in parallel,
   each panel through all layers (one parallel region) when the panels divide evenly over the threads, else
   layer by layer over (panel, rows) tasks. Batches over ``CHUNK`` samples go in chunks (bounded buffers).
@@ -48,7 +48,10 @@ from fanin.kernels import infer, pool, w8a8
 
 __all__ = ["build", "parallel_state", "ACTIVATIONS", "NonFinite", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
 
-PARALLEL_ROWS_MACS = 1 << 20    # rows form: multiply-adds per call from which a layer's rows are split
+# rows form: multiply-adds per call from which a layer's rows may be split over the threads (the tuner checks that it
+# pays). 784-1024-1024-10 MLP at SRigL 90 % (194 k multiply-adds), batch 1, 2 threads spinning between calls: on the
+# Intel Xeon 52.5 us serial -> 34.5 us parallel; with the earlier 1 M it always ran serially.
+PARALLEL_ROWS_MACS = 1 << 17
 # panels: multiply-adds per call from which panels may run in parallel (the tuner still checks that they pay).
 # Measured on the 2-core reference machine, quiet, 784-1024-1024-10 MLP at SRigL 90 % (194 k multiply-adds per
 # sample; predict medians): batch 4 145 us serial panels -> 112 us layerwise over 2 threads, batch 8 130 -> 112 us;
