@@ -81,6 +81,7 @@ def check(layers, x, scatter=True):
     np.testing.assert_array_equal(outs["panels"], outs["layerwise"])
     np.testing.assert_array_equal(outs["panels"], outs["half_panels_serial"])  # a sample's sums: any panel width
     np.testing.assert_array_equal(outs["panels"], outs["half_layerwise"])
+    np.testing.assert_array_equal(outs["panels"], outs["half_panels"])
     return outs
 
 

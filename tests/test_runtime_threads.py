@@ -61,9 +61,14 @@ def test_paths_are_chosen_by_work(net, wide):
     assert net._engine.chain.plan_for(half, threads) == "half_layerwise"
     assert net._engine.chain.plan_for(half, 1) == "half_panels_serial"
     assert net._engine.chain.plan_for(half + 1, 1) == "panels_serial"
+    # one full panel that fills a half panel per thread: the half panels, one per thread
+    assert net._engine.chain.plan_for(infer.TB, 2) == "half_panels"
+    assert net._engine.chain.plan_for(half + 1, 2) == "half_panels"
+    assert net._engine.chain.plan_for(infer.TB, 3) == "layerwise"
+    assert net._engine.chain.plan_for(infer.TB + 1, 2) == "panels"
 
 
-@pytest.mark.parametrize("batch", [SMALL, 3, 8, 33, LARGE])
+@pytest.mark.parametrize("batch", [SMALL, 3, 8, 24, 32, 33, LARGE])
 def test_parallel_equals_serial_bitwise(net, batch):
     x = inputs(784, batch, 0)
     np.testing.assert_array_equal(net.predict(x), serial(net, x))

@@ -40,7 +40,8 @@ Two forms of the forward:
 Drivers (each compiled twice from one Python body, ``parallel=True`` and serial, by ``_jit.twins``):
 
 - ``rows_forward``: layer after layer; the rows of a layer in ``prange`` blocks of ``rb`` (the scatter, when
-  taken, runs on the calling thread);
+  taken, runs on the calling thread, so the engine allows it only for work too small to split: there the
+  two threads gathering beat one scattering);
 - ``panels_forward``: ``prange`` over panels, each panel taken through all the layers (one parallel
   region per call, no barrier between layers, each panel's blocks private to its thread);
 - ``panels_layerwise``: layer after layer, ``prange`` over (panel, block of ``JB`` rows) -- for batches
@@ -48,6 +49,11 @@ Drivers (each compiled twice from one Python body, ``parallel=True`` and serial,
 - ``half_panels_serial``, ``half_layerwise``: the two above compiled again with panels of ``TBH`` = TB / 2
   samples (the same bodies, the constant swapped), for batches of at most ``TBH``: a batch of 8 no longer
   pays for 32 lanes. A sample's sums do not depend on the panel width: bitwise the same results.
+- ``half_panels``: ``panels_forward`` with half panels, for batches of one panel that fill two half panels
+  (17-32 samples with AVX-512) on two threads: each thread takes its half panel through every layer. Splitting
+  the rows of the one full panel instead (``panels_layerwise``) gained little on the Intel Xeon: the second
+  core reads the block the first one wrote, line by line from the other core's cache (SRigL-90 % MLP at batch
+  32: one 784x1024 layer 99 us serial, 97 us layerwise; the network 139 us layerwise, 130 us in half panels).
 
 Each output element is computed by the same code in every driver of a form, so serial and parallel runs
 (any thread count) give bitwise identical results. The two forms sum in different orders (to rounding).
@@ -72,7 +78,7 @@ from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows_forward", "rows_forward_serial",
            "panels_forward", "panels_forward_serial", "panels_layerwise", "gdot", "cdot", "gdot8", "scol",
            "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite", "TBH",
-           "half_panels_serial", "half_layerwise", "HW_GATHER", "gdot_insert", "gdot_hardware"]
+           "half_panels_serial", "half_layerwise", "half_panels", "HW_GATHER", "gdot_insert", "gdot_hardware"]
 
 @functools.cache
 def target_features() -> frozenset:
@@ -690,10 +696,13 @@ def _layer_scatter(tab, l, src, S, dst, DS, B, nz, counts, i16, i32, f32, q8, cp
             y[np.uint64(j)] = _activate(_at(f32, bo + j) + _at(f32, so + j) * _at(y, j), act)
 
 
-def _rows_forward(x, out, wa, wb, nz, S, rb, tab, i16, i32, f32, q8, q4, cptr):
+def _rows_forward(x, out, wa, wb, nz, S, rb, sd, tab, i16, i32, f32, q8, q4, cptr):
     """The forward in the rows form: x (B, n_in) -> out (B, n_out); wa, wb (B * S) activation buffers, nz
     (B * S + B) int32 scratch; the rows of a layer in blocks of ``rb`` (one task each). A layer with a
-    transposed copy whose inputs are mostly zero (ReLU) runs as a scatter of its non-zero inputs instead."""
+    transposed copy whose inputs are mostly zero (ReLU) runs as a scatter of its non-zero inputs instead, on the
+    calling thread: a dense layer's (W^T) from ``SCATTER_DENSITY`` non-zero inputs down, a condensed layer's
+    (CSC columns, ~1.9x a gathered weight) from ``sd`` down (< 0: never). The caller passes the same ``sd`` to
+    the serial and the parallel twin, so that both compute the same sums."""
     B = x.shape[0]
     L = tab.shape[0]
     n0 = tab[0, F_NIN]
@@ -721,7 +730,9 @@ def _rows_forward(x, out, wa, wb, nz, S, rb, tab, i16, i32, f32, q8, q4, cptr):
                     m += _at(src, b * S + i) != 0
                 counts[np.uint64(b)] = m
                 total += m
-            scatter = total <= SCATTER_DENSITY * B * n_in
+            # the columns of a dense W^T are contiguous runs (vectorized): they always pay from half zeros on
+            lim = SCATTER_DENSITY if tab[l, F_CSC] == CSC_DENSE else sd
+            scatter = total <= lim * B * n_in
         if scatter:
             if last:
                 _layer_scatter(tab, l, src, S, outf, n_out, B, nz, counts, i16, i32, f32, q8, cptr)
@@ -994,11 +1005,12 @@ def _half_family():
     swap["_layer_panel"] = njit(**_FAST)(clone(_layer_panel, "_half", swap))
     swap["_layerwise_task"] = njit(**_FAST)(clone(_layerwise_task, "_half", swap))
     return (njit(**_FAST)(clone(_panels_forward, "_half_serial", swap)),
-            njit(parallel=True, **_FAST)(clone(_panels_layerwise, "_half", swap)))
+            njit(parallel=True, **_FAST)(clone(_panels_layerwise, "_half", swap)),
+            njit(parallel=True, **_FAST)(clone(_panels_forward, "_half", swap)))
 
 
 TBH = TB // 2  # samples per panel of the half-width drivers
-half_panels_serial, half_layerwise = _half_family()
+half_panels_serial, half_layerwise, half_panels = _half_family()
 
 
 # ------------------------------------------------------------------ layout and drivers
@@ -1154,7 +1166,8 @@ class Layout:
         return aligned_zeros((n, 2, self.block)), aligned_zeros((tasks, JB * self.kp_max + PAD))
 
 
-PATHS = ("rows", "rows_serial", "panels", "panels_serial", "layerwise", "half_panels_serial", "half_layerwise")
+PATHS = ("rows", "rows_serial", "panels", "panels_serial", "layerwise", "half_panels_serial", "half_layerwise",
+         "half_panels")
 
 
 @njit(cache=True, nogil=True)
@@ -1169,15 +1182,16 @@ def all_finite(x):
     return m != np.uint32(0x7F800000)
 
 
-def forward(layout: Layout, x: np.ndarray, path: str, ws=None) -> np.ndarray:
+def forward(layout: Layout, x: np.ndarray, path: str, ws=None, scatter_density: float = SCATTER_DENSITY) -> np.ndarray:
     """out (B, n_out) = the chain on x (B, n_in) C-contiguous float32, by the driver ``path`` (one of PATHS).
-    ``ws``: the path's workspace (``layout.*_workspace(B)``), allocated here if None."""
+    ``ws``: the path's workspace (``layout.*_workspace(B)``), allocated here if None; ``scatter_density``: the
+    rows form's scatter threshold (``_rows_forward``'s ``sd``)."""
     B = x.shape[0]
     out = np.empty((B, layout.n_out), np.float32)
     if path in ("rows", "rows_serial"):
         wa, wb, nz = ws if ws is not None else layout.rows_workspace(B)
         fn = rows_forward if path == "rows" else rows_forward_serial
-        fn(x, out, wa, wb, nz, layout.S, RB if path == "rows" else 1 << 30, *layout.arrays)
+        fn(x, out, wa, wb, nz, layout.S, RB if path == "rows" else 1 << 30, float(scatter_density), *layout.arrays)
     elif path in ("panels", "panels_serial"):
         w, wq = ws if ws is not None else layout.panels_workspace(B)
         fn = panels_forward if path == "panels" else panels_forward_serial
@@ -1191,6 +1205,9 @@ def forward(layout: Layout, x: np.ndarray, path: str, ws=None) -> np.ndarray:
     elif path == "half_layerwise":
         w, wq = ws if ws is not None else layout.layerwise_workspace(B, TBH)
         half_layerwise(x, out, w, wq, *layout.arrays)
+    elif path == "half_panels":
+        w, wq = ws if ws is not None else layout.panels_workspace(B, TBH)
+        half_panels(x, out, w, wq, *layout.arrays)
     else:
         raise ValueError(f"forward: path must be one of {PATHS}, got {path!r}.")
     return out

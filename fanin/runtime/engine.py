@@ -16,7 +16,9 @@ Which driver runs a chain is chosen per call by the amount of work:
 - larger batches: panels of ``infer.TB`` samples; serial below ``PARALLEL_PANELS_MACS``, else in parallel,
   each panel through all layers (one parallel region) when the panels divide evenly over the threads, else
   layer by layer over (panel, rows) tasks. Batches over ``CHUNK`` samples go in chunks (bounded buffers).
-  Batches of at most ``infer.TBH`` (half a panel) run the half-width drivers: same results, half the work.
+  Batches of at most ``infer.TBH`` (half a panel) run the half-width drivers: same results, half the work;
+  a batch of one panel that fills a half panel per thread (17-32 samples on 2 threads) runs them in parallel,
+  each thread its half panel through every layer (``infer.half_panels``).
 
 Where the rule says "parallel", ``_Tuner`` checks it by timing (``ADAPTIVE``): on an oversubscribed machine
 waking threads costs more than it saves, and the chain then runs serially (re-measuring now and then).
@@ -197,11 +199,11 @@ def _spec(op) -> dict:
 
 # the parallel drivers and what runs instead when the call goes serial
 _SERIAL_OF = {"rows": "rows_serial", "panels": "panels_serial", "layerwise": "panels_serial",
-              "half_layerwise": "half_panels_serial"}
+              "half_layerwise": "half_panels_serial", "half_panels": "panels_serial"}
 # the panel paths' drivers
 _PANEL_DRIVERS = {"panels": infer.panels_forward, "panels_serial": infer.panels_forward_serial,
                   "layerwise": infer.panels_layerwise, "half_panels_serial": infer.half_panels_serial,
-                  "half_layerwise": infer.half_layerwise}
+                  "half_layerwise": infer.half_layerwise, "half_panels": infer.half_panels}
 
 
 class NonFinite(Exception):
@@ -316,7 +318,9 @@ class _Chain:
         if ws is None:
             lay = self.layout
             ws = (lay.rows_workspace(n) if kind == "rows" else
-                  lay.panels_workspace(n * infer.TB) if kind == "panels" else lay.layerwise_workspace(n * infer.TB))
+                  lay.panels_workspace(n * infer.TB) if kind == "panels" else
+                  lay.panels_workspace(n * infer.TBH, infer.TBH) if kind == "halves" else
+                  lay.layerwise_workspace(n * infer.TB))
             cache[key] = ws
             while len(cache) > 1 and (len(cache) > _CACHE_SIZES or
                                       sum(a.nbytes for w in cache.values() for a in w) > _CACHE_BYTES):
@@ -334,6 +338,8 @@ class _Chain:
             return "half_panels_serial" if half else "panels_serial"
         if half:
             return "half_layerwise"
+        if n_panels == 1 and -(-B // infer.TBH) >= threads:  # two half panels, one per thread (infer.half_panels)
+            return "half_panels"
         if n_panels % threads == 0 or n_panels >= 4 * threads:
             return "panels"
         return "layerwise"
@@ -344,7 +350,7 @@ class _Chain:
         if B < self._small:  # the latency path: no thread count, no tuner, no lock
             self.last_path = "rows_serial"
             wa, wb, nz = self._buffers("rows", B)
-            infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, *self.arrays)
+            infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, infer.SCATTER_DENSITY, *self.arrays)
             return out
         path = self.plan_for(B, numba.get_num_threads())
         token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in _SERIAL_OF)
@@ -357,13 +363,19 @@ class _Chain:
             if path in ("rows", "rows_serial"):
                 wa, wb, nz = self._buffers("rows", B)
                 fn = infer.rows_forward if path == "rows" else infer.rows_forward_serial
-                fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, *arrays)
+                # a condensed layer's scatter runs on one thread: only for work that is never split (whatever the
+                # thread count and the tuner's choice, so that serial and parallel runs compute the same sums).
+                # SRigL-90 % MLP at batch 1, Intel Xeon: 48 us parallel with it, 36 us gathering on both threads
+                sd = infer.SCATTER_DENSITY if B * self.layout.macs < PARALLEL_ROWS_MACS else -1.0
+                fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, sd, *arrays)
                 return out
             fn = _PANEL_DRIVERS[path]
-            kind = "layerwise" if path.endswith("layerwise") else "panels"  # a half batch fits one panel's buffers
+            # a half batch fits one panel's buffers; half_panels needs a block per half panel
+            kind = "layerwise" if path.endswith("layerwise") else "halves" if path == "half_panels" else "panels"
+            per = infer.TBH if kind == "halves" else infer.TB
             for b0 in range(0, B, CHUNK):
                 xb = x[b0:b0 + CHUNK]
-                ws, wq = self._buffers(kind, -(-xb.shape[0] // infer.TB))
+                ws, wq = self._buffers(kind, -(-xb.shape[0] // per))
                 fn(xb, out[b0:b0 + CHUNK], ws, wq, *arrays)
             return out
         finally:
