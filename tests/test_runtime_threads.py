@@ -117,8 +117,15 @@ def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
         t.record(False, 1e-9)  # serial measured 10x faster (an oversubscribed machine)
     picks = [t.parallel() for _ in range(4 * engine.EXPLORE)]
     assert sum(picks) == 4  # parallel only to re-measure it, one call in EXPLORE
-    t.record(True, 0.1e-9)  # the machine got idle: parallel measures 10x faster than serial did
+    t.record(True, 0.1e-9)  # one fast parallel call: an accident, not yet a change
+    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == 1
+    for _ in range(engine.RECENT // 2):  # the machine got idle: parallel keeps measuring 10x faster than serial did
+        t.record(True, 0.1e-9)
     assert sum(t.parallel() for _ in range(engine.EXPLORE)) == engine.EXPLORE - 1
+    for _ in range(engine.RECENT):  # ... and one slow serial call among fast ones changes nothing
+        t.record(False, 0.05e-9)
+    t.record(False, 50e-9)
+    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == 1
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ _CACHE_SIZES = 6                # batch shapes whose buffers each thread keeps .
 _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the call at hand are always kept)
 ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
 EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
+RECENT = 5                      # _Tuner: calls per option whose median is its estimate
 ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
 # int8 activations: from this batch on, panels (2 threads, 784-1024-1024-10 MLP at 90 %: one 32-sample panel split
 # over the threads 44-54 us whatever the batch, sample by sample ~3.6 us a sample: measured crossing at 12-13)
@@ -141,11 +142,12 @@ class _Tuner:
     between threads only lose an update; both options compute the same bits, so the choice never changes a
     result."""
 
-    __slots__ = ("rate", "calls", "seen")
+    __slots__ = ("rate", "calls", "seen", "recent")
 
     def __init__(self):
         self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
         self.seen = [0, 0]
+        self.recent = ([], [])    # the latest RECENT times of each option
         self.calls = 0
 
     def parallel(self) -> bool:
@@ -158,14 +160,18 @@ class _Tuner:
 
     def record(self, parallel: bool, seconds_per_mac: float):
         """One call's time. The first of each option is a warm-up (thread start, new buffers) and is not used;
-        then the estimate follows a faster call at once and a slower one gradually (a preempted call is noise,
-        a machine that stays busy moves it within a few calls)."""
+        then the estimate is the median of the option's latest RECENT calls: a preempted call is noise, a
+        change that lasts moves it within a few calls. (It used to follow any faster call at once: with a
+        process that alternates fanin and BLAS calls, parallel batch-1 runs were slower than serial ones most
+        of the time, 66 against 61 us on the Intel Xeon, but the odd fast one kept them chosen.)"""
         if not self.seen[parallel]:
             self.seen[parallel] = 1
             return
-        old = self.rate[parallel]
-        new = seconds_per_mac
-        self.rate[parallel] = new if old is None else min(new, 0.75 * old + 0.25 * new)
+        r = self.recent[parallel]
+        r.append(seconds_per_mac)
+        if len(r) > RECENT:
+            del r[0]
+        self.rate[parallel] = sorted(r)[len(r) // 2]
 
 
 def _choose(tuners: dict, key, eligible: bool) -> tuple:
