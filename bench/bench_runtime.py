@@ -17,7 +17,8 @@ median of the per-round ratios. ``uptime``'s load average is printed at the star
 service that predicts now and then sees. ``--fork``: predict in a child forked after the parent predicted
 (serial kernels there when the parent's OpenMP threads had started) against the parent. ``--threads``:
 8 Python threads predicting at once against one thread doing the same calls one after another.
-``--cnn-steps``: the CNN's predict split into its steps (each convolution, pooling, the linear chain),
+``--host-blas``: batch 1 alternated call by call with a NumPy GEMV (BLAS threads) in one process, default
+(tuner) and serial. ``--cnn-steps``: the CNN's predict split into its steps (each convolution, pooling, the linear chain),
 serial and parallel. ``--no-adaptive``: the work rule alone chooses serial or parallel (no timing tuner). ``--one-thread``: everything
 on one thread (fanin's serial kernels, BLAS limited with threadpoolctl): the per-core cost, comparable
 on a loaded machine.
@@ -291,6 +292,39 @@ def section_layers(args):
           "<= 5 % of the largest output, checked at every shape before timing)")
 
 
+def section_host_blas(args):
+    """Batch 1 alternated call by call with a NumPy GEMV (784x1024, BLAS threads) in one process: what a host
+    that mixes fanin and BLAS sees. fanin's tuner may split batch 1 over the threads (the default) or keep it
+    serial (``numba.set_num_threads(1)`` in this thread); per mode, each side's median over the calls."""
+    net = runtime.Network(mlp_plan())
+    x1 = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((784, 1024)).astype(np.float32)
+    n = 400 * max(1, args.rounds)
+    print("\n## Batch 1 next to BLAS calls in the same process (medians of %d alternating calls)" % n)
+    print("\n| fanin batch 1 | fanin alone us | NumPy GEMV alone us | fanin interleaved us | GEMV interleaved us | path |")
+    print("|---|---|---|---|---|---|")
+    saved = numba.get_num_threads()
+    for mode in ("default (tuner)", "serial (set_num_threads(1))"):
+        numba.set_num_threads(1 if mode.startswith("serial") else saved)
+        try:
+            alone_f = statistics.median(_once(lambda: net.predict(x1)) for _ in range(n))
+            alone_g = statistics.median(_once(lambda: x1 @ w) for _ in range(n))
+            tf, tg = [], []
+            for _ in range(n):
+                tf.append(_once(lambda: net.predict(x1)))
+                tg.append(_once(lambda: x1 @ w))
+            print(f"| {mode} | {alone_f * 1e6:.1f} | {alone_g * 1e6:.1f} | {statistics.median(tf) * 1e6:.1f} | "
+                  f"{statistics.median(tg) * 1e6:.1f} | {net._engine.chain.last_path} |")
+        finally:
+            numba.set_num_threads(saved)
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def section_fork(args):
     import multiprocessing as mp
 
@@ -393,6 +427,7 @@ def main():
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--layers", action="store_true", help="batch 1, one layer per bench_kernels shape, vs SciPy CSR")
     ap.add_argument("--fork", action="store_true")
+    ap.add_argument("--host-blas", action="store_true", help="batch 1 alternated with NumPy GEMV calls")
     ap.add_argument("--threads", action="store_true")
     ap.add_argument("--cnn-steps", action="store_true", help="the CNN's predict split into its steps, serial / parallel")
     ap.add_argument("--skip-big", action="store_true")
@@ -425,6 +460,8 @@ def main():
         section_cnn_steps(args)
     if args.fork:
         section_fork(args)
+    if args.host_blas:
+        section_host_blas(args)
     if args.threads:
         print("\n## Threads")
         section_threads(args)
