@@ -115,17 +115,25 @@ def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
     for _ in range(2):  # the first call of each option is a warm-up, not counted
         t.record(True, 10e-9)
         t.record(False, 1e-9)  # serial measured 10x faster (an oversubscribed machine)
-    picks = [t.parallel() for _ in range(4 * engine.EXPLORE)]
-    assert sum(picks) == 4  # parallel only to re-measure it, one call in EXPLORE
-    t.record(True, 0.1e-9)  # one fast parallel call: an accident, not yet a change
-    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == 1
-    for _ in range(engine.RECENT // 2):  # the machine got idle: parallel keeps measuring 10x faster than serial did
+    window = 4 * engine.EXPLORE  # the re-measuring period of an option 4x (or more) slower
+
+    def parallel_picks(n):
+        return sum(t.parallel() for _ in range(n))
+
+    assert parallel_picks(4 * window) == 4  # parallel only to re-measure it
+    t.record(True, 0.1e-9)  # one fast parallel call: re-measured in the next calls ...
+    assert [t.parallel() for _ in range(engine.RECENT // 2)] == [True] * (engine.RECENT // 2)
+    t.record(True, 20e-9)  # ... which were slow: an accident, serial stays
+    assert parallel_picks(window) == 1
+    for _ in range(engine.RECENT // 2 + 1):  # the machine got idle: parallel keeps measuring 10x faster than serial
         t.record(True, 0.1e-9)
-    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == engine.EXPLORE - 1
-    for _ in range(engine.RECENT):  # ... and one slow serial call among fast ones changes nothing
+    t.probe = 0
+    assert parallel_picks(window) == window - 1
+    for _ in range(engine.RECENT):  # serial got 2x faster than parallel; one slow serial call changes nothing
         t.record(False, 0.05e-9)
     t.record(False, 50e-9)
-    assert sum(t.parallel() for _ in range(engine.EXPLORE)) == 1
+    t.probe = 0
+    assert parallel_picks(window) == 2  # 2x slower: re-measured one call in 2 x EXPLORE
 
 
 @pytest.fixture(scope="module")

@@ -138,17 +138,20 @@ class _Tuner:
     scheduled makes it several times *slower* than serial (measured on the 2-core reference machine at
     load ~10, bench/bench_runtime.py: batch 256 of the 784-1024-1024-10 MLP 2.5 ms serial, 18 ms
     parallel). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
-    options, runs the faster, and runs the other one call in EXPLORE to keep its estimate fresh. Races
+    options, runs the faster, and runs the other one call in EXPLORE (up to 4 x EXPLORE when it is several
+    times slower) to keep its estimate fresh; when that call comes out faster than the option in use, the next
+    calls run it again, so that a lasting change is taken within a few calls. Races
     between threads only lose an update; both options compute the same bits, so the choice never changes a
     result."""
 
-    __slots__ = ("rate", "calls", "seen", "recent")
+    __slots__ = ("rate", "calls", "seen", "recent", "probe")
 
     def __init__(self):
         self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
         self.seen = [0, 0]
         self.recent = ([], [])    # the latest RECENT times of each option
         self.calls = 0
+        self.probe = 0            # calls left that run the slower option at once: it has just measured faster
 
     def parallel(self) -> bool:
         self.calls += 1
@@ -156,7 +159,13 @@ class _Tuner:
         if p is None or s is None:
             return p is None or self.calls % 4 == 0  # try parallel first, then measure serial soon
         faster = p <= s
-        return faster != (self.calls % EXPLORE == 0)
+        if self.probe:
+            self.probe -= 1
+            return not faster
+        ratio = (s / p if faster else p / s) if min(s, p) > 0 else 4.0
+        # the slower option is re-measured one call in EXPLORE, in up to 4 x EXPLORE when it is several times
+        # slower: with BLAS threads spinning in the same process a parallel batch-1 call took ~15x a serial one
+        return faster != (self.calls % (EXPLORE * min(4, max(1, int(ratio)))) == 0)
 
     def record(self, parallel: bool, seconds_per_mac: float):
         """One call's time. The first of each option is a warm-up (thread start, new buffers) and is not used;
@@ -171,6 +180,9 @@ class _Tuner:
         r.append(seconds_per_mac)
         if len(r) > RECENT:
             del r[0]
+        mine, other = self.rate[parallel], self.rate[not parallel]
+        if mine is not None and other is not None and mine > other > seconds_per_mac:
+            self.probe = RECENT // 2  # the slower option measured faster: confirm (or not) in the next calls
         self.rate[parallel] = sorted(r)[len(r) // 2]
 
 
