@@ -56,14 +56,3 @@ def prefer_512_bit_vectors(function):
     set.add(attrs, '"prefer-vector-width"="512"')
     set.add(attrs, '"min-legal-vector-width"="512"')
 
-
-@intrinsic
-def wide_vectors(typingctx):
-    """``wide_vectors()`` at the top of a kernel: its loops vectorise with 512-bit registers on AVX-512 CPUs
-    (``prefer_512_bit_vectors``). Generates no code."""
-
-    def codegen(context, builder, signature, args):
-        prefer_512_bit_vectors(builder.function)
-        return context.get_dummy_value()
-
-    return types.none(), codegen

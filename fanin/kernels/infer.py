@@ -21,9 +21,9 @@ Two forms of the forward:
   indices per 64-bit load). Measured on the 2-core AMD EPYC (Zen 5), 784x1024 layer at fan-in 80: 11.9 us
   this way, 19.3 us with the zmm hardware gathers LLVM emits for AVX-512, 19.8 us with ymm hardware gathers
   (Intel parts with the GDS microcode fix lose their fast gathers too); on an Intel Xeon with AVX-512 FP16 the
-  ymm gather wins (22.5 against 26.5 us), and is used there (``HW_GATHER``: the same lanes). Rows of 8 slots (fan-in <= 8) go eight
-  at a time (``gdot8``: straight-line, the eight lane sums in one shuffle tree; the same sums bitwise): per row,
-  the loop, branches and reduction cost more than their eight products. Int8 and 4-bit weights are widened
+  ymm gather wins (22.5 against 26.5 us), and is used there (``HW_GATHER``: the same lanes). Rows of 8 slots
+  (fan-in <= 8) go eight at a time (``gdot8``: straight-line, the eight lane sums in one shuffle tree; the same
+  sums bitwise): per row, the loop, branches and reduction cost more than their eight products. Int8 and 4-bit weights are widened
   and multiplied by their scale in registers: the weight used is exactly ``scale * q``. Activations are rows
   of ``S`` floats (the sentinel and padding after ``n``). A layer that follows a ReLU also has a transposed
   copy (``Layout(scatter=True)``): when at most ``SCATTER_DENSITY`` of its inputs are non-zero, it adds the
