@@ -18,8 +18,8 @@ service that predicts now and then sees. ``--fork``: predict in a child forked a
 (serial kernels there when the parent's OpenMP threads had started) against the parent. ``--threads``:
 8 Python threads predicting at once against one thread doing the same calls one after another.
 ``--host-blas``: batch 1 alternated call by call with a NumPy GEMV (BLAS threads) in one process, default
-(tuner) and serial. ``--cnn-steps``: the CNN's predict split into its steps (each convolution, pooling, the linear chain),
-serial and parallel. ``--no-adaptive``: the work rule alone chooses serial or parallel (no timing tuner). ``--one-thread``: everything
+(tuner) and serial. ``--cnn-steps``: the CNN's predict split into its steps (each convolution, pooling, the
+linear chain), serial and parallel. ``--no-adaptive``: the work rule alone chooses serial or parallel (no timing tuner). ``--one-thread``: everything
 on one thread (fanin's serial kernels, BLAS limited with threadpoolctl): the per-core cost, comparable
 on a loaded machine.
 """
@@ -317,12 +317,6 @@ def section_host_blas(args):
                   f"{statistics.median(tg) * 1e6:.1f} | {net._engine.chain.last_path} |")
         finally:
             numba.set_num_threads(saved)
-
-
-def _once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def section_fork(args):

@@ -23,12 +23,12 @@ Two forms of the forward:
   (Intel parts with the GDS microcode fix lose their fast gathers too); on an Intel Xeon with AVX-512 FP16 the
   ymm gather wins (22.5 against 26.5 us), and is used there (``HW_GATHER``: the same lanes). Rows of 8 slots
   (fan-in <= 8) go eight at a time (``gdot8``: straight-line, the eight lane sums in one shuffle tree; the same
-  sums bitwise): per row, the loop, branches and reduction cost more than their eight products. Int8 and 4-bit weights are widened
-  and multiplied by their scale in registers: the weight used is exactly ``scale * q``. Activations are rows
-  of ``S`` floats (the sentinel and padding after ``n``). A layer that follows a ReLU also has a transposed
-  copy (``Layout(scatter=True)``): when at most ``SCATTER_DENSITY`` of its inputs are non-zero, it adds the
-  columns of the non-zero inputs instead (``scol``: work ~ non-zeros; per weight ~1.9x a gathered one,
-  so it pays from ~half zeros on -- a trained ReLU MLP has 50-55 %).
+  sums bitwise): per row, the loop, branches and reduction cost more than their eight products. Int8 and 4-bit
+  weights are widened and multiplied by their scale in registers: the weight used is exactly ``scale * q``.
+  Activations are rows of ``S`` floats (the sentinel and padding after ``n``). A layer that follows a ReLU
+  also has a transposed copy (``Layout(scatter=True)``): when at most ``SCATTER_DENSITY`` of its inputs are
+  non-zero, it adds the columns of the non-zero inputs instead (``scol``: work ~ non-zeros; per weight ~1.9x a
+  gathered one, so it pays from ~half zeros on -- a trained ReLU MLP has 50-55 %).
 - *panels* (larger batches): activations in blocks of ``TB`` samples, batch innermost: the block of one panel
   is ``(n + 1) x TB`` floats (row ``n`` the sentinel, zero), so the inner step of a row is
   ``acc[0:TB] += w * block[idx, 0:TB]``: two FMAs (zmm, ``TB`` = 32 with AVX-512; ymm, ``TB`` = 16 with

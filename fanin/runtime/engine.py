@@ -350,6 +350,13 @@ class _Chain:
                 cache.popitem(last=False)
         return ws
 
+    def _scatter_density(self, B: int) -> float:
+        """The rows form's threshold for a condensed layer's scatter (``infer._rows_forward``'s ``sd``). The
+        scatter runs on one thread: only for work that is never split, whatever the thread count and the tuner's
+        choice, so that serial and parallel runs compute the same sums. SRigL-90 % MLP at batch 1, Intel Xeon:
+        48 us parallel with it, 36 us gathering on both threads."""
+        return infer.SCATTER_DENSITY if B * self.layout.macs < PARALLEL_ROWS_MACS else -1.0
+
     def plan_for(self, B: int, threads: int) -> str:
         """The driver a batch of B runs on with ``threads`` threads available (no lock or fork state)."""
         work = B * self.layout.macs
@@ -375,7 +382,7 @@ class _Chain:
         if B < self._small:  # the latency path: no thread count, no tuner, no lock
             self.last_path = "rows_serial"
             wa, wb, nz = self._buffers("rows", B)
-            infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, infer.SCATTER_DENSITY, *self.arrays)
+            infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, self._scatter_density(B), *self.arrays)
             return out
         path = self.plan_for(B, numba.get_num_threads())
         token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in _SERIAL_OF)
@@ -388,11 +395,8 @@ class _Chain:
             if path in ("rows", "rows_serial"):
                 wa, wb, nz = self._buffers("rows", B)
                 fn = infer.rows_forward if path == "rows" else infer.rows_forward_serial
-                # a condensed layer's scatter runs on one thread: only for work that is never split (whatever the
-                # thread count and the tuner's choice, so that serial and parallel runs compute the same sums).
-                # SRigL-90 % MLP at batch 1, Intel Xeon: 48 us parallel with it, 36 us gathering on both threads
-                sd = infer.SCATTER_DENSITY if B * self.layout.macs < PARALLEL_ROWS_MACS else -1.0
-                fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, sd, *arrays)
+                fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, self._scatter_density(B),
+                   *arrays)
                 return out
             fn = _PANEL_DRIVERS[path]
             # a half batch fits one panel's buffers; half_panels needs a block per half panel
