@@ -56,3 +56,32 @@ def prefer_512_bit_vectors(function):
     set.add(attrs, '"prefer-vector-width"="512"')
     set.add(attrs, '"min-legal-vector-width"="512"')
 
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """A call that does nothing but mark the compiled function that makes it with ``prefer_512_bit_vectors``: for
+    element-wise loops with no ``stack_buffer`` (the int8 panels' quantization and outputs)."""
+    def codegen(context, builder, signature, args):
+        prefer_512_bit_vectors(builder.function)
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def round_int32(typingctx, v):
+    """The float64 ``v`` rounded to the nearest integer, ties to even (the rounding mode Python and NumPy run
+    under), as int32: ``np.int32(np.rint(v))`` for |v| < 2**31, in one conversion (``llvm.lrint``: vcvtpd2qq in
+    a vectorised loop, where rint then a truncating conversion takes two, each two uops). For NaN or a value out of
+    range the result is unspecified (LLVM's lrint), not undefined behaviour."""
+    if not isinstance(v, types.Float) or v.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = llvmir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(i64, [llvmir.DoubleType()]),
+                                            "llvm.lrint.i64.f64")
+        return builder.trunc(builder.call(fn, [args[0]]), llvmir.IntType(32))
+
+    return types.int32(v), codegen

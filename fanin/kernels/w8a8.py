@@ -32,8 +32,8 @@ Two forms compute exactly that:
 - one sample at a time (``forward``; batch 1 and small batches), with ``qgroups`` below;
 - panels of P = 32 or 64 samples (``panels_forward``; larger batches): the block of a layer input is
   input-major (P bytes per input), and ``vrow64``/``vrow32`` lay the bytes of four slots' inputs side by side
-  with byte permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). ~140 (P = 32)
-  to ~180 (P = 64) G multiply-adds/s on one core, ~4x the float panels of ``infer``.
+  with byte unpacks or permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). On one
+  core: ~140 (P = 32) to ~180 (P = 64) G multiply-adds/s on the AMD EPYC (Zen 5), ~68 and ~85 on the Intel Xeon.
 
 Layout of the one-sample form: rows in groups of 4, a row's ``k`` slots padded to ``kp`` = 16 ``T`` (weight 0, index repeated);
 per group and step t, 64 bytes: 16 slots of each of the 4 rows (``[g][t][row][16]``), kept as three byte
@@ -55,7 +55,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fanin.kernels._intrinsics import stack_buffer
+from fanin.kernels._intrinsics import prefer_512_bit_vectors, round_int32, stack_buffer, wide_vectors
 from fanin.kernels._jit import twins
 from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst, aligned_zeros,
                                   target_features, transpose8)
@@ -238,8 +238,8 @@ def _quantize_range(x, n, xq, lo, hi):
     """x[:n] as bytes in xq[:n] given lo <= min(x, 0), hi >= max(x, 0): (scale, zero point)."""
     zp, inv, s = _qscale(lo, hi)
     for i in range(n):
-        q = min(max(np.rint(np.float64(x[i]) * inv), -127.0), 255.0)
-        xq[i] = np.uint8(np.int32(q) + zp)
+        q = min(max(round_int32(np.float64(x[i]) * inv), np.int32(-127)), np.int32(255))
+        xq[i] = np.uint8(q + np.int32(zp))
     return s, zp
 
 
@@ -341,18 +341,28 @@ forward, forward_serial = twins(_forward, _OPTS)
 
 # ------------------------------------------------------------------ batches: panels of P samples (VNNI)
 # A panel holds P (64 or 32) samples' bytes input-major: row i of the block is input i of the P samples. A row's
-# slots go in fours: for each 32 samples, the four input rows' 32 bytes are put side by side in two zmm (rows 1|2
-# and 3|4), and two AVX-512 VBMI byte permutes (``vpermi2b``, 128-byte tables) lay them out so that each 32-bit
-# lane holds the four bytes of one sample, in sample order; one vpdpbusd per 16 samples multiplies them by the
-# four weights (a broadcast word) and adds them to those samples' sums. Per four slots and 32 samples: 4 loads
-# (two folded into inserts), 2 permutes, 2 vpdpbusd for 128 multiply-adds. The loop takes two groups of four
-# slots at a time into two sets of sums (rows are padded to eights) and reads a group's four int16 indices in
-# one 64-bit load. Against the byte/word unpacks this replaced (8 unpacks per group, sums in the unpack order,
-# which had to be tracked through the layers), measured on one core of the quiet reference machine: 1.05-1.15x
-# at P = 32 (~140 G multiply-adds/s), 0.93-1.05x at P = 64 (~180 G/s); 1.25-1.45x while another process loaded
-# the machine. It is kept for both widths because the sums come out in sample order: nothing is reordered
-# between layers. Per sample, the integers and the float steps are exactly those of the one-sample form
-# (``_forward``), so every batch gives the same bits.
+# slots go in fours, and the four input rows' bytes are laid side by side so that each 32-bit lane holds the four
+# bytes of one sample; one vpdpbusd per 16 samples multiplies them by the four weights (a broadcast word) and adds
+# them to those samples' sums. Two ways to lay them out, by panel width:
+#
+# - P = 32 (``vrow32``): the four rows' 32 bytes go into two zmm (rows 1|2 and 3|4), and two AVX-512 VBMI byte
+#   permutes (``vpermi2b``, 128-byte tables) put each sample's four bytes together, in sample order. Per four slots
+#   and 32 samples: 4 loads (two folded into inserts), 2 permutes, 2 vpdpbusd for 128 multiply-adds. The loop
+#   takes two groups of four slots at a time into two sets of sums (rows are padded to eights).
+# - P = 64 (``vrow64``): each row is one zmm; byte unpacks (``vpunpck[lh]bw``) pair rows 1 and 2, 3 and 4, then
+#   word unpacks pair those: 8 one-uop shuffles and 4 vpdpbusd for 256 multiply-adds. The unpacks work within
+#   128-bit lanes, so sum vector j holds samples 16 L + 4 j + t (lane L, dword t); the row's four sum vectors are
+#   put back in sample order once, when they are stored (a fixed shuffle), so nothing is reordered between layers.
+#
+# Why two: on the Intel Xeon (AVX-512 FP16, the machine of the ninth session on) ``vpermi2b`` is three uops, two of
+# them on the one shuffle port, and vpdpbusd runs on port 0 only: the permute form peaks at ~25.6 multiply-adds a
+# cycle (measured 67-69 G/s on one core at ~2.6 GHz, 784x1024 and 1024x1024 layers), the unpack form at 32 (measured
+# 81-90 G/s, 1.2-1.3x). With 32 bytes a row the unpack form needs inserts and a weight shuffle and loses its lead
+# (measured 71 against 68 G/s; in ymm registers 57). On the AMD EPYC (Zen 5) of the earlier sessions the permutes
+# had replaced an unpack form (which kept the sums in unpack order through the layers): 1.05-1.15x at P = 32 (~140 G
+# multiply-adds/s on one core), 0.93-1.05x at P = 64 (~180 G/s). Integer sums: every form gives the same bits.
+# Per sample, the integers and the float steps are exactly those of the one-sample form (``_forward``), so every
+# batch gives the same bits.
 
 PAIR = 8  # slots per loop iteration of the panel kernel: a row's slots are padded to a multiple of it
 
@@ -418,6 +428,66 @@ def _vrow_codegen(P):
     return codegen
 
 
+_I16 = llvmir.IntType(16)
+# the unpacks as shuffle masks: per 128-bit lane L, bytes (a[16 L + t], b[16 L + t]) for t < 8 / t >= 8; then words
+_LO8 = _vconst(_I32, [v for L in range(4) for t in range(8) for v in (16 * L + t, 64 + 16 * L + t)])
+_HI8 = _vconst(_I32, [v for L in range(4) for t in range(8, 16) for v in (16 * L + t, 64 + 16 * L + t)])
+_LO16 = _vconst(_I32, [v for L in range(4) for t in range(4) for v in (8 * L + t, 32 + 8 * L + t)])
+_HI16 = _vconst(_I32, [v for L in range(4) for t in range(4, 8) for v in (8 * L + t, 32 + 8 * L + t)])
+
+
+def _vrow64_codegen(context, builder, sig, args):
+    """``vrow64``: one group of four slots per iteration, byte then word unpacks (section comment above)."""
+    prefer_512_bit_vectors(builder.function)
+    data, intp = _args(context, builder, sig, args)
+    bp, ip, wp, ap = data(0), data(1), data(3), data(6)
+    ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
+    dpbusd = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+    v32w = llvmir.VectorType(_I16, 32)
+    zero = llvmir.Constant(_V16, [_I32(0)] * 16)
+    entry = builder.basic_block
+    loop = builder.append_basic_block("u.loop")
+    done = builder.append_basic_block("u.done")
+    builder.branch(loop)  # ng >= 1
+    builder.position_at_end(loop)
+    g = builder.phi(_I64)
+    g.add_incoming(_I64(0), entry)
+    accs = [builder.phi(_V16) for _ in range(4)]
+    for a in accs:
+        a.add_incoming(zero, entry)
+    at = builder.gep(ip, [builder.add(ioff, builder.mul(g, _I64(4)))], inbounds=True)
+    four = builder.load(builder.bitcast(at, _I64.as_pointer()), align=2)  # the group's four int16 indices
+    r = [builder.load(builder.bitcast(builder.gep(bp, [builder.mul(builder.and_(builder.lshr(four, _I64(16 * u)),
+                                                                                 _I64(0xFFFF)), _I64(64))],
+                                                  inbounds=True), _V64.as_pointer()), align=1) for u in range(4)]
+    word = builder.load(builder.gep(wp, [builder.add(woff, g)], inbounds=True))
+    wv = builder.insert_element(llvmir.Constant(_V16, None), word, _I32(0))
+    wv = builder.shuffle_vector(wv, wv, _vconst(_I32, [0] * 16))
+    a = builder.bitcast(builder.shuffle_vector(r[0], r[1], _LO8), v32w)  # samples 16 L + t, t < 8: rows 1, 2
+    b = builder.bitcast(builder.shuffle_vector(r[0], r[1], _HI8), v32w)  # t >= 8
+    c = builder.bitcast(builder.shuffle_vector(r[2], r[3], _LO8), v32w)  # rows 3, 4
+    d = builder.bitcast(builder.shuffle_vector(r[2], r[3], _HI8), v32w)
+    quads = [builder.shuffle_vector(a, c, _LO16), builder.shuffle_vector(a, c, _HI16),
+             builder.shuffle_vector(b, d, _LO16), builder.shuffle_vector(b, d, _HI16)]
+    nexts = [builder.call(dpbusd, [accs[j], builder.bitcast(quads[j], _V16), wv]) for j in range(4)]
+    g_next = builder.add(g, _I64(1))
+    g.add_incoming(g_next, loop)
+    for acc, nx in zip(accs, nexts):
+        acc.add_incoming(nx, loop)
+    builder.cbranch(builder.icmp_signed("<", g_next, ng), loop, done)
+    builder.position_at_end(done)
+    # sum vector j, dword 4 L + t holds sample 16 L + 4 j + t: store samples 16 L .. 16 L + 15 in order
+    lo = builder.shuffle_vector(nexts[0], nexts[1], _vconst(_I32, list(range(32))))
+    hi = builder.shuffle_vector(nexts[2], nexts[3], _vconst(_I32, list(range(32))))
+    every = builder.shuffle_vector(lo, hi, _vconst(_I32, list(range(64))))  # sum vector j at 16 j
+    for L in range(4):
+        o = builder.shuffle_vector(every, every, _vconst(_I32, [16 * j + 4 * L + t for j in range(4) for t in range(4)]))
+        ptr = builder.gep(ap, [builder.add(aoff, _I64(16 * L))], inbounds=True)
+        builder.store(o, builder.bitcast(ptr, _V16.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
 def _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff):
     ok = (_u8(blk) and _u8(idx, types.int16) and _u8(w, types.int32) and _u8(acc, types.int32)
           and all(isinstance(v, types.Integer) for v in (ioff, woff, ng, aoff)))
@@ -426,16 +496,16 @@ def _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff):
 
 @intrinsic
 def vrow64(typingctx, blk, idx, ioff, w, woff, ng, acc, aoff):
-    """One row over a panel of 64 samples: acc[aoff + p] = sum over the ng groups of four slots (ng even, >= 2)
+    """One row over a panel of 64 samples: acc[aoff + p] = sum over the ng groups of four slots (ng >= 1)
     of the four int8 weights (the word w[woff + g]) times the bytes blk[64 idx[ioff + 4 g + u] + p] (int32,
-    exact). Needs AVX-512 VBMI and VNNI (``FAST``); the indices are non-negative."""
+    exact); byte and word unpacks. Needs AVX-512 VBMI and VNNI (``FAST``); the indices are non-negative."""
     sig = _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff)
-    return None if sig is None else (sig, _vrow_codegen(64))
+    return None if sig is None else (sig, _vrow64_codegen)
 
 
 @intrinsic
 def vrow32(typingctx, blk, idx, ioff, w, woff, ng, acc, aoff):
-    """``vrow64`` for a panel of 32 samples."""
+    """``vrow64`` for a panel of 32 samples (ng even, >= 2), with byte permutes."""
     sig = _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff)
     return None if sig is None else (sig, _vrow_codegen(32))
 
@@ -488,16 +558,22 @@ def _qparams(P, sv, zv, inv, lo, hi, bad):
 
 @njit(inline="always")
 def _quantize_rows_body(y, n, P, blk, zv, inv):
+    zi = numba.carray(stack_buffer(64, np.int32), (64,))  # the zero points as integers, converted once
+    for p in range(P):
+        zi[p] = np.int32(zv[p])
     for i in range(n):
         for p in range(P):
-            q = min(max(np.rint(np.float64(y[i * P + p]) * inv[p]), -127.0), 255.0)
-            blk[i * P + p] = np.uint8(np.int32(q) + np.int32(zv[p]))
+            q = min(max(round_int32(np.float64(y[i * P + p]) * inv[p]), np.int32(-127)), np.int32(255))
+            blk[i * P + p] = np.uint8(q + zi[p])
 
 
 @njit(**_OPTS)
 def _quantize_rows(y, n, P, blk, zv, inv):
     """Rows 0..n-1 of the float block y (n x P; slices from a first row) as bytes in blk with the positions'
-    zero points and 1 / scales (P made a constant: the loop over positions stays in vectors)."""
+    zero points and 1 / scales (P made a constant: the loop over positions stays in vectors). The same bytes as
+    ``_quantize_range``: rint then clamp (``round_int32`` converts and rounds in one step; clamping the integer
+    or the float gives the same, the products being far inside int32). 1024 x 32 positions, one core of the
+    Intel Xeon: 14.2 -> ~9 us with the integer rounding, zero points converted once and zmm vectors."""
     if P == 32:
         _quantize_rows_body(y, n, 32, blk, zv, inv)
     else:
@@ -563,6 +639,7 @@ def _panel_outputs(acc, nr, P, sp, zp, sc, wsum, bias, act, y):
     """y[r P + q] = act(float32((acc[r P + q] - zp[q] wsum[r]) * (sp[q] sc[r])) + bias[r]) for r < nr (callers
     pass slices starting at their first row): per sample exactly ``_outputs``. P is made a constant, and the rows
     start at 0: with a variable first row LLVM left this loop scalar (21.7 vs 4.0 us for 1024 rows, measured)."""
+    wide_vectors()
     if P == 32:
         _panel_outputs_body(acc, nr, 32, sp, zp, sc, wsum, bias, act, y)
     else:
