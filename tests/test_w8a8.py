@@ -16,6 +16,7 @@ from numba.core.errors import TypingError
 
 import fanin
 from fanin.kernels import w8a8
+from fanin.kernels._intrinsics import round_int32
 from fanin.runtime import PredictError
 from test_infer_kernels import make_layer
 
@@ -349,3 +350,22 @@ def test_the_server_config_takes_the_activation_mode():
     assert ServeConfig(activations="int8").activations == "int8"
     with pytest.raises(ValueError, match="activations must be"):
         ServeConfig(activations="int4")
+
+
+@njit
+def _round_all(v, out):
+    for i in range(v.shape[0]):
+        out[i] = round_int32(v[i])
+
+
+@SETTINGS
+@given(st.lists(st.floats(-2.0**30, 2.0**30, allow_nan=False), min_size=1, max_size=64), st.integers(0, 2**32 - 1))
+def test_round_int32_is_rint_then_int32(values, seed):
+    """The quantizers' one-step rounding (``_intrinsics.round_int32``, ``llvm.lrint``) against NumPy: rint (ties to
+    even) then int32, in a vectorised loop, for values within int32 -- exact halves included, of both signs."""
+    rng = np.random.default_rng(seed)
+    halves = rng.integers(-1000, 1000, 16) + 0.5
+    v = np.concatenate([np.asarray(values, np.float64), halves, -halves, [0.5, 1.5, 2.5, -0.5, -1.5, -0.0]])
+    out = np.zeros(v.shape[0], np.int32)
+    _round_all(v, out)
+    np.testing.assert_array_equal(out, np.rint(v).astype(np.int32))
