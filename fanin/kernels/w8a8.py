@@ -482,7 +482,8 @@ def _vrow64_codegen(context, builder, sig, args):
     hi = builder.shuffle_vector(nexts[2], nexts[3], _vconst(_I32, list(range(32))))
     every = builder.shuffle_vector(lo, hi, _vconst(_I32, list(range(64))))  # sum vector j at 16 j
     for L in range(4):
-        o = builder.shuffle_vector(every, every, _vconst(_I32, [16 * j + 4 * L + t for j in range(4) for t in range(4)]))
+        lanes = [16 * j + 4 * L + t for j in range(4) for t in range(4)]
+        o = builder.shuffle_vector(every, every, _vconst(_I32, lanes))
         ptr = builder.gep(ap, [builder.add(aoff, _I64(16 * L))], inbounds=True)
         builder.store(o, builder.bitcast(ptr, _V16.as_pointer()), align=4)
     return context.get_dummy_value()
