@@ -57,11 +57,11 @@ def prefer_512_bit_vectors(function):
     set.add(attrs, '"min-legal-vector-width"="512"')
 
 
-
 @intrinsic
 def wide_vectors(typingctx):
-    """A call that does nothing but mark the compiled function that makes it with ``prefer_512_bit_vectors``: for
-    element-wise loops with no ``stack_buffer`` (the int8 panels' quantization and outputs)."""
+    """``wide_vectors()`` at the top of a kernel: its loops vectorise with 512-bit registers on AVX-512 CPUs
+    (``prefer_512_bit_vectors``; for element-wise loops with no ``stack_buffer``). Generates no code."""
+
     def codegen(context, builder, signature, args):
         prefer_512_bit_vectors(builder.function)
         return context.get_dummy_value()

@@ -367,65 +367,58 @@ forward, forward_serial = twins(_forward, _OPTS)
 PAIR = 8  # slots per loop iteration of the panel kernel: a row's slots are padded to a multiple of it
 
 
-def _vrow_codegen(P):
-    v32 = llvmir.VectorType(_I8, 32)
-    # output lane 4 s + u of permute j takes sample 16 j + s of input row u (rows at 0, 32, 64, 96 of the table)
-    sel = [_vconst(_I8, [32 * u + 16 * j + s for s in range(16) for u in range(4)]) for j in range(2)]
-    halves = P // 32
+_V32B = llvmir.VectorType(_I8, 32)
+# output lane 4 s + u of permute j takes sample 16 j + s of input row u (rows at 0, 32, 64, 96 of the table)
+_SEL32 = [_vconst(_I8, [32 * u + 16 * j + s for s in range(16) for u in range(4)]) for j in range(2)]
 
-    def codegen(context, builder, sig, args):
-        data, intp = _args(context, builder, sig, args)
-        bp, ip, wp, ap = data(0), data(1), data(3), data(6)
-        ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
-        mod = builder.module
-        perm = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V64, [_V64, _V64, _V64]),
-                                              "llvm.x86.avx512.vpermi2var.qi.512")
-        dpbusd = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-        zero = llvmir.Constant(_V16, [_I32(0)] * 16)
-        entry = builder.basic_block
-        loop = builder.append_basic_block("p.loop")
-        done = builder.append_basic_block("p.done")
-        builder.branch(loop)  # ng >= 2 and even (slots in eights)
-        builder.position_at_end(loop)
-        g = builder.phi(_I64)
-        g.add_incoming(_I64(0), entry)
-        accs = [[builder.phi(_V16) for _ in range(2 * halves)] for _ in range(2)]  # two sets: two chains
-        for a in accs[0] + accs[1]:
-            a.add_incoming(zero, entry)
-        nexts = []
-        for u2 in range(2):
-            gg = builder.add(g, _I64(u2))
-            at = builder.gep(ip, [builder.add(ioff, builder.mul(gg, _I64(4)))], inbounds=True)
-            four = builder.load(builder.bitcast(at, _I64.as_pointer()), align=2)  # the group's four int16 indices
-            rows = [builder.gep(bp, [builder.mul(builder.and_(builder.lshr(four, _I64(16 * u)), _I64(0xFFFF)),
-                                                 _I64(P))], inbounds=True) for u in range(4)]
-            word = builder.load(builder.gep(wp, [builder.add(woff, gg)], inbounds=True))
-            wv = builder.insert_element(llvmir.Constant(_V16, None), word, _I32(0))
-            wv = builder.shuffle_vector(wv, wv, _vconst(_I32, [0] * 16))
-            out = []
-            for h in range(halves):
-                r = [builder.load(builder.bitcast(builder.gep(row, [_I64(32 * h)], inbounds=True), v32.as_pointer()),
-                                  align=1) for row in rows]
-                ab = builder.shuffle_vector(r[0], r[1], _vconst(_I32, list(range(64))))
-                cd = builder.shuffle_vector(r[2], r[3], _vconst(_I32, list(range(64))))
-                for j in range(2):
-                    quad = builder.call(perm, [ab, sel[j], cd])
-                    out.append(builder.call(dpbusd, [accs[u2][2 * h + j], builder.bitcast(quad, _V16), wv]))
-            nexts.append(out)
-        g_next = builder.add(g, _I64(2))
-        g.add_incoming(g_next, loop)
-        for u2 in range(2):
-            for acc, nx in zip(accs[u2], nexts[u2]):
-                acc.add_incoming(nx, loop)
-        builder.cbranch(builder.icmp_signed("<", g_next, ng), loop, done)
-        builder.position_at_end(done)
-        for j in range(2 * halves):
-            ptr = builder.gep(ap, [builder.add(aoff, _I64(16 * j))], inbounds=True)
-            builder.store(builder.add(nexts[0][j], nexts[1][j]), builder.bitcast(ptr, _V16.as_pointer()), align=4)
-        return context.get_dummy_value()
 
-    return codegen
+def _vrow32_codegen(context, builder, sig, args):
+    """``vrow32``: two groups of four slots per iteration into two sets of sums, byte permutes (section above)."""
+    data, intp = _args(context, builder, sig, args)
+    bp, ip, wp, ap = data(0), data(1), data(3), data(6)
+    ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
+    mod = builder.module
+    perm = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V64, [_V64, _V64, _V64]),
+                                          "llvm.x86.avx512.vpermi2var.qi.512")
+    dpbusd = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+    zero = llvmir.Constant(_V16, [_I32(0)] * 16)
+    entry = builder.basic_block
+    loop = builder.append_basic_block("p.loop")
+    done = builder.append_basic_block("p.done")
+    builder.branch(loop)  # ng >= 2 and even (slots in eights)
+    builder.position_at_end(loop)
+    g = builder.phi(_I64)
+    g.add_incoming(_I64(0), entry)
+    accs = [[builder.phi(_V16) for _ in range(2)] for _ in range(2)]  # two sets: two chains
+    for a in accs[0] + accs[1]:
+        a.add_incoming(zero, entry)
+    nexts = []
+    for u2 in range(2):
+        gg = builder.add(g, _I64(u2))
+        at = builder.gep(ip, [builder.add(ioff, builder.mul(gg, _I64(4)))], inbounds=True)
+        four = builder.load(builder.bitcast(at, _I64.as_pointer()), align=2)  # the group's four int16 indices
+        rows = [builder.gep(bp, [builder.mul(builder.and_(builder.lshr(four, _I64(16 * u)), _I64(0xFFFF)),
+                                             _I64(32))], inbounds=True) for u in range(4)]
+        word = builder.load(builder.gep(wp, [builder.add(woff, gg)], inbounds=True))
+        wv = builder.insert_element(llvmir.Constant(_V16, None), word, _I32(0))
+        wv = builder.shuffle_vector(wv, wv, _vconst(_I32, [0] * 16))
+        r = [builder.load(builder.bitcast(row, _V32B.as_pointer()), align=1) for row in rows]
+        ab = builder.shuffle_vector(r[0], r[1], _vconst(_I32, list(range(64))))
+        cd = builder.shuffle_vector(r[2], r[3], _vconst(_I32, list(range(64))))
+        nexts.append([builder.call(dpbusd, [accs[u2][j], builder.bitcast(builder.call(perm, [ab, _SEL32[j], cd]), _V16),
+                                            wv]) for j in range(2)])
+    g_next = builder.add(g, _I64(2))
+    g.add_incoming(g_next, loop)
+    for u2 in range(2):
+        for acc, nx in zip(accs[u2], nexts[u2]):
+            acc.add_incoming(nx, loop)
+    builder.cbranch(builder.icmp_signed("<", g_next, ng), loop, done)
+    builder.position_at_end(done)
+    for j in range(2):
+        ptr = builder.gep(ap, [builder.add(aoff, _I64(16 * j))], inbounds=True)
+        builder.store(builder.add(nexts[0][j], nexts[1][j]), builder.bitcast(ptr, _V16.as_pointer()), align=4)
+    return context.get_dummy_value()
 
 
 _I16 = llvmir.IntType(16)
@@ -508,7 +501,7 @@ def vrow64(typingctx, blk, idx, ioff, w, woff, ng, acc, aoff):
 def vrow32(typingctx, blk, idx, ioff, w, woff, ng, acc, aoff):
     """``vrow64`` for a panel of 32 samples (ng even, >= 2), with byte permutes."""
     sig = _vrow_typing(blk, idx, ioff, w, woff, ng, acc, aoff)
-    return None if sig is None else (sig, _vrow_codegen(32))
+    return None if sig is None else (sig, _vrow32_codegen)
 
 
 @njit(**_OPTS)
