@@ -536,15 +536,19 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
 
 # ----------------------------------------------------------------- batch norm
 def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5) -> Tensor:
-    """Batch norm over every axis but 1 (features/channels); updates running stats in training."""
+    """Batch norm over every axis but 1 (features/channels); updates running stats in training.
+
+    Fused kernels (``fanin.kernels.norm``): two passes forward, two backward, per-channel sums in float64."""
+    from fanin.kernels import norm
+
     x = _t(x)
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = [1] * x.ndim
-    shape[1] = x.shape[1]
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: input must be (batch, features, ...), got shape {x.shape}.")
     if x.shape[1] != gamma.shape[0]:
         raise ValueError(
             f"batch_norm: input of shape {x.shape} has {x.shape[1]} features but the layer has {gamma.shape[0]}."
         )
+    xd = x.data if x.data.dtype in (np.float32, np.float64) else x.data.astype(np.float64)
     if training:
         count = x.size // x.shape[1]
         if count < 2:
@@ -552,31 +556,18 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
                 "batch_norm: training needs more than one value per channel; use a batch larger "
                 "than 1 or call model.eval()."
             )
-        mu = x.data.mean(axis=axes)
-        var = x.data.var(axis=axes)
+        mu, var = norm.batch_stats(xd)
         running_mean *= 1 - momentum
         running_mean += momentum * mu
         running_var *= 1 - momentum
         running_var += momentum * var * (count / (count - 1))
     else:
-        mu, var = running_mean, running_var
-    inv = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    xhat = (x.data - mu.reshape(shape)) * inv.reshape(shape)
-    out = xhat * gamma.data.reshape(shape) + beta.data.reshape(shape)
+        mu, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    inv = (1.0 / np.sqrt(var + eps)).astype(xd.dtype)
+    out = norm.bn_forward(xd, mu, inv, gamma.data, beta.data)
 
     def backward(g):
-        gg = (g * xhat).sum(axis=axes)
-        gb = g.sum(axis=axes)
-        gxhat = g * gamma.data.reshape(shape)
-        if training:
-            n = x.size // x.shape[1]
-            gx = (inv.reshape(shape) / n) * (
-                n * gxhat - gxhat.sum(axis=axes).reshape(shape)
-                - xhat * (gxhat * xhat).sum(axis=axes).reshape(shape)
-            )
-        else:
-            gx = gxhat * inv.reshape(shape)
-        return gx, gg, gb
+        return norm.bn_backward(xd, mu, inv, gamma.data, g, training)
 
     return Tensor._make(out.astype(x.dtype, copy=False), (x, gamma, beta), backward)
 
