@@ -472,48 +472,86 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
 
 
 # ---------------------------------------------------------------- im2col / col2im
-@njit(**_JIT)
-def _k_im2col(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
-    """cols[(b*ho + oy)*wo + ox, (c*kh + dy)*kw + dx] = x[b, c, oy*sh - ph + dy, ox*sw - pw + dx] (0 outside)."""
-    B, C, H, W = x.shape
+@njit(inline="always")
+def _im2col_body(xf, cf, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo):
+    K = C * kh * kw
     for task in prange(B * ho):
         b = task // ho
         oy = task % ho
         for ox in range(wo):
-            row = cols[task * wo + ox]
-            q = 0
+            r = (task * wo + ox) * K
+            ix0 = ox * sw - pw
+            inside = ix0 >= 0 and ix0 + kw <= W
             for c in range(C):
                 for dy in range(kh):
                     iy = oy * sh - ph + dy
-                    for dx in range(kw):
-                        ix = ox * sw - pw + dx
-                        if 0 <= iy < H and 0 <= ix < W:
-                            row[q] = x[b, c, iy, ix]
-                        else:
-                            row[q] = 0
-                        q += 1
+                    q = r + (c * kh + dy) * kw
+                    src = ((b * C + c) * H + iy) * W + ix0
+                    if iy < 0 or iy >= H:
+                        for dx in range(kw):
+                            cf[q + dx] = 0
+                    elif inside:
+                        for dx in range(kw):
+                            cf[q + dx] = xf[src + dx]
+                    else:
+                        for dx in range(kw):
+                            ix = ix0 + dx
+                            cf[q + dx] = xf[src + dx] if 0 <= ix < W else 0
+
+
+@njit(**_JIT)
+def _k_im2col(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
+    """cols[(b*ho + oy)*wo + ox, (c*kh + dy)*kw + dx] = x[b, c, oy*sh - ph + dy, ox*sw - pw + dx] (0 outside);
+    x and cols C-contiguous.
+
+    Flat indices, the bounds tested once per kernel row (dy) and output column (ox), and 3x3 kernels compiled
+    with the size a constant (LLVM then unrolls the taps): the earlier form (a bounds test per tap, array views,
+    loops of a run-time length 3) took 9.7-11.9 ms for the CNN's second convolution (batch 128, 22 input
+    channels, ~5 M columns) on the Intel Xeon, one thread; with the constant size ~4 ms."""
+    B, C, H, W = x.shape
+    xf = x.reshape(-1)
+    cf = cols.reshape(-1)
+    if kh == 3 and kw == 3:
+        _im2col_body(xf, cf, B, C, H, W, 3, 3, sh, sw, ph, pw, ho, wo)
+    else:
+        _im2col_body(xf, cf, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo)
+
+
+@njit(inline="always")
+def _col2im_body(cf, dx_out, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo):
+    Hp = max(H + 2 * ph, (ho - 1) * sh + kh)
+    Wp = max(W + 2 * pw, (wo - 1) * sw + kw)
+    K = C * kh * kw
+    for b in prange(B):
+        pad = np.zeros(C * Hp * Wp, dx_out.dtype)
+        for oy in range(ho):
+            for ox in range(wo):
+                r = ((b * ho + oy) * wo + ox) * K
+                for c in range(C):
+                    for dy in range(kh):
+                        q = r + (c * kh + dy) * kw
+                        d = (c * Hp + oy * sh + dy) * Wp + ox * sw
+                        for dx in range(kw):
+                            pad[d + dx] += cf[q + dx]
+        for c in range(C):
+            for iy in range(H):
+                for ix in range(W):
+                    dx_out[b, c, iy, ix] = pad[(c * Hp + iy + ph) * Wp + ix + pw]
 
 
 @njit(**_JIT)
 def _k_col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx_out):
-    """Adjoint of im2col: each task owns one (b, c) plane of dx_out, so overlaps never race."""
+    """Adjoint of im2col: each task owns one image b of dx_out (so overlaps never race) and reads its rows of
+    cols once, in order, summing into a zero-padded copy of the image (no bounds test per tap) whose interior
+    is then copied out; 3x3 kernels compiled with the size a constant (as ``_k_im2col``). The earlier form, one
+    task per (b, c) plane, read every row of cols once per channel at a stride: 11.5 ms for the CNN's second
+    convolution at batch 128, 22 channels, on the Intel Xeon, one thread."""
     B, C, H, W = dx_out.shape
-    for task in prange(B * C):
-        b = task // C
-        c = task % C
-        plane = dx_out[b, c]
-        plane[:, :] = 0
-        for oy in range(ho):
-            for ox in range(wo):
-                row = cols[(b * ho + oy) * wo + ox]
-                q = c * kh * kw
-                for dy in range(kh):
-                    iy = oy * sh - ph + dy
-                    for dx in range(kw):
-                        ix = ox * sw - pw + dx
-                        if 0 <= iy < H and 0 <= ix < W:
-                            plane[iy, ix] += row[q]
-                        q += 1
+    cf = cols.reshape(-1)
+    if kh == 3 and kw == 3:
+        _col2im_body(cf, dx_out, B, C, H, W, 3, 3, sh, sw, ph, pw, ho, wo)
+    else:
+        _col2im_body(cf, dx_out, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo)
 
 
 # ================================================================ drivers
@@ -733,15 +771,16 @@ def growth_candidates(x, dy, indices, c, block=None, sort=True, held=False):
 def im2col(x, kh, kw, stride, padding, ho, wo):
     """Patches of x (B, C, H, W) as rows (B*ho*wo, C*kh*kw), columns ordered (c, dy, dx)."""
     B, C = x.shape[0], x.shape[1]
-    cols = np.empty((B * ho * wo, C * kh * kw), x.dtype)
-    _k_im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
+    # from the huge-page pool: a fresh 20 MB np.empty per call paid ~5,000 page faults each time it was written
+    cols = memory.empty((B * ho * wo, C * kh * kw), x.dtype)
+    _k_im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
     return cols
 
 
 def col2im(cols, x_shape, kh, kw, stride, padding, ho, wo):
     """Adjoint of im2col: sums every patch entry back into its pixel of an x_shape array."""
-    out = np.empty(x_shape, cols.dtype)
-    _k_col2im(cols, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
+    out = memory.empty(x_shape, cols.dtype)  # (see im2col)
+    _k_col2im(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
     return out
 
 
