@@ -431,8 +431,9 @@ def conv_output_size(h, w, kh, kw, stride, padding):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
-    """2-D convolution (cross-correlation) of x (B, C, H, W) with weight (O, C, kh, kw), via im2col."""
-    from fanin.kernels import col2im, im2col
+    """2-D convolution (cross-correlation) of x (B, C, H, W) with weight (O, C, kh, kw), via im2col: one product
+    of patch rows, or (few patch entries: ``kernels.im2col_layout``) a product per image on patch planes."""
+    from fanin import kernels
 
     x = _t(x)
     if x.ndim != 4:
@@ -448,17 +449,35 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
     ho, wo = conv_output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit input of shape {x.shape} with padding {padding}.")
-    cols = im2col(x.data, kh, kw, stride, padding)  # (B*Ho*Wo, C*kh*kw)
+    parents = (x, weight) if bias is None else (x, weight, bias)
     wmat = weight.data.reshape(o, -1)
+    if kernels.im2col_layout(c, kh, kw) == "planes":
+        cols = kernels.im2col_planes(x.data, kh, kw, stride, padding)  # (B, C*kh*kw, Ho*Wo)
+        out = np.matmul(wmat, cols)  # (B, O, Ho*Wo): NCHW as it comes
+        if bias is not None:
+            out += bias.data[:, None]
+
+        def backward(g):
+            g3 = np.ascontiguousarray(g).reshape(b, o, ho * wo)
+            gx = (kernels.col2im_planes(np.matmul(wmat.T, g3), x.shape, kh, kw, stride, padding)
+                  if x.requires_grad else None)
+            gw = None
+            if weight.requires_grad:
+                gw = np.matmul(g3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
+            if bias is None:
+                return gx, gw
+            return gx, gw, g3.sum(axis=(0, 2))
+
+        return Tensor._make(out.reshape(b, o, ho, wo), parents, backward)
+    cols = kernels.im2col(x.data, kh, kw, stride, padding)  # (B*Ho*Wo, C*kh*kw)
     out = cols @ wmat.T
     if bias is not None:
         out += bias.data
     out = out.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)
-    parents = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
         g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
-        gx = col2im(g2 @ wmat, x.shape, kh, kw, stride, padding) if x.requires_grad else None
+        gx = kernels.col2im(g2 @ wmat, x.shape, kh, kw, stride, padding) if x.requires_grad else None
         gw = (g2.T @ cols).reshape(weight.shape) if weight.requires_grad else None
         if bias is None:
             return gx, gw

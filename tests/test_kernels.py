@@ -573,3 +573,29 @@ def test_a_topology_error_names_the_offending_index():
     for bad, shown in (([[0, 5]], "5"), ([[-2, 1]], "-2"), ([[-2, 9]], "-2")):
         with pytest.raises(ValueError, match=rf"indices hold {shown}, outside \[0, 3\)"):
             K.Topology(np.array(bad), 3)
+
+
+@settings(**SETTINGS)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7), st.integers(1, 3),
+       st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 2), st.integers(0, 1),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**31 - 1))
+def test_im2col_planes_is_im2col_per_image_and_col2im_planes_its_adjoint(b, c, h, w, kh, kw, sh, sw, ph, pw, dt, seed):
+    if (h + 2 * ph - kh) < 0 or (w + 2 * pw - kw) < 0:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, c, h, w)).astype(dt)
+    planes = K.im2col_planes(x, kh, kw, (sh, sw), (ph, pw))
+    rows = ref_im2col(x, kh, kw, (sh, sw), (ph, pw))
+    assert planes.dtype == dt
+    np.testing.assert_array_equal(planes, rows.reshape(b, -1, rows.shape[1]).transpose(0, 2, 1))
+    g = rng.standard_normal(planes.shape).astype(dt)
+    dx = K.col2im_planes(g, x.shape, kh, kw, (sh, sw), (ph, pw))
+    close(dx, ref_col2im(np.ascontiguousarray(g.transpose(0, 2, 1)).reshape(rows.shape), x.shape, kh, kw, (sh, sw),
+                         (ph, pw)))
+
+
+def test_im2col_planes_checks_its_operands():
+    with pytest.raises(ValueError, match="im2col_planes: .*does not fit"):
+        K.im2col_planes(np.ones((1, 1, 2, 2), np.float32), 3, 3)
+    with pytest.raises(ValueError, match="col2im_planes: dcols of shape"):
+        K.col2im_planes(np.ones((1, 9, 5), np.float32), (1, 1, 4, 4), 3, 3, padding=1)

@@ -172,6 +172,27 @@ def test_conv2d_matches_direct_loop():
     np.testing.assert_allclose(out, ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("c_in, layout", [(2, "planes"), (8, "rows")])
+def test_conv2d_both_layouts_match_a_direct_loop_with_their_gradients(c_in, layout):
+    from fanin import kernels
+
+    assert kernels.im2col_layout(c_in, 3, 3) == layout  # patch planes for few patch entries, rows for many
+    rng = np.random.default_rng(4)
+    x, w, bias = rng.standard_normal((3, c_in, 6, 5)), rng.standard_normal((4, c_in, 3, 3)), rng.standard_normal(4)
+    out = ops.conv2d(Tensor(x), Tensor(w), Tensor(bias), stride=1, padding=1).data
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros(out.shape)
+    for i in range(out.shape[2]):
+        for j in range(out.shape[3]):
+            ref[:, :, i, j] = np.einsum("bchw,ochw->bo", xp[:, :, i:i + 3, j:j + 3], w) + bias
+    np.testing.assert_allclose(out, ref, rtol=1e-10)
+    check_grads(lambda a, wt, bb: ops.conv2d(a, wt, bb, (2, 1), 1), arr(rng, (2, c_in, 5, 4)),
+                arr(rng, (3, c_in, 3, 3)), arr(rng, (3,)))
+    xt = Tensor(x.astype(np.float32))  # an input that needs no gradient (a first layer): none computed
+    ops.conv2d(xt, Tensor(w.astype(np.float32), requires_grad=True), None, 1, 1).sum().backward()
+    assert xt.grad is None
+
+
 @pytest.mark.parametrize("pool", [ops.max_pool2d, ops.avg_pool2d])
 @settings(max_examples=12, deadline=None)
 @given(h=st.integers(2, 7), w=st.integers(2, 7), k=st.integers(1, 3), s=st.sampled_from([None, 1, 2]),

@@ -34,7 +34,8 @@ from fanin.kernels.topology import Topology
 __all__ = [
     "Topology", "debug", "CHECK_INDICES", "index_dtype", "validate_indices", "pack_panels", "fanin_forward", "fanin_backward",
     "fanin_backward_values", "fanin_backward_input", "transpose_structure", "growth_candidates", "dense_grad",
-    "fixed_point_forward", "im2col", "col2im", "unpack_panels", "fanin_forward_panels", "fanin_backward_panels",
+    "fixed_point_forward", "im2col", "col2im", "im2col_planes", "col2im_planes", "im2col_layout", "unpack_panels",
+    "fanin_forward_panels", "fanin_backward_panels",
 ]
 
 CHECK_INDICES = True
@@ -460,6 +461,50 @@ def im2col(x, kh, kw, stride=1, padding=0):
     x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
     kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
     return be.im2col(x, kh, kw, stride, padding, ho, wo)
+
+
+def _host_only(fname, be):
+    if not hasattr(be, fname):
+        raise NotImplementedError(f"{fname}: runs on host (NumPy) arrays only; on a device use im2col / col2im.")
+    return getattr(be, fname)
+
+
+def im2col_layout(c, kh, kw) -> str:
+    """'planes' (``im2col_planes`` and a product per image) or 'rows' (``im2col`` and one product): how a dense
+    convolution of c input channels with a kh x kw kernel runs faster on the host, by the patch size."""
+    from fanin.kernels import cpu
+
+    return cpu.im2col_layout(int(c), int(kh), int(kw))
+
+
+def im2col_planes(x, kh, kw, stride=1, padding=0):
+    """Patches of x (B, C, H, W) as planes: (B, C*kh*kw, Ho*Wo), rows ordered (c, dy, dx). ``w.reshape(O, -1) @
+    cols[b]`` is image b's convolution in (O, Ho*Wo) order: batched products give NCHW outputs directly."""
+    fname = "im2col_planes"
+    x, = _v.plain(x)
+    be = _v.backend(fname, x=x)
+    x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
+    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
+    return _host_only(fname, be)(x, kh, kw, stride, padding, ho, wo)
+
+
+def col2im_planes(dcols, x_shape, kh, kw, stride=1, padding=0):
+    """Adjoint of im2col_planes: dx of shape x_shape, summing overlapping patches."""
+    fname = "col2im_planes"
+    dcols, = _v.plain(dcols)
+    be = _v.backend(fname, dcols=dcols)
+    dcols = _v.float_array(fname, "dcols", dcols, 3, "(B, C*kh*kw, Ho*Wo)")
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
+    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
+    want = (x_shape[0], x_shape[1] * kh * kw, ho * wo)
+    if tuple(dcols.shape) != want:
+        raise ValueError(
+            f"{fname}: dcols of shape {tuple(dcols.shape)} does not match im2col_planes of an input of shape "
+            f"{x_shape} with a {kh}x{kw} kernel, which has shape {want}."
+        )
+    return _host_only(fname, be)(dcols, x_shape, kh, kw, stride, padding, ho, wo)
 
 
 def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
