@@ -1,7 +1,7 @@
 """Before/after A/B of fanin itself: the same workloads timed on an earlier revision and on the working tree.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_ab.py [--before HEAD] [--rounds 6]
-        [--out bench/RESULTS.md --title "..."]
+        [--only CNN] [--out bench/RESULTS.md --title "..."]
 
 The earlier revision is exported with ``git archive`` into a temporary folder. Each round starts one
 fresh process per side (alternating A, B, B, A, ... so a slow spell of the shared machine hits both
@@ -11,7 +11,8 @@ side over the rounds and the median of the per-round ratios after/before (1.00 =
 is faster).
 
 Workloads: the training step of ``bench_train.py`` (dense MLP 784-1024-1024-10, SGD momentum, batch
-128 and 1), a sparse training step (the same MLP at 90 % constant fan-in, batch 128), and the
+128 and 1), a sparse training step (the same MLP at 90 % constant fan-in, batch 128), CNN training steps
+(Adam, batch 128; the full CNN, and the channels a compressing run ends with), and the
 kernels of ``bench_kernels.py`` at 90 % on 4096x4096 (forward at batch 1 and 256, forward+backward
 at batch 128) and 3072x768 at batch 1, called as a user calls them (validated wrappers).
 """
@@ -74,6 +75,24 @@ def _workloads():
         idx = np.sort(np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k], axis=1).astype(kernels.index_dtype(n_in))
         return idx, rng.standard_normal((n_out, k)).astype(np.float32)
 
+    def cnn_step(channels, hidden):
+        x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, 128)
+        model = fanin.models.cnn(channels=channels, hidden=hidden, seed=0)
+        opt = fanin.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            loss = ops.cross_entropy(model(fanin.Tensor(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    # the CNN as it starts, and with the channels a compressing run ends with (--compress 0.5 --compress-cost
+    # bits+macs: 24/32 and 22/64 convolution channels, 33/128 hidden units)
+    out["dense CNN step, batch 128"] = cnn_step((32, 64), 128)
+    out["CNN 24/22/33 channels step, batch 128"] = cnn_step((24, 22), 33)
+
     idx, vals = layer(4096, 4096, 410)
     for b in (1, 256):
         x = rng.standard_normal((b, 4096)).astype(np.float32)
@@ -91,10 +110,10 @@ def _workloads():
     return out
 
 
-def worker(min_time: float):
+def worker(min_time: float, only: str | None):
     import fanin
 
-    result = {name: _median_time(fn, min_time) for name, fn in _workloads().items()}
+    result = {name: _median_time(fn, min_time) for name, fn in _workloads().items() if not only or only in name}
     print(json.dumps({"_fanin": fanin.__file__, **result}))
 
 
@@ -104,9 +123,11 @@ def export(rev: str, dest: pathlib.Path):
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
-def run_side(tree: pathlib.Path, min_time: float) -> dict:
+def run_side(tree: pathlib.Path, min_time: float, only: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--min-time", str(min_time)]
+    if only:
+        cmd += ["--only", only]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     if out.returncode:
         raise SystemExit(f"bench_ab: the worker for {tree} failed:\n{out.stderr[-3000:]}")
@@ -123,10 +144,11 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.4, help="seconds per workload per round")
     ap.add_argument("--out", help="write a section into this markdown file")
     ap.add_argument("--title", default="A/B against an earlier revision")
+    ap.add_argument("--only", help="run only the workloads whose name contains this text (e.g. CNN)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.min_time)
+        return worker(args.min_time, args.only)
     sys.path.insert(0, str(ROOT / "bench"))
     import common
 
@@ -140,7 +162,7 @@ def main(argv=None):
         for r in range(args.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")
             for side in order:
-                times[side].append(run_side(sides[side], args.min_time))
+                times[side].append(run_side(sides[side], args.min_time, args.only))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
     for name in times["before"][0]:
@@ -153,7 +175,7 @@ def main(argv=None):
                            text=True).stdout.strip()
     after = "the working tree" + (" (uncommitted changes in fanin/)" if dirty else f" ({_head()})")
     body = (common.header(f"env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_ab.py "
-                          f"--before {args.before} --rounds {args.rounds}")
+                          f"--before {args.before} --rounds {args.rounds}" + (f" --only {args.only}" if args.only else ""))
             + f"\nbefore = {rev}, after = {after}; {args.rounds} rounds, fresh processes alternating.\n\n"
             + common.table(rows, ["workload", "before ms", "after ms", "after / before (median)", "range"]))
     print(body)
