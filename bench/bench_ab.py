@@ -174,8 +174,9 @@ def main(argv=None):
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "fanin"], capture_output=True,
                            text=True).stdout.strip()
     after = "the working tree" + (" (uncommitted changes in fanin/)" if dirty else f" ({_head()})")
+    only = f" --only {args.only}" if args.only else ""
     body = (common.header(f"env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_ab.py "
-                          f"--before {args.before} --rounds {args.rounds}" + (f" --only {args.only}" if args.only else ""))
+                          f"--before {args.before} --rounds {args.rounds}{only}")
             + f"\nbefore = {rev}, after = {after}; {args.rounds} rounds, fresh processes alternating.\n\n"
             + common.table(rows, ["workload", "before ms", "after ms", "after / before (median)", "range"]))
     print(body)
