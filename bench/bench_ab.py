@@ -93,6 +93,27 @@ def _workloads():
     out["dense CNN step, batch 128"] = cnn_step((32, 64), 128)
     out["CNN 24/22/33 channels step, batch 128"] = cnn_step((24, 22), 33)
 
+    def op_step(fn, shapes, grads):  # one op forward and backward on random inputs
+        ts = [fanin.Tensor(rng.standard_normal(s).astype(np.float32), requires_grad=r) for s, r in zip(shapes, grads)]
+        g = None
+
+        def step():
+            nonlocal g
+            y = fn(*ts)
+            g = rng.standard_normal(y.shape).astype(np.float32) if g is None else g
+            y.backward(g)
+        return step
+
+    rm, rv = np.zeros(32, np.float32), np.ones(32, np.float32)
+    out["CNN op: batch norm (128, 32, 28, 28), forward+backward"] = op_step(
+        lambda x, w, b: ops.batch_norm(x, w, b, rm, rv, True), [(128, 32, 28, 28), (32,), (32,)], [True] * 3)
+    out["CNN op: conv2d 1->24 28x28 batch 128, forward+backward (a first layer)"] = op_step(
+        lambda x, w: ops.conv2d(x, w, None, 1, 1), [(128, 1, 28, 28), (24, 1, 3, 3)], [False, True])
+    out["CNN op: conv2d 22->24 14x14 batch 128, forward+backward"] = op_step(
+        lambda x, w: ops.conv2d(x, w, None, 1, 1), [(128, 22, 14, 14), (24, 22, 3, 3)], [True, True])
+    out["CNN op: max pool 2x2 (128, 24, 28, 28), forward+backward"] = op_step(
+        lambda x: ops.max_pool2d(x, 2), [(128, 24, 28, 28)], [True])
+
     idx, vals = layer(4096, 4096, 410)
     for b in (1, 256):
         x = rng.standard_normal((b, 4096)).astype(np.float32)

@@ -207,7 +207,7 @@ def bn_forward(x: np.ndarray, mean: np.ndarray, inv: np.ndarray, gamma: np.ndarr
     dt = x3.dtype
     out = np.empty_like(x3)
     _pick(_apply, _apply_rows, x3)(x3, np.asarray(mean, np.float64), np.asarray(inv, dt), np.asarray(gamma, dt),
-                           np.asarray(beta, dt), out)
+                                   np.asarray(beta, dt), out)
     return out.reshape(x.shape)
 
 

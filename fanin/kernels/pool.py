@@ -76,14 +76,11 @@ max_pool_values, max_pool_values_serial = twins(clone(_max_pool_forward, "_value
 
 @nb.njit(parallel=True, cache=True)
 def max_pool_backward(g, arg, h, w):
-    """Route each output gradient to its window's maximum (adds where windows overlap). Each task zeroes its own
-    plane just before it adds into it (the plane is then in cache; a zeroed whole array first was a separate pass:
-    (128, 24, 28, 28), one thread, Intel Xeon: see bench/RESULTS.md "CNN training step")."""
+    """Route each output gradient to its window's maximum (adds where windows overlap)."""
     b, c, ho, wo = g.shape
-    dx = np.empty((b, c, h * w), dtype=g.dtype)
+    dx = np.zeros((b, c, h * w), dtype=g.dtype)
     for p in prange(b * c):
         n, ch = p // c, p % c
-        dx[n, ch, :] = 0
         for i in range(ho):
             for j in range(wo):
                 dx[n, ch, arg[n, ch, i, j]] += g[n, ch, i, j]
