@@ -55,10 +55,11 @@ def _workloads():
     rng = np.random.default_rng(0)
     out = {}
 
-    def train_step(model, batch):
-        x = rng.standard_normal((batch, 784)).astype(np.float32)
+    def train_step(model, batch, sample=(784,), adam=False):  # SGD with momentum, or Adam (the CNN's optimizer)
+        x = rng.standard_normal((batch, *sample)).astype(np.float32)
         y = rng.integers(0, 10, batch)
-        opt = fanin.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        opt = (fanin.optim.Adam(model.parameters(), lr=1e-3) if adam
+               else fanin.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 
         def step():
             loss = ops.cross_entropy(model(fanin.Tensor(x)), y)
@@ -75,23 +76,11 @@ def _workloads():
         idx = np.sort(np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k], axis=1).astype(kernels.index_dtype(n_in))
         return idx, rng.standard_normal((n_out, k)).astype(np.float32)
 
-    def cnn_step(channels, hidden):
-        x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
-        y = rng.integers(0, 10, 128)
-        model = fanin.models.cnn(channels=channels, hidden=hidden, seed=0)
-        opt = fanin.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step():
-            loss = ops.cross_entropy(model(fanin.Tensor(x)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return step
-
     # the CNN as it starts, and with the channels a compressing run ends with (--compress 0.5 --compress-cost
     # bits+macs: 24/32 and 22/64 convolution channels, 33/128 hidden units)
-    out["dense CNN step, batch 128"] = cnn_step((32, 64), 128)
-    out["CNN 24/22/33 channels step, batch 128"] = cnn_step((24, 22), 33)
+    for name, channels, hidden in (("dense CNN", (32, 64), 128), ("CNN 24/22/33 channels", (24, 22), 33)):
+        out[f"{name} step, batch 128"] = train_step(fanin.models.cnn(channels=channels, hidden=hidden, seed=0), 128,
+                                                    (1, 28, 28), adam=True)
 
     def op_step(fn, shapes, grads):  # one op forward and backward on random inputs
         ts = [fanin.Tensor(rng.standard_normal(s).astype(np.float32), requires_grad=r) for s, r in zip(shapes, grads)]

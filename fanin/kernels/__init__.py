@@ -453,20 +453,46 @@ def _conv_geometry(fname, shape, kh, kw, stride, padding):
     return kh, kw, (sh, sw), (ph, pw), ho, wo
 
 
-def im2col(x, kh, kw, stride=1, padding=0):
-    """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, dy, dx)."""
-    fname = "im2col"
+def _patches_input(fname, x, kh, kw, stride, padding):
+    """(backend, x checked, kh, kw, stride, padding, ho, wo) for im2col / im2col_planes."""
     x, = _v.plain(x)
     be = _v.backend(fname, x=x)
     x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
-    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
-    return be.im2col(x, kh, kw, stride, padding, ho, wo)
+    return (be, x) + _conv_geometry(fname, x.shape, kh, kw, stride, padding)
+
+
+def _patches_gradient(fname, dcols, x_shape, kh, kw, stride, padding, planes):
+    """(backend, dcols checked, x_shape, kh, kw, stride, padding, ho, wo) for col2im (planes False: dcols as rows
+    (B*Ho*Wo, C*kh*kw)) and col2im_planes (planes True: (B, C*kh*kw, Ho*Wo))."""
+    dcols, = _v.plain(dcols)
+    be = _v.backend(fname, dcols=dcols)
+    dcols = _v.float_array(fname, "dcols", dcols, 3 if planes else 2,
+                           "(B, C*kh*kw, Ho*Wo)" if planes else "(B*Ho*Wo, C*kh*kw)")
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
+    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
+    k = x_shape[1] * kh * kw
+    want = (x_shape[0], k, ho * wo) if planes else (x_shape[0] * ho * wo, k)
+    if tuple(dcols.shape) != want:
+        source = "im2col_planes" if planes else "im2col"
+        raise ValueError(
+            f"{fname}: dcols of shape {tuple(dcols.shape)} does not match {source} of an input of shape {x_shape} "
+            f"with a {kh}x{kw} kernel, which has shape {want}."
+        )
+    return be, dcols, x_shape, kh, kw, stride, padding, ho, wo
 
 
 def _host_only(fname, be):
     if not hasattr(be, fname):
         raise NotImplementedError(f"{fname}: runs on host (NumPy) arrays only; on a device use im2col / col2im.")
     return getattr(be, fname)
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """Patches of x (B, C, H, W) as rows: (B*Ho*Wo, C*kh*kw), columns ordered (c, dy, dx)."""
+    be, *args = _patches_input("im2col", x, kh, kw, stride, padding)
+    return be.im2col(*args)
 
 
 def im2col_layout(c, kh, kw) -> str:
@@ -480,47 +506,17 @@ def im2col_layout(c, kh, kw) -> str:
 def im2col_planes(x, kh, kw, stride=1, padding=0):
     """Patches of x (B, C, H, W) as planes: (B, C*kh*kw, Ho*Wo), rows ordered (c, dy, dx). ``w.reshape(O, -1) @
     cols[b]`` is image b's convolution in (O, Ho*Wo) order: batched products give NCHW outputs directly."""
-    fname = "im2col_planes"
-    x, = _v.plain(x)
-    be = _v.backend(fname, x=x)
-    x = _v.float_array(fname, "x", x, 4, "(batch, channels, height, width)")
-    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x.shape, kh, kw, stride, padding)
-    return _host_only(fname, be)(x, kh, kw, stride, padding, ho, wo)
+    be, *args = _patches_input("im2col_planes", x, kh, kw, stride, padding)
+    return _host_only("im2col_planes", be)(*args)
 
 
 def col2im_planes(dcols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of im2col_planes: dx of shape x_shape, summing overlapping patches."""
-    fname = "col2im_planes"
-    dcols, = _v.plain(dcols)
-    be = _v.backend(fname, dcols=dcols)
-    dcols = _v.float_array(fname, "dcols", dcols, 3, "(B, C*kh*kw, Ho*Wo)")
-    x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
-    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
-    want = (x_shape[0], x_shape[1] * kh * kw, ho * wo)
-    if tuple(dcols.shape) != want:
-        raise ValueError(
-            f"{fname}: dcols of shape {tuple(dcols.shape)} does not match im2col_planes of an input of shape "
-            f"{x_shape} with a {kh}x{kw} kernel, which has shape {want}."
-        )
-    return _host_only(fname, be)(dcols, x_shape, kh, kw, stride, padding, ho, wo)
+    be, *args = _patches_gradient("col2im_planes", dcols, x_shape, kh, kw, stride, padding, planes=True)
+    return _host_only("col2im_planes", be)(*args)
 
 
 def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of im2col: dx of shape x_shape, summing overlapping patches."""
-    fname = "col2im"
-    dcols, = _v.plain(dcols)
-    be = _v.backend(fname, dcols=dcols)
-    dcols = _v.float_array(fname, "dcols", dcols, 2, "(B*Ho*Wo, C*kh*kw)")
-    x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
-    kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
-    want = (x_shape[0] * ho * wo, x_shape[1] * kh * kw)
-    if tuple(dcols.shape) != want:
-        raise ValueError(
-            f"{fname}: dcols of shape {tuple(dcols.shape)} does not match im2col of an input of shape {x_shape} "
-            f"with a {kh}x{kw} kernel, which has shape {want}."
-        )
-    return be.col2im(dcols, x_shape, kh, kw, stride, padding, ho, wo)
+    be, *args = _patches_gradient("col2im", dcols, x_shape, kh, kw, stride, padding, planes=False)
+    return be.col2im(*args)

@@ -558,8 +558,7 @@ def _k_col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx_out):
 def _x_range(wo, W, sw, pw, dx):
     """The output columns ox whose tap dx reads inside 0..W-1 (ix = ox*sw - pw + dx): [lo, hi)."""
     lo = max(0, (pw - dx + sw - 1) // sw)
-    hi = min(wo, (W - 1 + pw - dx) // sw + 1) if W - 1 + pw - dx >= 0 else 0
-    return lo, max(lo, hi)
+    return lo, max(lo, min(wo, (W - 1 + pw - dx) // sw + 1))  # (floor division: empty when the tap never fits)
 
 
 @njit(**_JIT)
@@ -850,7 +849,7 @@ def im2col(x, kh, kw, stride, padding, ho, wo):
     B, C = x.shape[0], x.shape[1]
     # from the huge-page pool: a fresh 20 MB np.empty per call paid ~5,000 page faults each time it was written
     cols = memory.empty((B * ho * wo, C * kh * kw), x.dtype)
-    _k_im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
+    _k_im2col(x, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
     return cols
 
 
@@ -871,21 +870,21 @@ def im2col_planes(x, kh, kw, stride, padding, ho, wo):
     """Patches of x (B, C, H, W) as planes (B, C*kh*kw, ho*wo), rows ordered (c, dy, dx)."""
     B, C = x.shape[0], x.shape[1]
     cols = memory.empty((B, C * kh * kw, ho * wo), x.dtype)
-    _k_im2col_planes(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
+    _k_im2col_planes(x, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, cols)
     return cols
 
 
 def col2im_planes(cols, x_shape, kh, kw, stride, padding, ho, wo):
     """Adjoint of im2col_planes."""
     out = memory.empty(x_shape, cols.dtype)
-    _k_col2im_planes(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
+    _k_col2im_planes(cols, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
     return out
 
 
 def col2im(cols, x_shape, kh, kw, stride, padding, ho, wo):
     """Adjoint of im2col: sums every patch entry back into its pixel of an x_shape array."""
     out = memory.empty(x_shape, cols.dtype)  # (see im2col)
-    _k_col2im(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
+    _k_col2im(cols, kh, kw, stride[0], stride[1], padding[0], padding[1], ho, wo, out)
     return out
 
 

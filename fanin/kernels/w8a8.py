@@ -99,15 +99,23 @@ def _args(context, builder, sig, args):
     return data, intp
 
 
+def _vpermi2b(builder):
+    """The two-table byte permute, ``vpermi2b`` zmm (declared in the builder's module)."""
+    return cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(_V64, [_V64, _V64, _V64]),
+                                          "llvm.x86.avx512.vpermi2var.qi.512")
+
+
+def _vpdpbusd(builder):
+    """The VNNI dot product of unsigned and signed bytes into int32 lanes, ``vpdpbusd`` zmm."""
+    return cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
+                                          "llvm.x86.avx512.vpdpbusd.512")
+
+
 def _qgroups_codegen(context, builder, sig, args):
     data, intp = _args(context, builder, sig, args)
     xp, qp, crp, accp = data(0), data(1), data(2), data(7)
     off, croff, G, T = intp(3), intp(4), intp(5), intp(6)
-    mod = builder.module
-    perm = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V64, [_V64, _V64, _V64]),
-                                          "llvm.x86.avx512.vpermi2var.qi.512")
-    dpbusd = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+    perm, dpbusd = _vpermi2b(builder), _vpdpbusd(builder)
 
     def vload(ptr, at):
         return builder.load(builder.bitcast(builder.gep(ptr, [at], inbounds=True), _V64.as_pointer()), align=1)
@@ -377,11 +385,7 @@ def _vrow32_codegen(context, builder, sig, args):
     data, intp = _args(context, builder, sig, args)
     bp, ip, wp, ap = data(0), data(1), data(3), data(6)
     ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
-    mod = builder.module
-    perm = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V64, [_V64, _V64, _V64]),
-                                          "llvm.x86.avx512.vpermi2var.qi.512")
-    dpbusd = cgutils.get_or_insert_function(mod, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+    perm, dpbusd = _vpermi2b(builder), _vpdpbusd(builder)
     zero = llvmir.Constant(_V16, [_I32(0)] * 16)
     entry = builder.basic_block
     loop = builder.append_basic_block("p.loop")
@@ -435,8 +439,7 @@ def _vrow64_codegen(context, builder, sig, args):
     data, intp = _args(context, builder, sig, args)
     bp, ip, wp, ap = data(0), data(1), data(3), data(6)
     ioff, woff, ng, aoff = intp(2), intp(4), intp(5), intp(7)
-    dpbusd = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(_V16, [_V16, _V16, _V16]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+    dpbusd = _vpdpbusd(builder)
     v32w = llvmir.VectorType(_I16, 32)
     zero = llvmir.Constant(_V16, [_I32(0)] * 16)
     entry = builder.basic_block
