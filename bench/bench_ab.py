@@ -14,7 +14,9 @@ Workloads: the training step of ``bench_train.py`` (dense MLP 784-1024-1024-10, 
 128 and 1), a sparse training step (the same MLP at 90 % constant fan-in, batch 128), CNN training steps
 (Adam, batch 128; the full CNN, and the channels a compressing run ends with), and the
 kernels of ``bench_kernels.py`` at 90 % on 4096x4096 (forward at batch 1 and 256, forward+backward
-at batch 128) and 3072x768 at batch 1, called as a user calls them (validated wrappers).
+at batch 128) and 3072x768 at batch 1, called as a user calls them (validated wrappers), and
+``Network.predict`` of the SRigL-90 % MLP at batch 1, 32 and 256 (float32, and int8 weights with int8
+activations).
 """
 from __future__ import annotations
 
@@ -117,6 +119,17 @@ def _workloads():
     idx2, vals2 = layer(3072, 768, 76)
     x2 = rng.standard_normal((1, 768)).astype(np.float32)
     out["fanin_forward 3072x768 90 %, batch 1"] = lambda: kernels.fanin_forward(x2, idx2, vals2)
+
+    # inference: the SRigL-90 % MLP of bench_inference.py through a Network (float32, and int8 weights with int8
+    # activations), random weights of the same shapes
+    from fanin import runtime
+
+    plan = runtime.lower(fanin.models.mlp([784, 1024, 1024, 10], sparsity=[0.898, 0.911, None], seed=0))
+    nets = {"fp32": runtime.Network(plan), "w8a8": runtime.Network(runtime.quantize(plan, 8), activations="int8")}
+    for b in (1, 32, 256):
+        xb = rng.standard_normal((b, 784)).astype(np.float32)
+        for kind, net in nets.items():
+            out[f"predict SRigL-90 % MLP {kind}, batch {b}"] = lambda net=net, xb=xb: net.predict(xb)
     return out
 
 

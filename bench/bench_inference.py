@@ -11,8 +11,9 @@ magnitudes, then compiled with ``fanin.compile``.
 Contenders, all given the same weights (the dense equivalent of the compiled plan, zeros included) and
 the same number of threads (``--threads``, default 2):
 
-- fanin ``Network.predict`` (float32; int8 and 4-bit for the SRigL MLP, and the int8 one with 8-bit activations
-  too, ``activations="int8"``: "fanin w8a8", the scheme of ORT's dynamic int8) — only the public API, so this
+- fanin ``Network.predict`` (float32; int8 and 4-bit for the SRigL MLP, and the int8 and 4-bit ones with 8-bit
+  activations too, ``activations="int8"``: "fanin w8a8" -- the scheme of ORT's dynamic int8 -- and "fanin 4-bit
+  w8a8") — only the public API, so this
   measures whatever engine ``fanin/runtime`` holds;
 - NumPy dense (``x @ W.T + b``, ReLU; im2col + GEMM for convolutions);
 - PyTorch CPU dense (``torch.inference_mode``);
@@ -73,7 +74,8 @@ TOP1_INT8_DYNAMIC = 0.9  # ... and, on batches of >= 32, the same top-1 class fo
 
 FANIN = "fanin fp32"
 W8A8 = "fanin w8a8"  # the int8 network with int8 activations too (fanin.kernels.w8a8): ORT int8's scheme
-OURS = [FANIN, "fanin int8", "fanin 4-bit", W8A8]
+W4A8 = "fanin 4-bit w8a8"  # the 4-bit network with int8 activations (its 4-bit integers as the kernel's bytes)
+OURS = [FANIN, "fanin int8", "fanin 4-bit", W8A8, W4A8]
 BASELINES = ["numpy", "torch", "ORT fp32", "ORT int8", "DeepSparse"]
 
 
@@ -128,9 +130,10 @@ def build_networks(args, log):
                   srigl=True)
         net = fanin.compile(m)
         q8 = fanin.runtime.Network(fanin.runtime.quantize(net.plan, 8))
+        q4 = fanin.runtime.Network(fanin.runtime.quantize(net.plan, 4))
         nets["MLP SRigL 90 %"] = {"net": net, "x": mlp_x, "variants": {
-            "fanin int8": q8, "fanin 4-bit": fanin.runtime.Network(fanin.runtime.quantize(net.plan, 4)),
-            W8A8: fanin.compile(q8, activations="int8")}}
+            "fanin int8": q8, "fanin 4-bit": q4, W8A8: fanin.compile(q8, activations="int8"),
+            W4A8: fanin.compile(q4, activations="int8")}}
     if "cnn" in args.networks:
         cnn_x = fanin.data.normalize(test, flatten=False)
         steps = max(0, args.train_steps // 5)
@@ -629,7 +632,7 @@ def main():
             for c, fn in fns.items():
                 try:
                     y = fn()
-                    if c == W8A8:  # 8-bit activations: the tolerance of ORT's dynamic int8, on its own weights
+                    if c in (W8A8, W4A8):  # 8-bit activations: the tolerance of ORT's dynamic int8, on its own weights
                         ok, text = agree(y, refs[c](x), TOL_INT8_DYNAMIC, TOP1_INT8_DYNAMIC)
                     elif c in refs:
                         ok, text = agree(y, refs[c](x), TOL_FLOAT)
@@ -829,6 +832,7 @@ def main():
             add("batch 1: fanin int8 vs fanin fp32", tget(1, FANIN, "fanin int8"), 1.3)
             add("batch 1: fanin 4-bit vs fanin fp32", tget(1, FANIN, "fanin 4-bit"), 1.3)
             add("batch 1: fanin w8a8 (int8 weights and activations) vs fanin fp32", tget(1, FANIN, W8A8), 1.3)
+            add("batch 1: fanin 4-bit w8a8 (4-bit weights, int8 activations) vs fanin fp32", tget(1, FANIN, W4A8), 1.3)
     if files:
         add("file: SRigL 90 % + 4-bit vs dense fp32 (fanin.save)",
             100 * files["SRigL 90 % 4-bit"]["bytes"] / files["dense fp32"]["bytes"], 3.0, " %", higher=False)

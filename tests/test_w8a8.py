@@ -1,6 +1,6 @@
 """Int8 activations (fanin.kernels.w8a8) against their NumPy twins, and a Network built with activations="int8".
 
-The integer kernel must give exactly the integer dot products (``qgroups`` and ``qgroups_portable`` against a
+The integer kernel must give exactly the integer dot products (``qsteps`` and ``qsteps_portable`` against a
 NumPy int64 product); the input quantizer exactly its twin; the whole chain exactly ``w8a8.reference`` (all
 integer sums are exact, so there is no tolerance), serial and parallel alike; and the Network within the error
 of 8-bit activations of the float path.
@@ -25,8 +25,8 @@ needs_fast = pytest.mark.skipif(not w8a8.FAST, reason="this CPU lacks AVX-512 VB
 
 
 @njit
-def _call_fast(xq, qp, cr, off, croff, G, T, acc):
-    w8a8.qgroups(xq, qp, cr, off, croff, G, T, acc)
+def _call_fast(xq, qp, chb, goff, G, acc):
+    w8a8.qsteps(xq, qp, chb, goff, G, acc)
 
 
 def _one_layer(rng, n_in, n_out, k, dead):
@@ -60,12 +60,48 @@ def test_the_integer_kernels_give_the_exact_dot_products(case):
     xq = np.zeros(lay.xq_bytes, np.uint8)
     xq[:n_in] = rng.choice(np.array([0, 1, 127, 128, 254, 255], np.uint8), n_in) if seed % 2 else rng.integers(0, 256, n_in)
     want = _integer_dots(spec, xq)
-    _, _, G, T, off, croff = lay.lt[0, :6]
-    kernels = [w8a8.qgroups_portable] + ([_call_fast] if w8a8.FAST else [])
+    G, goff, chb = lay.lt[0, w8a8.Q_G], lay.lt[0, w8a8.Q_GS], lay.lt[0, w8a8.Q_CH]
+    kernels = [w8a8.qsteps_portable] + ([_call_fast] if w8a8.FAST else [])
     for fn in kernels:
         acc = np.full(G * w8a8.GROUP, -7, np.int32)
-        fn(xq, lay.qp, lay.qp, off, croff, G, T, acc)
+        fn(xq, lay.qp, chb, goff, G, acc)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
+
+
+def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_take_none():
+    """A hand-made layer over 3 chunks (300 inputs), groups of 4 rows: row 0 has 40 slots in chunk 0 (3 steps of
+    16), row 1 one slot in chunk 2 (1 step), row 2 and 3 one slot each in chunk 0 (within row 0's steps); group
+    1 has a row whose weights are all 0 and rows with zero weights among others; group 2 only ablated rows (no
+    step: sums 0). The sums are the exact products, on both kernels."""
+    rng = np.random.default_rng(5)
+    n_in, n_out, k = 300, 9, 40
+    idx = np.zeros((n_out, k), np.int64)
+    q = rng.integers(-127, 128, (n_out, k)).astype(np.int8)
+    q[q == 0] = 1
+    idx[0] = np.arange(40)  # chunk 0: 40 slots
+    for r, base in ((1, 256), (2, 100), (3, 7), (4, 130), (5, 0), (6, 131), (7, 260), (8, 10)):
+        idx[r] = base + np.arange(k)
+    q[1, 1:] = 0  # row 1: one live slot, input 256 (chunk 2)
+    q[2, 1:] = 0  # row 2: input 100 (chunk 0)
+    q[3, 1:] = 0  # row 3: input 7 (chunk 0)
+    q[4] = 0  # group 1: row 4 all zero; rows 5-7: 17 live slots in chunk 0 (2 steps), 1 in chunk 1, 2 in chunk 2
+    q[5, 17:] = 0
+    q[6, 1:] = 0
+    q[7, 2:] = 0
+    q[8] = 0  # group 2: an ablated row alone
+    spec = {"n_in": n_in, "n_out": n_out, "indices": idx.astype(np.int16), "qvalues": q,
+            "scale": np.ones(n_out, np.float32), "bias": None, "act": "none"}
+    lay = w8a8.QLayout([spec])
+    assert lay.lt[0, w8a8.Q_STEPS] == (3 + 1) + (2 + 1 + 1) + 0
+    xq = np.zeros(lay.xq_bytes, np.uint8)
+    xq[:n_in] = rng.integers(0, 256, n_in)
+    want = (q.astype(np.int64) * xq[idx]).sum(axis=1)
+    G, goff, chb = lay.lt[0, w8a8.Q_G], lay.lt[0, w8a8.Q_GS], lay.lt[0, w8a8.Q_CH]
+    for fn in [w8a8.qsteps_portable] + ([_call_fast] if w8a8.FAST else []):
+        acc = np.full(G * w8a8.GROUP, -7, np.int32)
+        fn(xq, lay.qp, chb, goff, G, acc)
+        np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
+        assert acc[8] == 0
 
 
 @needs_fast
@@ -75,9 +111,9 @@ def test_the_fast_kernel_refuses_other_array_types_when_compiling():
     acc = np.zeros(8, np.int32)
     xq = np.zeros(lay.xq_bytes, np.uint8)
     with pytest.raises(TypingError):
-        _call_fast(xq.astype(np.int8), lay.qp, lay.qp, 0, 0, 2, 1, acc)
+        _call_fast(xq.astype(np.int8), lay.qp, 0, 0, 2, acc)
     with pytest.raises(TypingError):
-        _call_fast(xq, lay.qp, lay.qp, 0, 0, 2, 1, acc.astype(np.int64))
+        _call_fast(xq, lay.qp, 0, 0, 2, acc.astype(np.int64))
 
 
 @settings(max_examples=60, deadline=None)
