@@ -29,6 +29,16 @@ def _call_fast(xq, qp, chb, goff, G, acc):
     w8a8.qsteps(xq, qp, chb, goff, G, acc)
 
 
+@njit
+def _call_fast_n(xq, xs, qp, chb, goff, G, acc, ast, S):
+    if S == 2:
+        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 2)
+    elif S == 3:
+        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 3)
+    else:
+        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 4)
+
+
 def _one_layer(rng, n_in, n_out, k, dead):
     spec = make_layer(rng, n_in, n_out, k, "int8", "none", np.int32, dense=(k == n_in and rng.random() < 0.3),
                       dead=dead)
@@ -53,7 +63,8 @@ def layer_case(draw):
 @given(layer_case())
 def test_the_integer_kernels_give_the_exact_dot_products(case):
     """Both kernels against NumPy's int64 products: any n_in (1 .. 5 chunks), k = 1 .. n_in, dense and sparse
-    rows, ablated rows (zeros), extreme bytes and weights (255 x -128 does not saturate)."""
+    rows, ablated rows (zeros), extreme bytes and weights (255 x -128 does not saturate); one sample, and 2-4
+    samples in one pass (``qsteps_n``)."""
     n_in, n_out, k, dead, seed = case
     rng = np.random.default_rng(seed)
     spec, lay = _one_layer(rng, n_in, n_out, k, dead)
@@ -66,33 +77,41 @@ def test_the_integer_kernels_give_the_exact_dot_products(case):
         acc = np.full(G * w8a8.GROUP, -7, np.int32)
         fn(xq, lay.qp, chb, goff, G, acc)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
+    # several samples in one pass (each its own bytes and sums, at strides): each gets its own products
+    S = 2 + seed % 3
+    xs, ast = lay.xq_bytes + 64, G * w8a8.GROUP + 16
+    xqs = np.zeros(S * xs, np.uint8)
+    for j in range(S):
+        xqs[j * xs:j * xs + n_in] = xq[:n_in] if j == 0 else rng.integers(0, 256, n_in)
+    for fn in [w8a8.qsteps_n_portable] + ([_call_fast_n] if w8a8.FAST else []):
+        accs = np.full(S * ast, -7, np.int32)
+        fn(xqs, xs, lay.qp, chb, goff, G, accs, ast, S)
+        for j in range(S):
+            np.testing.assert_array_equal(accs[j * ast:j * ast + n_out], _integer_dots(spec, xqs[j * xs:(j + 1) * xs]),
+                                          err_msg=f"{fn} sample {j} of {S}")
 
 
 def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_take_none():
-    """A hand-made layer over 3 chunks (300 inputs), groups of 4 rows: row 0 has 40 slots in chunk 0 (3 steps of
-    16), row 1 one slot in chunk 2 (1 step), row 2 and 3 one slot each in chunk 0 (within row 0's steps); group
-    1 has a row whose weights are all 0 and rows with zero weights among others; group 2 only ablated rows (no
-    step: sums 0). The sums are the exact products, on both kernels."""
+    """A hand-made layer over 5 chunks of 64 inputs (300 inputs), groups of 8 rows, 8 slots a row per step:
+    group 0: row 0 has 40 slots in chunk 0 (5 steps), row 1 one in chunk 4 (1 step), rows 2 and 3 one each in
+    chunk 0 (within row 0's steps), row 7 nine in chunk 1 (2 steps), rows 4-6 only zero weights: 8 steps;
+    group 1: row 8 has 17 slots in chunk 2 (3 steps), row 9 one in chunk 0 (1 step), the others zeros: 4 steps;
+    group 2: one ablated row, no step (sums 0). The sums are the exact products, on both kernels."""
+    assert (w8a8.GROUP, w8a8.STEP, w8a8.CHUNK_BYTES) == (8, 8, 64)  # the geometry this case is made for
     rng = np.random.default_rng(5)
-    n_in, n_out, k = 300, 9, 40
+    n_in, n_out, k = 300, 17, 40
     idx = np.zeros((n_out, k), np.int64)
     q = rng.integers(-127, 128, (n_out, k)).astype(np.int8)
     q[q == 0] = 1
-    idx[0] = np.arange(40)  # chunk 0: 40 slots
-    for r, base in ((1, 256), (2, 100), (3, 7), (4, 130), (5, 0), (6, 131), (7, 260), (8, 10)):
+    live = {0: (0, 40), 1: (256, 1), 2: (50, 1), 3: (7, 1), 7: (64, 9), 8: (128, 17), 9: (0, 1)}
+    for r in range(n_out):
+        base, n = live.get(r, (r, 0))
         idx[r] = base + np.arange(k)
-    q[1, 1:] = 0  # row 1: one live slot, input 256 (chunk 2)
-    q[2, 1:] = 0  # row 2: input 100 (chunk 0)
-    q[3, 1:] = 0  # row 3: input 7 (chunk 0)
-    q[4] = 0  # group 1: row 4 all zero; rows 5-7: 17 live slots in chunk 0 (2 steps), 1 in chunk 1, 2 in chunk 2
-    q[5, 17:] = 0
-    q[6, 1:] = 0
-    q[7, 2:] = 0
-    q[8] = 0  # group 2: an ablated row alone
+        q[r, n:] = 0
     spec = {"n_in": n_in, "n_out": n_out, "indices": idx.astype(np.int16), "qvalues": q,
             "scale": np.ones(n_out, np.float32), "bias": None, "act": "none"}
     lay = w8a8.QLayout([spec])
-    assert lay.lt[0, w8a8.Q_STEPS] == (3 + 1) + (2 + 1 + 1) + 0
+    assert lay.lt[0, w8a8.Q_STEPS] == (5 + 1 + 2) + (3 + 1) + 0
     xq = np.zeros(lay.xq_bytes, np.uint8)
     xq[:n_in] = rng.integers(0, 256, n_in)
     want = (q.astype(np.int64) * xq[idx]).sum(axis=1)
@@ -101,7 +120,7 @@ def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_t
         acc = np.full(G * w8a8.GROUP, -7, np.int32)
         fn(xq, lay.qp, chb, goff, G, acc)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
-        assert acc[8] == 0
+        assert acc[16] == 0
 
 
 @needs_fast
@@ -194,11 +213,6 @@ def test_the_panel_form_gives_the_bits_of_the_one_sample_form(seed, batch, P, pa
     np.testing.assert_array_equal(out, want)
     if seed % 5:
         np.testing.assert_array_equal(out, w8a8.reference(layers, x))
-    if batch <= P:  # one panel with each layer's rows split in parts over the threads
-        for parts in (1, 3):
-            out2 = np.empty_like(want)
-            assert w8a8.panel_layerwise(x, out2, P, *lay.panel_workspace(1, P), *lay.panel_arrays, parts) == bad
-            np.testing.assert_array_equal(out2, want)
 
 
 @njit
@@ -256,20 +270,21 @@ def test_a_sample_with_nan_gets_nan_logits_and_the_others_are_untouched():
 
 
 def test_one_layer_and_the_widest_layer_supported():
-    """A single linear layer (logistic regression), and a layer of 32,639 inputs (docs/INFERENCE.md's limit: the
-    last chunk number that fits a byte) reading its last input."""
+    """A single linear layer (logistic regression), and a layer of ``MAX_IN`` = 32,766 inputs (docs/INFERENCE.md's
+    limit: the panel form's int16 indices hold n_in) reading its last input (chunk 511: a chunk number above a
+    byte)."""
     rng = np.random.default_rng(8)
     one = [make_layer(rng, 50, 3, 50, "int8", "none", np.int16, dense=True)]
     x = rng.standard_normal((3, 50)).astype(np.float32)
     np.testing.assert_array_equal(w8a8.QLayout(one).run(x), w8a8.reference(one, x))
-    n = 32639
+    n = w8a8.MAX_IN
     wide = [{"n_in": n, "n_out": 2, "act": "none", "bias": None, "indices": np.array([[0, n - 1], [5, n - 2]], np.int32),
              "qvalues": np.array([[3, -7], [1, 2]], np.int8), "scale": np.ones(2, np.float32), "bits": 8}]
     x = rng.standard_normal((2, n)).astype(np.float32)
     np.testing.assert_array_equal(w8a8.QLayout(wide).run(x), w8a8.reference(wide, x))
 
 
-def test_a_layer_too_wide_for_byte_chunks_is_refused_clearly():
+def test_a_layer_too_wide_is_refused_clearly():
     spec = {"n_in": w8a8.MAX_IN + 1, "n_out": 1, "act": "none", "bias": None, "indices": np.zeros((1, 1), np.int32),
             "values": np.ones((1, 1), np.float32)}
     with pytest.raises(ValueError, match="activations='float32'"):

@@ -65,14 +65,15 @@ from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst,
                                   target_features, transpose8)
 
 __all__ = ["QLayout", "qsteps", "qsteps_portable", "quantize_input", "forward", "forward_serial", "reference",
-           "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial", "panel_layerwise",
+           "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial",
            "FAST", "MAX_IN", "GROUP", "STEP", "STEP_BYTES", "CHUNK_BYTES"]
 
-GROUP = 4          # rows per group (one zmm of int32 lanes: 4 rows x 4 lanes)
-STEP = 16          # slots of each row per step (4 rows x 16 = 64 bytes, one zmm)
+GROUP = 8          # rows per group of the one-sample form (one zmm of int32 lanes: 8 rows x 2 lanes)
+STEP = 8           # slots of each row per step (8 rows x 8 = 64 bytes, one zmm)
 STEP_BYTES = 128   # a step in the stream: 64 index bytes (within the chunk), 64 int8 weights
-CHUNK_BYTES = 128  # bytes of input one vpermi2b reads (two zmm tables)
-MAX_IN = 255 * CHUNK_BYTES - 1  # inputs of a layer (the sentinel too) within 255 chunks
+BLOCK = 4          # samples of the one-sample form that share a pass over a layer's steps (``qsteps_n``)
+CHUNK_BYTES = 64   # bytes of input one vpermb reads (one zmm table)
+MAX_IN = 2**15 - 2  # inputs of a layer: the panel form's int16 indices hold n_in (its sentinel row)
 
 # layer table fields
 NQ = 14
@@ -92,6 +93,7 @@ FAST = {"avx512bw", "avx512vbmi", "avx512vnni"} <= target_features()
 
 # ------------------------------------------------------------------ the kernel (LLVM IR)
 _I8 = llvmir.IntType(8)
+_I16 = llvmir.IntType(16)
 _V64 = llvmir.VectorType(_I8, 64)
 _V16 = llvmir.VectorType(_I32, 16)
 
@@ -119,104 +121,143 @@ def _vpdpbusd(builder):
                                           "llvm.x86.avx512.vpdpbusd.512")
 
 
-def _qsteps_codegen(context, builder, sig, args):
-    data, intp = _args(context, builder, sig, args)
-    xp, qp, accp = data(0), data(1), data(5)
-    chb, goff, G = intp(2), intp(3), intp(4)
-    perm, dpbusd = _vpermi2b(builder), _vpdpbusd(builder)
-    starts = builder.bitcast(builder.gep(qp, [goff], inbounds=True), _I32.as_pointer())
+def _vpermb(builder):
+    """The one-table byte permute, ``vpermb`` zmm (declared in the builder's module)."""
+    return cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(_V64, [_V64, _V64]),
+                                          "llvm.x86.avx512.permvar.qi.512")
 
-    def vload(ptr, at):
-        return builder.load(builder.bitcast(builder.gep(ptr, [at], inbounds=True), _V64.as_pointer()), align=1)
 
-    def step(acc, st):  # one step: its chunk's 128 bytes as the table, 64 bytes picked, 64 products added
-        at = builder.mul(st, _I64(STEP_BYTES))
-        lo, w = vload(qp, at), vload(qp, builder.add(at, _I64(64)))
-        c = builder.zext(builder.load(builder.gep(qp, [builder.add(chb, st)], inbounds=True)), _I64)
-        base = builder.mul(c, _I64(CHUNK_BYTES))
-        picked = builder.call(perm, [vload(xp, base), lo, vload(xp, builder.add(base, _I64(64)))])
-        return builder.call(dpbusd, [acc, builder.bitcast(picked, _V16), builder.bitcast(w, _V16)])
+def _steps_codegen(S):
+    """``qsteps`` (S = 1) and ``qsteps_n`` (S samples). Per step: its 64 index bytes and 64 weights loaded once;
+    per sample its chunk of 64 input bytes as the table, one ``vpermb``, one ``vpdpbusd`` into that sample's sums.
+    One sample alone takes two steps at a time into two sums (two dependency chains); several samples are
+    several chains already."""
+    U = 2 if S == 1 else 1
 
-    def start(i):
-        return builder.sext(builder.load(builder.gep(starts, [i], inbounds=True)), _I64)
+    def codegen(context, builder, sig, args):
+        data, intp = _args(context, builder, sig, args)
+        if S == 1:
+            xp, qp, accp = data(0), data(1), data(5)
+            xs, chb, goff, G, ast = _I64(0), intp(2), intp(3), intp(4), _I64(0)
+        else:
+            xp, qp, accp = data(0), data(2), data(6)
+            xs, chb, goff, G, ast = intp(1), intp(3), intp(4), intp(5), intp(7)
+        perm, dpbusd = _vpermb(builder), _vpdpbusd(builder)
+        starts = builder.bitcast(builder.gep(qp, [goff], inbounds=True), _I32.as_pointer())
+        chunks = builder.bitcast(builder.gep(qp, [chb], inbounds=True), _I16.as_pointer())
+        tables = [builder.gep(xp, [builder.mul(xs, _I64(j))], inbounds=True) for j in range(S)]
 
-    zero = llvmir.Constant(_V16, [_I32(0)] * 16)
-    entry = builder.basic_block
-    g_head = builder.append_basic_block("q.group")
-    pairs = builder.append_basic_block("q.pairs")
-    pairs_end = builder.append_basic_block("q.pairs.end")
-    last = builder.append_basic_block("q.last")
-    g_tail = builder.append_basic_block("q.group.end")
-    done = builder.append_basic_block("q.done")
-    builder.cbranch(builder.icmp_signed(">", G, _I64(0)), g_head, done)
+        def vload(ptr, at):
+            return builder.load(builder.bitcast(builder.gep(ptr, [at], inbounds=True), _V64.as_pointer()), align=1)
 
-    builder.position_at_end(g_head)
-    g = builder.phi(_I64)
-    g.add_incoming(_I64(0), entry)
-    s0, s1 = start(g), start(builder.add(g, _I64(1)))
-    s1m = builder.sub(s1, _I64(1))
-    builder.cbranch(builder.icmp_signed("<", s0, s1m), pairs, pairs_end)
+        def start(i):
+            return builder.sext(builder.load(builder.gep(starts, [i], inbounds=True)), _I64)
 
-    builder.position_at_end(pairs)  # two steps at a time into two sums: two dependency chains
-    st = builder.phi(_I64)
-    a0, a1 = builder.phi(_V16), builder.phi(_V16)
-    st.add_incoming(s0, g_head)
-    a0.add_incoming(zero, g_head)
-    a1.add_incoming(zero, g_head)
-    n0, n1 = step(a0, st), step(a1, builder.add(st, _I64(1)))
-    st_next = builder.add(st, _I64(2))
-    st.add_incoming(st_next, pairs)
-    a0.add_incoming(n0, pairs)
-    a1.add_incoming(n1, pairs)
-    both = builder.add(n0, n1)
-    builder.cbranch(builder.icmp_signed("<", st_next, s1m), pairs, pairs_end)
+        def step(accs, st):  # the S sums after step st
+            at = builder.mul(st, _I64(STEP_BYTES))
+            lo, w = vload(qp, at), builder.bitcast(vload(qp, builder.add(at, _I64(64))), _V16)
+            base = builder.mul(builder.zext(builder.load(builder.gep(chunks, [st], inbounds=True)), _I64),
+                               _I64(CHUNK_BYTES))
+            return [builder.call(dpbusd, [a, builder.bitcast(builder.call(perm, [vload(t, base), lo]), _V16), w])
+                    for a, t in zip(accs, tables)]
 
-    builder.position_at_end(pairs_end)
-    st_left = builder.phi(_I64)
-    acc = builder.phi(_V16)
-    st_left.add_incoming(s0, g_head)
-    st_left.add_incoming(st_next, pairs)
-    acc.add_incoming(zero, g_head)
-    acc.add_incoming(both, pairs)
-    builder.cbranch(builder.icmp_signed("<", st_left, s1), last, g_tail)
+        zero = llvmir.Constant(_V16, [_I32(0)] * 16)
+        entry = builder.basic_block
+        g_head = builder.append_basic_block("q.group")
+        body = builder.append_basic_block("q.steps")
+        body_end = builder.append_basic_block("q.steps.end")
+        last = builder.append_basic_block("q.last")
+        g_tail = builder.append_basic_block("q.group.end")
+        done = builder.append_basic_block("q.done")
+        builder.cbranch(builder.icmp_signed(">", G, _I64(0)), g_head, done)
 
-    builder.position_at_end(last)  # an odd step count: the last step
-    acc_last = step(acc, st_left)
-    builder.branch(g_tail)
+        builder.position_at_end(g_head)
+        g = builder.phi(_I64)
+        g.add_incoming(_I64(0), entry)
+        s0, s1 = start(g), start(builder.add(g, _I64(1)))
+        s_stop = builder.sub(s1, _I64(U - 1))  # the loop takes U steps while U are left
+        builder.cbranch(builder.icmp_signed("<", s0, s_stop), body, body_end)
 
-    builder.position_at_end(g_tail)  # the 4 lanes of each row summed: 4 int32 sums
-    a = builder.phi(_V16)
-    a.add_incoming(acc, pairs_end)
-    a.add_incoming(acc_last, last)
-    s = builder.add(builder.shuffle_vector(a, a, _vconst(_I32, [0, 1, 4, 5, 8, 9, 12, 13])),
-                    builder.shuffle_vector(a, a, _vconst(_I32, [2, 3, 6, 7, 10, 11, 14, 15])))
-    s = builder.add(builder.shuffle_vector(s, s, _vconst(_I32, [0, 2, 4, 6])),
-                    builder.shuffle_vector(s, s, _vconst(_I32, [1, 3, 5, 7])))
-    dst = builder.gep(accp, [builder.mul(g, _I64(GROUP))], inbounds=True)
-    builder.store(s, builder.bitcast(dst, llvmir.VectorType(_I32, 4).as_pointer()), align=4)
-    g_next = builder.add(g, _I64(1))
-    g.add_incoming(g_next, g_tail)
-    builder.cbranch(builder.icmp_signed("<", g_next, G), g_head, done)
+        builder.position_at_end(body)
+        st = builder.phi(_I64)
+        st.add_incoming(s0, g_head)
+        chains = [[builder.phi(_V16) for _ in range(S)] for _ in range(U)]
+        for c in chains:
+            for a in c:
+                a.add_incoming(zero, g_head)
+        new = [step(c, builder.add(st, _I64(u))) for u, c in enumerate(chains)]
+        st_next = builder.add(st, _I64(U))
+        st.add_incoming(st_next, body)
+        for c, n in zip(chains, new):
+            for a, v in zip(c, n):
+                a.add_incoming(v, body)
+        merged = new[0] if U == 1 else [builder.add(x, y) for x, y in zip(*new)]
+        builder.cbranch(builder.icmp_signed("<", st_next, s_stop), body, body_end)
 
-    builder.position_at_end(done)
-    return context.get_dummy_value()
+        builder.position_at_end(body_end)
+        st_left = builder.phi(_I64)
+        st_left.add_incoming(s0, g_head)
+        st_left.add_incoming(st_next, body)
+        sums = [builder.phi(_V16) for _ in range(S)]
+        for a, v in zip(sums, merged):
+            a.add_incoming(zero, g_head)
+            a.add_incoming(v, body)
+        builder.cbranch(builder.icmp_signed("<", st_left, s1), last, g_tail)
+
+        builder.position_at_end(last)  # one sample, an odd step count: the last step
+        tail = step(sums, st_left)
+        builder.branch(g_tail)
+
+        builder.position_at_end(g_tail)  # lanes 2 r and 2 r + 1 hold row r's sum: 8 int32 sums per sample
+        finals = [builder.phi(_V16) for _ in range(S)]
+        for a, x, y in zip(finals, sums, tail):
+            a.add_incoming(x, body_end)
+            a.add_incoming(y, last)
+        for j, a in enumerate(finals):
+            r = builder.add(builder.shuffle_vector(a, a, _vconst(_I32, list(range(0, 16, 2)))),
+                            builder.shuffle_vector(a, a, _vconst(_I32, list(range(1, 16, 2)))))
+            dst = builder.gep(accp, [builder.add(builder.mul(g, _I64(GROUP)), builder.mul(ast, _I64(j)))],
+                              inbounds=True)
+            builder.store(r, builder.bitcast(dst, llvmir.VectorType(_I32, GROUP).as_pointer()), align=4)
+        g_next = builder.add(g, _I64(1))
+        g.add_incoming(g_next, g_tail)
+        builder.cbranch(builder.icmp_signed("<", g_next, G), g_head, done)
+
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 def _u8(a, dtype=types.uint8):
     return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
 
 
+def _ints(*vs):
+    return all(isinstance(v, types.Integer) for v in vs)
+
+
 @intrinsic
 def qsteps(typingctx, xq, qp, chb, goff, G, acc):
-    """acc[4 g + j] = sum over the steps of group g of w * xq[128 c + lo] (int32, exact), for the G groups whose
+    """acc[8 g + j] = sum over the steps of group g of w * xq[64 c + lo] (int32, exact), for the G groups whose
     step starts (int32, G + 1 of them, global step numbers) lie at byte ``goff`` of ``qp``; step ``st`` is the
-    128 bytes at ``128 st`` (64 lo, then 64 int8 weights) and reads chunk ``c = qp[chb + st]``. ``xq`` holds at
-    least 128 x (the largest chunk number + 1) bytes; nothing is bounds-checked (``QLayout`` guarantees it).
-    Needs AVX-512 VBMI and VNNI (``FAST``); ``qsteps_portable`` is the same on any CPU."""
-    if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32)
-            and all(isinstance(v, types.Integer) for v in (chb, goff, G))):
+    128 bytes at ``128 st`` (64 lo, then 64 int8 weights) and reads chunk ``c``, the uint16 at byte
+    ``chb + 2 st``. ``xq`` holds at least 64 x (the largest chunk number + 1) bytes; nothing is bounds-checked
+    (``QLayout`` guarantees it). Needs AVX-512 VBMI and VNNI (``FAST``); ``qsteps_portable`` is the same on any
+    CPU."""
+    if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32) and _ints(chb, goff, G)):
         return None
-    return types.void(xq, qp, chb, goff, G, acc), _qsteps_codegen
+    return types.void(xq, qp, chb, goff, G, acc), _steps_codegen(1)
+
+
+@intrinsic
+def qsteps_n(typingctx, xq, xs, qp, chb, goff, G, acc, ast, S):
+    """``qsteps`` for S samples in one pass (S a compile-time constant, 2 .. ``BLOCK``): sample j's input bytes
+    at ``xq[j * xs:]``, its sums at ``acc[j * ast:]`` (int32 elements). The same integers as S ``qsteps`` calls."""
+    if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32) and isinstance(S, types.IntegerLiteral)
+            and 2 <= S.literal_value <= BLOCK and _ints(xs, chb, goff, G, ast)):
+        return None
+    return types.void(xq, xs, qp, chb, goff, G, acc, ast, S), _steps_codegen(S.literal_value)
 
 
 @njit(**_OPTS)
@@ -228,7 +269,7 @@ def qsteps_portable(xq, qp, chb, goff, G, acc):
             s = np.int32(0)
             for st in range(starts[g], starts[g + 1]):
                 p = st * STEP_BYTES + j * STEP
-                base = np.int64(qp[chb + st]) * CHUNK_BYTES
+                base = (np.int64(qp[chb + 2 * st]) + 256 * np.int64(qp[chb + 2 * st + 1])) * CHUNK_BYTES
                 for i in range(STEP):
                     w = np.int32(qp[p + 64 + i])
                     w = w - 256 if w > 127 else w  # the byte of an int8
@@ -236,7 +277,27 @@ def qsteps_portable(xq, qp, chb, goff, G, acc):
             acc[g * GROUP + j] = s
 
 
-_STEPS = qsteps if FAST else qsteps_portable
+@njit(**_OPTS)
+def qsteps_n_portable(xq, xs, qp, chb, goff, G, acc, ast, S):
+    """``qsteps_n`` in scalar code: ``qsteps_portable`` once per sample."""
+    for j in range(S):
+        qsteps_portable(xq[j * xs:], qp, chb, goff, G, acc[j * ast:])
+
+
+@njit(inline="always")
+def _steps_block_fast(xq, xs, qp, chb, goff, G, acc, ast, n):
+    """The layer's sums for the n (1 .. BLOCK) samples of a block: one kernel call, S a constant per branch."""
+    if n == 1:
+        qsteps(xq, qp, chb, goff, G, acc)
+    elif n == 2:
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 2)
+    elif n == 3:
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 3)
+    else:
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 4)
+
+
+_STEPS_BLOCK = _steps_block_fast if FAST else qsteps_n_portable  # chosen here: the fast one compiles on FAST CPUs only
 
 
 # ------------------------------------------------------------------ quantizing a layer's input
@@ -323,37 +384,69 @@ def _outputs(acc, zp, wsum, s, sc, bias, act, dst):
 
 
 # ------------------------------------------------------------------ the driver
-def _forward(x, out, ws, lt, qp, fp):
-    """Every sample through every layer; workspace row w (of ``ws.shape[0]``: the input bytes, two activation
-    rows, the int32 sums) takes samples w, w + W, ... Returns how many samples held a NaN or Inf (their logits
-    are NaN). Few arguments: each costs ~40-70 ns a call, a tenth of a batch-1 call here."""
-    B = x.shape[0]
-    W = ws.shape[0]
+@njit(**_OPTS)
+def _block(x, out, b0, n, wsf, nb, lt, qp, fp):
+    """Samples b0 .. b0 + n - 1 (n <= BLOCK) through every layer, one kernel call a layer for all of them; sample j
+    uses row j of ``wsf`` (rows of nb bytes: the input bytes, two activation rows, the int32 sums). Returns how
+    many held a NaN or Inf (their logits are NaN)."""
     L = lt.shape[0]
     sc, bias, wsum = fp[0], fp[1], fp[2]  # float64 rows (bias and wsum exact: float32 and int32 values)
+    ya, yb, ac = lt[0, Q_YA], lt[0, Q_YB], lt[0, Q_ACC]
+    sv = numba.carray(stack_buffer(BLOCK, np.float64), (BLOCK,))
+    zv = numba.carray(stack_buffer(BLOCK, np.int64), (BLOCK,))
+    bad = 0
+    for j in range(n):
+        s, zp = quantize_input(x[b0 + j], lt[0, Q_NIN], wsf[j * nb:j * nb + ya])
+        if np.isnan(s):  # its logits are set to NaN at the end; until then it computes finite nonsense
+            bad |= 1 << j
+            s, zp = 0.0, 0
+        sv[j] = s
+        zv[j] = zp
+    acs = nb // 4
+    accs = wsf[ac:].view(np.int32)  # sample j's sums at accs[j * acs:]
+    for layer in range(L):
+        n_out = lt[layer, Q_NOUT]
+        _STEPS_BLOCK(wsf, nb, qp, lt[layer, Q_CH], lt[layer, Q_GS], lt[layer, Q_G], accs, acs, n)
+        ro, act = lt[layer, Q_ROFF], lt[layer, Q_ACT]
+        for j in range(n):
+            r = j * nb
+            if layer == L - 1:
+                dst = out[b0 + j]
+            else:
+                d = r + (ya if layer % 2 == 0 else yb)
+                dst = wsf[d:d + 4 * n_out].view(np.float32)
+            _outputs(accs[j * acs:j * acs + n_out], zv[j], wsum[ro:ro + n_out], sv[j], sc[ro:ro + n_out],
+                     bias[ro:ro + n_out], act, dst[:n_out])
+            if layer < L - 1:  # the next layer's input (finite: it came from finite values)
+                if act == ACT_RELU:
+                    s, zp = _quantize_range(dst, n_out, wsf[r:r + ya], np.float32(0), _max_nonneg(dst, n_out))
+                else:
+                    s, zp = quantize_input(dst, n_out, wsf[r:r + ya])
+                sv[j] = s
+                zv[j] = zp
+    count = 0
+    for j in range(n):
+        if bad & (1 << j):
+            out[b0 + j, :] = np.nan
+            count += 1
+    return count
+
+
+def _forward(x, out, ws, lt, qp, fp):
+    """Every sample through every layer: worker w (of ``ws.shape[0] // BLOCK``, BLOCK workspace rows each) takes
+    the w-th contiguous share of the batch, in blocks of up to BLOCK samples (``_block``). Returns how many samples
+    held a NaN or Inf (their logits are NaN). Few arguments: each costs ~40-70 ns a call, a tenth of a batch-1
+    call here."""
+    B = x.shape[0]
+    W = ws.shape[0] // BLOCK
+    nb = ws.shape[1]
     bad = 0
     for w in prange(W):
-        xq = ws[w, :lt[0, Q_YA]]
-        ya = ws[w, lt[0, Q_YA]:lt[0, Q_YB]].view(np.float32)
-        yb = ws[w, lt[0, Q_YB]:lt[0, Q_ACC]].view(np.float32)
-        acc = ws[w, lt[0, Q_ACC]:].view(np.int32)
-        for b in range(w, B, W):
-            s, zp = quantize_input(x[b], lt[0, Q_NIN], xq)
-            if np.isnan(s):
-                out[b, :] = np.nan
-                bad += 1
-                continue
-            for layer in range(L):
-                n_out = lt[layer, Q_NOUT]
-                _STEPS(xq, qp, lt[layer, Q_CH], lt[layer, Q_GS], lt[layer, Q_G], acc)
-                dst = out[b] if layer == L - 1 else (ya if layer % 2 == 0 else yb)
-                ro, act = lt[layer, Q_ROFF], lt[layer, Q_ACT]
-                _outputs(acc, zp, wsum[ro:ro + n_out], s, sc[ro:ro + n_out], bias[ro:ro + n_out], act, dst[:n_out])
-                if layer < L - 1:  # the next layer's input (finite: it came from finite values)
-                    if act == ACT_RELU:
-                        s, zp = _quantize_range(dst, n_out, xq, np.float32(0), _max_nonneg(dst, n_out))
-                    else:
-                        s, zp = quantize_input(dst, n_out, xq)
+        lo = (B * w) // W
+        hi = (B * (w + 1)) // W
+        wsf = ws[w * BLOCK:(w + 1) * BLOCK].reshape(-1)
+        for b0 in range(lo, hi, BLOCK):
+            bad += _block(x, out, b0, min(BLOCK, hi - b0), wsf, nb, lt, qp, fp)
     return bad
 
 
@@ -438,7 +531,6 @@ def _vrow32_codegen(context, builder, sig, args):
     return context.get_dummy_value()
 
 
-_I16 = llvmir.IntType(16)
 # the unpacks as shuffle masks: per 128-bit lane L, bytes (a[16 L + t], b[16 L + t]) for t < 8 / t >= 8; then words
 _LO8 = _vconst(_I32, [v for L in range(4) for t in range(8) for v in (16 * L + t, 64 + 16 * L + t)])
 _HI8 = _vconst(_I32, [v for L in range(4) for t in range(8, 16) for v in (16 * L + t, 64 + 16 * L + t)])
@@ -701,7 +793,7 @@ def _panel_result(y, P, n_last, inbad, nb, out, b0):
     return bad
 
 
-def _panels(x, out, P, fb, blks, accs, pv, ps, lt, fp, idx4, w4):
+def _panels(x, out, P, fb, blks, accs, pv, lt, fp, idx4, w4):
     """Panels of P samples through every layer; workspace slot w takes panels w, w + W, ... Returns how many
     samples held a NaN or Inf (their logits are NaN)."""
     B, n0 = x.shape
@@ -732,55 +824,6 @@ def _panels(x, out, P, fb, blks, accs, pv, ps, lt, fp, idx4, w4):
 
 
 panels_forward, panels_forward_serial = twins(_panels, _OPTS)
-
-
-@njit(**_OPTS)
-def _combine(ps, nparts, P, lo, hi, bad):
-    """The per-position min / max / NaN-flag of the whole block from those of its parts (ps[part, 0..2])."""
-    for q in range(P):
-        lo[q], hi[q], bad[q] = ps[0, 0, q], ps[0, 1, q], ps[0, 2, q]
-    for part in range(1, nparts):
-        for q in range(P):
-            lo[q] = min(lo[q], ps[part, 0, q])
-            hi[q] = max(hi[q], ps[part, 1, q])
-            bad[q] = max(bad[q], ps[part, 2, q])
-
-
-@njit(parallel=True, **_OPTS)
-def panel_layerwise(x, out, P, fb, blks, accs, pv, ps, lt, fp, idx4, w4, nparts):
-    """One panel (B <= P) with each layer's rows split into ``nparts`` (<= 64) parts over the threads (a batch too
-    small to give every thread a panel): the sums, the outputs, each part's per-position min/max, and the next
-    layer's bytes; the input and the per-position scales run on the calling thread. The same per-sample arithmetic as ``_panels``: the same bits. Uses workspace slot 0."""
-    B, n0 = x.shape
-    L = lt.shape[0]
-    sc, bias, wsum = fp[0], fp[1], fp[2]
-    xf = x.reshape(-1)
-    y, blk, acc = fb[0], blks[0], accs[0]
-    s_in, z_in, lo, hi, badv, inbad, inv = pv[0, 0], pv[0, 1], pv[0, 2], pv[0, 3], pv[0, 4], pv[0, 5], pv[0, 6]
-    _panel_input(xf, 0, B, n0, P, y, blk, lo, hi, badv, inbad, s_in, z_in, inv)  # (in parts: no faster)
-    for layer in range(L):
-        n_out, kq, act = lt[layer, Q_NOUT], lt[layer, Q_KQ], lt[layer, Q_ACT]
-        ioff, woff = lt[layer, Q_IOFF4], lt[layer, Q_WOFF4]
-        ro = lt[layer, Q_ROFF]
-        per = (n_out + nparts - 1) // nparts
-        last = layer == L - 1
-        for part in prange(nparts):  # rows in parts: sums, outputs, and each part's per-position min/max
-            r0 = min(n_out, part * per)
-            r1 = min(n_out, r0 + per)
-            _panel_rows(blk, idx4[ioff + r0 * kq:], w4[woff + r0 * (kq // 4):], kq, acc[r0 * P:], r1 - r0, P, s_in, z_in,
-                        sc[ro + r0:ro + r1], wsum[ro + r0:ro + r1], bias[ro + r0:ro + r1], act, y[r0 * P:])
-            if not last:
-                _scan(y[r0 * P:], r1 - r0, P, ps[part, 0], ps[part, 1], ps[part, 2])
-        if not last:  # (every part's outputs are done: the next layer's scales may replace these)
-            _combine(ps, nparts, P, lo, hi, badv)
-            _qparams(P, s_in, z_in, inv, lo, hi, badv)
-            for part in prange(nparts):  # the next layer's bytes, rows in parts
-                r0 = min(n_out, part * per)
-                r1 = min(n_out, r0 + per)
-                _quantize_rows(y[r0 * P:], r1 - r0, P, blk[r0 * P:], z_in, inv)
-            for q in range(P):
-                blk[n_out * P + q] = 0
-    return _panel_result(y, P, lt[L - 1, Q_NOUT], inbad, B, out, 0)
 
 
 @njit(**_OPTS)
@@ -865,7 +908,7 @@ class QLayout:
             st = step0 + first[(r // GROUP) * nch + chunk[r, t]] + rank // STEP
             at_byte = st * STEP_BYTES + (r % GROUP) * STEP + rank % STEP
             streams.append((at_byte, (idx[r, t] % CHUNK_BYTES).astype(np.uint8), q[r, t].view(np.uint8)))
-            chunks.append(np.repeat(np.tile(np.arange(nch, dtype=np.uint8), G), per.reshape(-1)))
+            chunks.append(np.repeat(np.tile(np.arange(nch, dtype=np.uint16), G), per.reshape(-1)))
             starts.append((step0 + first[::nch]).astype(np.int32))  # G + 1 starts (the end of the last group too)
             nch_max = max(nch_max, n_in // CHUNK_BYTES + 1)  # chunks covering inputs 0..n_in
             kq = max(PAIR, -(-k // PAIR) * PAIR)  # the panel form: slots in eights (weight 0, the sentinel row, past k)
@@ -887,15 +930,15 @@ class QLayout:
             ro += n_out
             self.widths.append(n_out)
         self.lt = np.asarray(rows, np.int64)
-        # qp: the steps (STEP_BYTES each, padding lanes 0: index 0 of the chunk, weight 0), their chunk bytes, then
-        # the group starts (int32, on 4 bytes)
+        # qp: the steps (STEP_BYTES each, padding lanes 0: index 0 of the chunk, weight 0), their chunk numbers
+        # (uint16), then the group starts (int32, on 4 bytes)
         chb = step0 * STEP_BYTES
-        goff = -(-(chb + step0) // 4) * 4
+        goff = -(-(chb + 2 * step0) // 4) * 4
         self.qp = aligned_zeros(goff + 4 * n_starts + 64, np.uint8)
         for at_byte, lo, w in streams:
             self.qp[at_byte] = lo
             self.qp[at_byte + 64] = w
-        self.qp[chb:chb + step0] = np.concatenate(chunks)
+        self.qp[chb:chb + 2 * step0].view(np.uint16)[:] = np.concatenate(chunks)
         self.qp[goff:goff + 4 * n_starts].view(np.int32)[:] = np.concatenate(starts)
         self.lt[:, Q_CH] = chb
         self.lt[:, Q_GS] = goff + 4 * self.lt[:, Q_GS]
@@ -926,10 +969,10 @@ class QLayout:
 
     def panel_workspace(self, slots: int, P: int):
         """Buffers of the panel form for ``slots`` panels of P samples at a time: (floats, bytes, int32 sums,
-        per-position float64 values, each (slots, ...); per-part min / max / NaN flags (64 parts))."""
+        per-position float64 values), each (slots, ...)."""
         big = max(self.widths[1:]) * P
         return (aligned_zeros((slots, max(big, self.n_in * P))), aligned_zeros((slots, (max(self.widths) + 1) * P), np.uint8),
-                aligned_zeros((slots, big), np.int32), np.zeros((slots, 7, P)), np.zeros((64, 3, P)))
+                aligned_zeros((slots, big), np.int32), np.zeros((slots, 7, P)))
 
     def run_panels(self, x: np.ndarray, P: int = 64, parallel: bool = False, ws=None) -> np.ndarray:
         """The chain on a C-contiguous float32 (B, n_in) batch in panels of P (32 or 64) samples: the same
@@ -947,8 +990,9 @@ class QLayout:
         return sum(a.nbytes for a in self.arrays)
 
     def workspace(self, slots: int) -> np.ndarray:
-        """The buffer of ``slots`` samples at a time: (slots, ws_bytes) bytes, rows on 64 bytes."""
-        return aligned_zeros((slots, self.ws_bytes), np.uint8)
+        """The buffer of ``slots`` workers (threads) of ``forward``, BLOCK samples each at a time: (slots * BLOCK,
+        ws_bytes) bytes, rows on 64 bytes."""
+        return aligned_zeros((slots * BLOCK, self.ws_bytes), np.uint8)
 
     def run(self, x: np.ndarray, parallel: bool = False, ws=None) -> np.ndarray:
         """The chain on a C-contiguous float32 (B, n_in) batch: (B, n_out) float32."""

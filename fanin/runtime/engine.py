@@ -67,9 +67,13 @@ ADAPTIVE = True                 # check, by timing, that parallel runs pay (see 
 EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
 RECENT = 5                      # _Tuner: calls per option whose median is its estimate
 ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
-# int8 activations: from this batch on, panels (2 threads, 784-1024-1024-10 MLP at 90 %: one 32-sample panel split
-# over the threads 44-54 us whatever the batch, sample by sample ~3.6 us a sample: measured crossing at 12-13)
-INT8_PANELS = 13
+# int8 activations: below these batches, samples go in blocks of w8a8.BLOCK (qsteps_n), the blocks over the threads;
+# from them on, panels of 32/64. Measured on the 2-core Intel Xeon, 784-1024-1024-10 MLP at SRigL 90 % (twelfth
+# session): on 2 threads, blocks 89-108 us at batch 32 against 116 us for one panel with each layer's rows split over
+# the threads (the form that was used up to 32), 144 against 192 us for panels at 48, even at 64; on 1 thread blocks
+# 82 against 149 us at 16, 162 against 145 us at 32.
+INT8_PANELS = 28          # one thread
+INT8_PANELS_THREADS = 64  # several threads
 
 
 # ------------------------------------------------------------------ parallel policy (process-wide)
@@ -235,8 +239,9 @@ class NonFinite(Exception):
 
 class _QChain:
     """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``). Batches below ``INT8_PANELS``
-    go sample by sample (the byte-permute kernel); larger ones in panels of 32 or 64 samples (the VNNI panel
-    kernel), panels over the threads when there are several. Both compute each sample's integers and float steps
+    (``INT8_PANELS_THREADS`` with several threads) go sample by sample, in blocks of ``w8a8.BLOCK`` samples that
+    share a pass over each layer (the byte-permute kernel), the blocks over the threads; larger ones in panels of 32
+    or 64 samples (the VNNI panel kernel), panels over the threads when there are several. Both compute each sample's integers and float steps
     identically, so a sample's logits do not depend on the batch it came in. Parallel runs follow the same
     policy and tuner as the float chain."""
 
@@ -265,13 +270,11 @@ class _QChain:
         return ws
 
     def plan_for(self, B: int, threads: int) -> tuple:
-        """(path, P) when the threads may be used: "int8_rows" sample by sample, "int8_layerwise" one panel of P
-        samples with each layer's rows split over the threads, or "int8_panels" panels of P over the threads.
-        Their serial forms ("..._serial") run when ``_choose`` says serial."""
-        if B < INT8_PANELS:
+        """(path, P) when the threads may be used: "int8_rows" sample by sample (blocks over the threads) or
+        "int8_panels" panels of P over the threads. Their serial forms ("..._serial") run when ``_choose`` says
+        serial."""
+        if B < (INT8_PANELS_THREADS if threads > 1 else INT8_PANELS):
             return "int8_rows", 0
-        if B <= 32 and threads > 1:
-            return "int8_layerwise", 32
         return "int8_panels", (64 if B >= 64 * max(1, threads) else 32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -285,15 +288,13 @@ class _QChain:
             return out
         threads = numba.get_num_threads()
         path, P = self.plan_for(B, threads)
-        units = threads if path == "int8_layerwise" else B if not P else -(-B // P)  # what the threads share
+        units = B if not P else -(-B // P)  # what the threads share
         token, tuner = _choose(self._tuners, (path, B.bit_length()), threads > 1 and units > 1)
         self.last_path = path + ("" if token else "_serial")
         t0 = time.perf_counter()
         try:
             slots = min(units, threads) if token else 1
-            if path == "int8_layerwise" and token:
-                bad = w8a8.panel_layerwise(x, out, P, *self._buffers(1, P), *self.layout.panel_arrays, min(threads, 64))
-            elif P:  # (a layerwise call that goes serial: one panel on this thread, slots == 1)
+            if P:
                 fn = w8a8.panels_forward if token else w8a8.panels_forward_serial
                 bad = fn(x, out, P, *self._buffers(slots, P), *self.layout.panel_arrays)
             else:
@@ -308,8 +309,8 @@ class _QChain:
     def describe(self) -> str:
         kernel = "AVX-512 VBMI/VNNI" if w8a8.FAST else "portable"
         return (f"{self.layout.n_layers} linear layer(s) with int8 activations ({kernel} kernels), one compiled call: "
-                f"sample by sample below batch {INT8_PANELS}, in panels of 32/64 samples from it (up to 32: one panel, "
-                f"each layer's rows over the threads); over the threads "
+                f"sample by sample in blocks of {w8a8.BLOCK} below batch {INT8_PANELS} ({INT8_PANELS_THREADS} with "
+                f"several threads), in panels of 32/64 samples from it; over the threads "
                 f"from {PARALLEL_PANELS_MACS} multiply-adds per call")
 
 
