@@ -820,19 +820,26 @@ def main():
         targets.append([what, shown, f"{rel} {want}{unit}", "met" if met else "MISSED"])
 
     if key in nets:
+        # One row per target of the issue, answered by the fanin mode that computes like the baseline: float32 against
+        # ORT fp32, int8 weights with int8 activations (ORT's dynamic int8 scheme) against ORT int8; the other
+        # pairings are shown for reference. (Runs before the twelfth session counted the int8 network with float
+        # activations against ORT int8 as the target row; it is still shown, for reference.)
         for b in batches:
             add(f"batch {b}: fanin fp32 vs ORT fp32", tget(b, "ORT fp32", FANIN), 3.0)
-            add(f"batch {b}: fanin int8 vs ORT int8", tget(b, "ORT int8", "fanin int8"), 2.0)
-            add(f"batch {b}: fanin fp32 vs ORT int8 (for reference)", tget(b, "ORT int8", FANIN), 2.0)
             add(f"batch {b}: fanin w8a8 vs ORT int8 (both 8-bit weights and activations)", tget(b, "ORT int8", W8A8), 2.0)
+            add(f"batch {b}: fanin int8, float activations, vs ORT int8 (for reference)",
+                tget(b, "ORT int8", "fanin int8"), 2.0)
+            add(f"batch {b}: fanin fp32 vs ORT int8 (for reference)", tget(b, "ORT int8", FANIN), 2.0)
             add(f"batch {b}: fanin w8a8 vs ORT fp32 (for reference)", tget(b, "ORT fp32", W8A8), 3.0)
         for b in batches:
             add(f"batch {b}: fanin fp32 faster than DeepSparse", tget(b, "DeepSparse", FANIN), 1.0, strict=True)
         if 1 in batches:
-            add("batch 1: fanin int8 vs fanin fp32", tget(1, FANIN, "fanin int8"), 1.3)
-            add("batch 1: fanin 4-bit vs fanin fp32", tget(1, FANIN, "fanin 4-bit"), 1.3)
-            add("batch 1: fanin w8a8 (int8 weights and activations) vs fanin fp32", tget(1, FANIN, W8A8), 1.3)
-            add("batch 1: fanin 4-bit w8a8 (4-bit weights, int8 activations) vs fanin fp32", tget(1, FANIN, W4A8), 1.3)
+            add("batch 1: int8 values: fanin w8a8 (int8 weights and activations) vs fanin fp32", tget(1, FANIN, W8A8), 1.3)
+            add("batch 1: 4-bit values: fanin 4-bit w8a8 (4-bit weights, int8 activations) vs fanin fp32",
+                tget(1, FANIN, W4A8), 1.3)
+            add("batch 1: fanin int8, float activations, vs fanin fp32 (for reference)", tget(1, FANIN, "fanin int8"), 1.3)
+            add("batch 1: fanin 4-bit, float activations, vs fanin fp32 (for reference)", tget(1, FANIN, "fanin 4-bit"),
+                1.3)
     if files:
         add("file: SRigL 90 % + 4-bit vs dense fp32 (fanin.save)",
             100 * files["SRigL 90 % 4-bit"]["bytes"] / files["dense fp32"]["bytes"], 3.0, " %", higher=False)
