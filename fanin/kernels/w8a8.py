@@ -318,6 +318,7 @@ def _qscale(lo, hi):
 @njit(**_OPTS)
 def _quantize_range(x, n, xq, lo, hi):
     """x[:n] as bytes in xq[:n] given lo <= min(x, 0), hi >= max(x, 0): (scale, zero point)."""
+    wide_vectors()
     zp, inv, s = _qscale(lo, hi)
     for i in range(n):
         q = min(max(round_int32(np.float64(x[i]) * inv), np.int32(-127)), np.int32(255))
@@ -343,6 +344,7 @@ def quantize_input(x, n, xq):
     (module docstring: zero point 0 and 255 levels when no value is negative, else 128 and +-127).
     The scan is on the bits (order-preserving integer keys): an integer min/max reduction vectorizes, a float
     one does not (0.10 vs 0.39 us for 784 inputs)."""
+    wide_vectors()
     bits = x[:n].view(np.int32)
     kmin = np.int32(0)
     kmax = np.int32(0)
@@ -362,6 +364,7 @@ def quantize_input(x, n, xq):
 def _max_nonneg(y, n):
     """max(y[:n], 0) for values that are >= 0 or -0.0 (a ReLU's outputs), on their bit patterns: ordered like
     the floats for non-negative values, and an integer max reduction vectorizes where a float one may not."""
+    wide_vectors()
     bits = y[:n].view(np.int32)
     m = np.int32(0)
     for i in range(n):
@@ -373,6 +376,7 @@ def _max_nonneg(y, n):
 def _outputs(acc, zp, wsum, s, sc, bias, act, dst):
     """dst[r] = act(float32((acc[r] - zp wsum[r]) * (s sc[r])) + bias[r]); one loop per activation (a branch
     inside would keep LLVM from vectorizing it: measured 1.4 ns an output that way, ~0.1 ns this way)."""
+    wide_vectors()
     n = dst.shape[0]
     if act == ACT_RELU:
         for r in range(n):
