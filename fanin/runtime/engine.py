@@ -143,12 +143,12 @@ class _Tuner:
     load ~10, bench/bench_runtime.py: batch 256 of the 784-1024-1024-10 MLP 2.5 ms serial, 18 ms
     parallel). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
     options, runs the faster, and runs the other one call in EXPLORE (up to 4 x EXPLORE when it is several
-    times slower) to keep its estimate fresh; when that call comes out faster than the option in use, the next
-    calls run it again, so that a lasting change is taken within a few calls. Races
+    times slower; parallel two calls, the first untimed: ``decide``) to keep its estimate fresh; when that comes out faster than the
+    option in use, the next calls run it again, so that a lasting change is taken within a few calls. Races
     between threads only lose an update; both options compute the same bits, so the choice never changes a
     result."""
 
-    __slots__ = ("rate", "calls", "seen", "recent", "probe")
+    __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm")
 
     def __init__(self):
         self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
@@ -156,20 +156,37 @@ class _Tuner:
         self.recent = ([], [])    # the latest RECENT times of each option
         self.calls = 0
         self.probe = 0            # calls left that run the slower option at once: it has just measured faster
+        self.warm = False         # the next call is the timed second call of a re-measurement
 
-    def parallel(self) -> bool:
+    def decide(self) -> tuple:
+        """(parallel, timed) for the next call: which option to run, and whether its time goes into the estimate.
+        A re-measurement of parallel (serial in use) is two calls in a row of which the first is not timed: after a
+        stretch of serial calls the threads have gone to sleep, and the first parallel call pays for waking them
+        (SRigL-90 % MLP at batch 32 on the Intel Xeon: 373-376 us against 198-220 us for the next ones, serial
+        270 us). Timed, that call made parallel look slower every time, so a tuner that had once gone serial
+        stayed serial."""
         self.calls += 1
         s, p = self.rate
         if p is None or s is None:
-            return p is None or self.calls % 4 == 0  # try parallel first, then measure serial soon
+            return p is None or self.calls % 4 == 0, True  # try parallel first, then measure serial soon
         faster = p <= s
+        if self.warm:
+            self.warm = False
+            return not faster, True
         if self.probe:
             self.probe -= 1
-            return not faster
+            return not faster, True
         ratio = (s / p if faster else p / s) if min(s, p) > 0 else 4.0
         # the slower option is re-measured one call in EXPLORE, in up to 4 x EXPLORE when it is several times
         # slower: with BLAS threads spinning in the same process a parallel batch-1 call took ~15x a serial one
-        return faster != (self.calls % (EXPLORE * min(4, max(1, int(ratio)))) == 0)
+        if self.calls % (EXPLORE * min(4, max(1, int(ratio)))) == 0:
+            self.warm = not faster  # re-measuring parallel (serial is faster): this call wakes the threads, untimed
+            return not faster, not self.warm
+        return faster, True
+
+    def parallel(self) -> bool:
+        """``decide()``'s choice alone."""
+        return self.decide()[0]
 
     def record(self, parallel: bool, seconds_per_mac: float):
         """One call's time. The first of each option is a warm-up (thread start, new buffers) and is not used;
@@ -192,11 +209,15 @@ class _Tuner:
 
 def _choose(tuners: dict, key, eligible: bool) -> tuple:
     """(token, tuner) for one call whose work the rule may send to threads (``eligible``): the tuner of its
-    batch-size class says whether to try, the process's policy (``_PARALLEL``) whether it may. Token 0: serial."""
+    batch-size class says whether to try, the process's policy (``_PARALLEL``) whether it may. Token 0: serial.
+    The tuner is None when the call's time is not to be recorded (``_Tuner.decide``)."""
     if not eligible:
         return 0, None
     tuner = (tuners.get(key) or tuners.setdefault(key, _Tuner())) if ADAPTIVE else None
-    return (_PARALLEL.enter() if tuner is None or tuner.parallel() else 0), tuner
+    if tuner is None:
+        return _PARALLEL.enter(), None
+    parallel, timed = tuner.decide()
+    return (_PARALLEL.enter() if parallel else 0), (tuner if timed else None)  # an untimed call: no tuner to tell
 
 
 def _done(token: int, tuner, t0: float, work: int):
