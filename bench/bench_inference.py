@@ -834,10 +834,12 @@ def main():
         for b in batches:
             add(f"batch {b}: fanin fp32 faster than DeepSparse", tget(b, "DeepSparse", FANIN), 1.0, strict=True)
         if 1 in batches:
-            add("batch 1: int8 values: fanin w8a8 (int8 weights and activations) vs fanin fp32", tget(1, FANIN, W8A8), 1.3)
+            add("batch 1: int8 values: fanin w8a8 (int8 weights and activations) vs fanin fp32",
+                tget(1, FANIN, W8A8), 1.3)
             add("batch 1: 4-bit values: fanin 4-bit w8a8 (4-bit weights, int8 activations) vs fanin fp32",
                 tget(1, FANIN, W4A8), 1.3)
-            add("batch 1: fanin int8, float activations, vs fanin fp32 (for reference)", tget(1, FANIN, "fanin int8"), 1.3)
+            add("batch 1: fanin int8, float activations, vs fanin fp32 (for reference)",
+                tget(1, FANIN, "fanin int8"), 1.3)
             add("batch 1: fanin 4-bit, float activations, vs fanin fp32 (for reference)", tget(1, FANIN, "fanin 4-bit"),
                 1.3)
     if files:

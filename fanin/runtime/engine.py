@@ -143,10 +143,10 @@ class _Tuner:
     load ~10, bench/bench_runtime.py: batch 256 of the 784-1024-1024-10 MLP 2.5 ms serial, 18 ms
     parallel). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
     options, runs the faster, and runs the other one call in EXPLORE (up to 4 x EXPLORE when it is several
-    times slower; parallel two calls, the first untimed: ``decide``) to keep its estimate fresh; when that comes out faster than the
-    option in use, the next calls run it again, so that a lasting change is taken within a few calls. Races
-    between threads only lose an update; both options compute the same bits, so the choice never changes a
-    result."""
+    times slower; parallel two calls, the first untimed: ``decide``) to keep its estimate fresh; when that
+    comes out faster than the option in use, the next calls run it again, so that a lasting change is taken
+    within a few calls. Races between threads only lose an update; both options compute the same bits, so the
+    choice never changes a result."""
 
     __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm")
 
@@ -262,8 +262,8 @@ class _QChain:
     """Consecutive linear ops with 8-bit activations (``fanin.kernels.w8a8``). Batches below ``INT8_PANELS``
     (``INT8_PANELS_THREADS`` with several threads) go sample by sample, in blocks of ``w8a8.BLOCK`` samples that
     share a pass over each layer (the byte-permute kernel), the blocks over the threads; larger ones in panels of 32
-    or 64 samples (the VNNI panel kernel), panels over the threads when there are several. Both compute each sample's integers and float steps
-    identically, so a sample's logits do not depend on the batch it came in. Parallel runs follow the same
+    or 64 samples (the VNNI panel kernel), panels over the threads when there are several. Both compute each
+    sample's integers and float steps identically, so a sample's logits do not depend on the batch it came in. Parallel runs follow the same
     policy and tuner as the float chain."""
 
     def __init__(self, ops):
