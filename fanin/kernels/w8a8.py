@@ -35,15 +35,17 @@ Two forms compute exactly that:
   with byte unpacks or permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). On one
   core: ~140 (P = 32) to ~180 (P = 64) G multiply-adds/s on the AMD EPYC (Zen 5), ~68 and ~85 on the Intel Xeon.
 
-Layout of the one-sample form: rows in groups of 4, and a group's work in steps of 64 slots (16 of each of its 4
-rows, ``[row][16]``, one zmm) that all read the same 128-byte chunk of the input: the step's table. For each chunk
-a group takes as many steps as its row with the most slots there needs (16 a step); slots left over are padding
+Layout of the one-sample form: rows in groups of 8 (``GROUP``), and a group's work in steps of 64 slots (8 of each
+of its rows, ``[row][8]``, one zmm) that all read the same 64-byte chunk of the input: the step's table. For each
+chunk a group takes as many steps as its row with the most slots there needs (8 a step); slots left over are padding
 (index 0, weight 0), and slots whose weight is 0 are left out. A step is 128 bytes of one stream -- the 64 indices
-within the chunk, then the 64 int8 weights -- plus its chunk number (a byte). Rows with the same steps per chunk are
+within the chunk, then the 64 int8 weights -- plus its chunk number (uint16). Rows with the same steps per chunk are
 grouped (outputs stored in that order; the next layer reads them there). A step is then one table load, one
-``vpermi2b``, one ``vpdpbusd``, with no choosing between chunks (``qsteps``); the SRigL-90 % MLP takes ~1.9-2.1
-steps a row against 1.25-1.5 for steps that span several chunks (the earlier form), each step ~2-3x cheaper.
-Inputs up to ``MAX_IN`` (the chunk number is a byte).
+``vpermb`` (one uop), one ``vpdpbusd``, with no choosing between chunks (``qsteps``); the SRigL-90 % MLP takes ~2.1-2.5
+steps a row (the earlier form, 128-byte chunks and four rows of 16 slots with steps that spanned 2-3 chunks, took
+1.25-1.5, each several times dearer: a two-uop ``vpermi2b``, a compare and a blend per chunk). Up to ``BLOCK`` samples
+share a pass (``qsteps_n``): a step's indices and weights are loaded once, each sample permutes its own chunk into its
+own sums. Inputs up to ``MAX_IN``.
 
 Without AVX-512 VBMI and VNNI (``FAST`` False: AVX2 machines) ``qsteps_portable`` and ``vrow_portable`` compute
 the same integers with scalar loops -- the same results, slower.
@@ -891,9 +893,10 @@ class QLayout:
             rows_of = np.broadcast_to(np.arange(n_out)[:, None], idx.shape)
             cnt = np.bincount((rows_of * nch + chunk)[live], minlength=n_out * nch).reshape(n_out, nch)
             if li < len(layers) - 1 and k:
-                # Rows that need the same steps per chunk go in the same group: less padding (the SRigL-90 % MLP:
-                # 2.42 -> 1.93 steps a row in the first layer). The outputs are then stored in this order, and the
-                # next layer reads them there (the last layer keeps its order). Integer sums: the same results.
+                # Rows that need the same steps per chunk go in the same group: less padding (random rows like the
+                # SRigL-90 % MLP's: 2.87 -> 2.19 steps a row at 784 inputs, fan-in 80; 3.18 -> 2.47 at 1024 / 91).
+                # The outputs are then stored in this order, and the next layer reads them there (the last layer
+                # keeps its order). Integer sums: the same results.
                 order = np.lexsort((-(-cnt // STEP)).T[::-1])
                 idx, q, live, chunk, cnt = idx[order], q[order], live[order], chunk[order], cnt[order]
                 scale, bias = scale[order], bias[order]
