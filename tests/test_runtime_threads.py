@@ -111,7 +111,7 @@ def _child(net, xs, q):
 
 def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
     t = engine._Tuner()
-    picks = [t.parallel() for _ in range(4)]
+    picks = [t.decide()[0] for _ in range(4)]
     assert picks[0]  # parallel first: the work rule said it pays
     for _ in range(2):  # the first call of each option is a warm-up, not counted
         t.record(True, 10e-9)
@@ -119,11 +119,11 @@ def test_the_tuner_takes_the_faster_option_and_keeps_measuring():
     window = 4 * engine.EXPLORE  # the re-measuring period of an option 4x (or more) slower
 
     def parallel_picks(n):
-        return sum(t.parallel() for _ in range(n))
+        return sum(t.decide()[0] for _ in range(n))
 
     assert parallel_picks(4 * window) == 8  # parallel only to re-measure it: two calls each time
     t.record(True, 0.1e-9)  # one fast parallel call: re-measured in the next calls ...
-    assert [t.parallel() for _ in range(engine.RECENT // 2)] == [True] * (engine.RECENT // 2)
+    assert [t.decide()[0] for _ in range(engine.RECENT // 2)] == [True] * (engine.RECENT // 2)
     t.record(True, 20e-9)  # ... which were slow: an accident, serial stays
     assert parallel_picks(window) == 2
     for _ in range(engine.RECENT // 2 + 1):  # the machine got idle: parallel keeps measuring 10x faster than serial

@@ -82,7 +82,7 @@ NQ = 14
 (Q_NIN, Q_NOUT, Q_G,
  Q_STEPS,  # the one-sample form: the layer's steps (all groups)
  Q_GS,  # byte offset in ``qp`` of its G + 1 group step starts (int32, global step numbers)
- Q_CH,  # byte offset in ``qp`` of the chunk byte of step 0 (the same for every layer)
+ Q_CH,  # byte offset in ``qp`` of step 0's chunk number (uint16; the same for every layer)
  Q_ROFF,  # the layer's first row in the per-row values (scale, bias, weight sum: the rows of QLayout.fp)
  Q_ACT,
  Q_YA, Q_YB, Q_ACC,  # byte offsets of a workspace row's parts (the same in every row)
@@ -866,8 +866,8 @@ class QLayout:
     """A chain of linear layers (``infer.Layout``'s layer dicts) laid out for ``forward`` (module docstring)."""
 
     def __init__(self, layers):
-        rows, streams, chunks, starts, scs, biases, wsums, idx4s, w4s, ks = [], [], [], [], [], [], [], [], [], []
-        step0 = n_starts = ro = i4off = w4off = 0
+        rows, streams, chunks, starts, scs, biases, wsums, idx4s, w4s = [], [], [], [], [], [], [], [], []
+        step0 = n_starts = ro = i4off = w4off = macs = 0
         self.widths = [int(layers[0]["n_in"])]
         nch_max = 1
         at = None  # where the previous layer's outputs are stored: output j at position at[j]
@@ -910,14 +910,15 @@ class QLayout:
             first = np.concatenate([[0], np.cumsum(per.reshape(-1))])  # a (group, chunk)'s first step, in the layer
             n_steps = int(first[-1])
             r, t = np.nonzero(live)  # row-major: (row, chunk) keys in order, a key's slots in input order
-            key = r * nch + chunk[r, t]
+            c = chunk[r, t]
+            key = r * nch + c
             rank = np.arange(key.size) - np.searchsorted(key, key)
-            st = step0 + first[(r // GROUP) * nch + chunk[r, t]] + rank // STEP
+            st = step0 + first[(r // GROUP) * nch + c] + rank // STEP
             at_byte = st * STEP_BYTES + (r % GROUP) * STEP + rank % STEP
             streams.append((at_byte, (idx[r, t] % CHUNK_BYTES).astype(np.uint8), q[r, t].view(np.uint8)))
             chunks.append(np.repeat(np.tile(np.arange(nch, dtype=np.uint16), G), per.reshape(-1)))
             starts.append((step0 + first[::nch]).astype(np.int32))  # G + 1 starts (the end of the last group too)
-            nch_max = max(nch_max, n_in // CHUNK_BYTES + 1)  # chunks covering inputs 0..n_in
+            nch_max = max(nch_max, nch)  # chunks covering inputs 0..n_in
             kq = max(PAIR, -(-k // PAIR) * PAIR)  # the panel form: slots in eights (weight 0, the sentinel row, past k)
             i4 = np.full((n_out, kq), n_in, np.int16)  # n_in <= MAX_IN < 2**15
             i4[:, :k] = idx
@@ -933,7 +934,7 @@ class QLayout:
             wsums.append(q.astype(np.int32).sum(axis=1, dtype=np.int32))
             step0 += n_steps
             n_starts += G + 1
-            ks.append(k)
+            macs += n_out * k
             ro += n_out
             self.widths.append(n_out)
         self.lt = np.asarray(rows, np.int64)
@@ -962,7 +963,7 @@ class QLayout:
         self.lt[:, Q_YB] = self.xq_bytes + wbytes
         self.lt[:, Q_ACC] = self.xq_bytes + 2 * wbytes
         self.ws_bytes = self.xq_bytes + 2 * wbytes + gbytes
-        self.macs = int(sum(int(r[1]) * k for r, k in zip(rows, ks)))
+        self.macs = int(macs)
         for a in self.arrays:
             a.setflags(write=False)
 

@@ -184,10 +184,6 @@ class _Tuner:
             return not faster, not self.warm
         return faster, True
 
-    def parallel(self) -> bool:
-        """``decide()``'s choice alone."""
-        return self.decide()[0]
-
     def record(self, parallel: bool, seconds_per_mac: float):
         """One call's time. The first of each option is a warm-up (thread start, new buffers) and is not used;
         then the estimate is the median of the option's latest RECENT calls: a preempted call is noise, a
