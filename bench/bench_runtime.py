@@ -116,10 +116,13 @@ def interleaved(contenders: dict, rounds: int, target_s: float = 0.02, flush=Non
         fn()
         fn()
     reps = {}
-    for name, fn in contenders.items():  # calls per round: ~target_s each
-        t0 = time.perf_counter()
-        fn()
-        dt = max(time.perf_counter() - t0, 1e-6)
+    for name, fn in contenders.items():  # calls per round: ~target_s each, from the median of 5 calls (one call
+        ts = []                           # could be a slow one: next to spinning BLAS threads a parallel batch-1
+        for _ in range(5):                # call can take 100x its usual time, and the contender would then get
+            t0 = time.perf_counter()      # 1-2 calls a round, all of them its first after the others ran)
+            fn()
+            ts.append(time.perf_counter() - t0)
+        dt = max(statistics.median(ts), 1e-6)
         reps[name] = 1 if flush else max(1, min(2000, int(target_s / dt)))
     wall = {n: [] for n in contenders}
     cpu = {n: [] for n in contenders}
