@@ -25,24 +25,34 @@ needs_fast = pytest.mark.skipif(not w8a8.FAST, reason="this CPU lacks AVX-512 VB
 
 
 @njit
-def _call_fast(xq, qp, chb, goff, G, acc):
-    w8a8.qsteps(xq, qp, chb, goff, G, acc)
+def _fast_1(xq, qp, chb, goff, G, acc, F):
+    if F == 0:
+        w8a8.qsteps(xq, qp, chb, goff, G, acc, 0)
+    elif F == 1:
+        w8a8.qsteps(xq, qp, chb, goff, G, acc, 1)
+    elif F == 2:
+        w8a8.qsteps(xq, qp, chb, goff, G, acc, 2)
+    else:
+        w8a8.qsteps(xq, qp, chb, goff, G, acc, 3)
 
 
 @njit
-def _call_fast_n(xq, xs, qp, chb, goff, G, acc, ast, S):
-    if S == 2:
-        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 2)
-    elif S == 3:
-        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 3)
-    else:
-        w8a8.qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 4)
+def _fast_n(xq, xs, qp, chb, goff, G, acc, ast, S, F):
+    w8a8._steps_block_fast(xq, xs, qp, chb, goff, G, acc, ast, S, F)
 
 
-def _one_layer(rng, n_in, n_out, k, dead):
+def _call_fast(xq, qp, chb, goff, G, acc, F=0):
+    _fast_1(xq, qp, chb, goff, G, acc, F)
+
+
+def _call_fast_n(xq, xs, qp, chb, goff, G, acc, ast, S, F=0):
+    _fast_n(xq, xs, qp, chb, goff, G, acc, ast, S, F)
+
+
+def _one_layer(rng, n_in, n_out, k, dead, form=None):
     spec = make_layer(rng, n_in, n_out, k, "int8", "none", np.int32, dense=(k == n_in and rng.random() < 0.3),
                       dead=dead)
-    return spec, w8a8.QLayout([spec])
+    return spec, w8a8.QLayout([spec], forms=None if form is None else [form])
 
 
 def _integer_dots(spec, xq):
@@ -54,38 +64,41 @@ def _integer_dots(spec, xq):
 @st.composite
 def layer_case(draw):
     n_in = draw(st.integers(1, 700))
-    n_out = draw(st.integers(1, 13))
+    n_out = draw(st.integers(1, 37))
     k = draw(st.sampled_from([1, n_in, draw(st.integers(1, n_in))]))
-    return n_in, n_out, k, draw(st.integers(0, 3)), draw(st.integers(0, 2**32 - 1))
+    return n_in, n_out, k, draw(st.integers(0, 3)), draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 3))
 
 
 @SETTINGS
 @given(layer_case())
 def test_the_integer_kernels_give_the_exact_dot_products(case):
-    """Both kernels against NumPy's int64 products: any n_in (1 .. 5 chunks), k = 1 .. n_in, dense and sparse
-    rows, ablated rows (zeros), extreme bytes and weights (255 x -128 does not saturate); one sample, and 2-4
-    samples in one pass (``qsteps_n``)."""
-    n_in, n_out, k, dead, seed = case
+    """Both kernels against NumPy's int64 products: every step form (``w8a8.FORMS``), any n_in (1 .. 11 chunks),
+    k = 1 .. n_in, 1-37 rows (groups of 8 or 16, the last one partial), dense and sparse rows, ablated rows (zeros),
+    extreme bytes and weights (255 x -128 does not saturate); one sample, and 2-4 samples in one pass
+    (``qsteps_n``)."""
+    n_in, n_out, k, dead, seed, form = case
     rng = np.random.default_rng(seed)
-    spec, lay = _one_layer(rng, n_in, n_out, k, dead)
+    spec, lay = _one_layer(rng, n_in, n_out, k, dead, form)
+    assert lay.lt[0, w8a8.Q_FORM] == form
+    R = w8a8.FORMS[form][0]
     xq = np.zeros(lay.xq_bytes, np.uint8)
     xq[:n_in] = rng.choice(np.array([0, 1, 127, 128, 254, 255], np.uint8), n_in) if seed % 2 else rng.integers(0, 256, n_in)
     want = _integer_dots(spec, xq)
     G, goff, chb = lay.lt[0, w8a8.Q_G], lay.lt[0, w8a8.Q_GS], lay.lt[0, w8a8.Q_CH]
     kernels = [w8a8.qsteps_portable] + ([_call_fast] if w8a8.FAST else [])
     for fn in kernels:
-        acc = np.full(G * w8a8.GROUP, -7, np.int32)
-        fn(xq, lay.qp, chb, goff, G, acc)
+        acc = np.full(G * R, -7, np.int32)
+        fn(xq, lay.qp, chb, goff, G, acc, form)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
     # several samples in one pass (each its own bytes and sums, at strides): each gets its own products
     S = 2 + seed % 3
-    xs, ast = lay.xq_bytes + 64, G * w8a8.GROUP + 16
+    xs, ast = lay.xq_bytes + 64, G * R + 16
     xqs = np.zeros(S * xs, np.uint8)
     for j in range(S):
         xqs[j * xs:j * xs + n_in] = xq[:n_in] if j == 0 else rng.integers(0, 256, n_in)
     for fn in [w8a8.qsteps_n_portable] + ([_call_fast_n] if w8a8.FAST else []):
         accs = np.full(S * ast, -7, np.int32)
-        fn(xqs, xs, lay.qp, chb, goff, G, accs, ast, S)
+        fn(xqs, xs, lay.qp, chb, goff, G, accs, ast, S, form)
         for j in range(S):
             np.testing.assert_array_equal(accs[j * ast:j * ast + n_out], _integer_dots(spec, xqs[j * xs:(j + 1) * xs]),
                                           err_msg=f"{fn} sample {j} of {S}")
@@ -97,7 +110,7 @@ def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_t
     chunk 0 (within row 0's steps), row 7 nine in chunk 1 (2 steps), rows 4-6 only zero weights: 8 steps;
     group 1: row 8 has 17 slots in chunk 2 (3 steps), row 9 one in chunk 0 (1 step), the others zeros: 4 steps;
     group 2: one ablated row, no step (sums 0). The sums are the exact products, on both kernels."""
-    assert (w8a8.GROUP, w8a8.STEP, w8a8.CHUNK_BYTES) == (8, 8, 64)  # the geometry this case is made for
+    assert w8a8.FORMS[0] == (8, 64)  # the geometry this case is made for: 8 rows, 8 slots a row, 64-byte chunks
     rng = np.random.default_rng(5)
     n_in, n_out, k = 300, 17, 40
     idx = np.zeros((n_out, k), np.int64)
@@ -110,17 +123,40 @@ def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_t
         q[r, n:] = 0
     spec = {"n_in": n_in, "n_out": n_out, "indices": idx.astype(np.int16), "qvalues": q,
             "scale": np.ones(n_out, np.float32), "bias": None, "act": "none"}
-    lay = w8a8.QLayout([spec])
+    lay = w8a8.QLayout([spec], forms=[0])
     assert lay.lt[0, w8a8.Q_STEPS] == (5 + 1 + 2) + (3 + 1) + 0
     xq = np.zeros(lay.xq_bytes, np.uint8)
     xq[:n_in] = rng.integers(0, 256, n_in)
     want = (q.astype(np.int64) * xq[idx]).sum(axis=1)
     G, goff, chb = lay.lt[0, w8a8.Q_G], lay.lt[0, w8a8.Q_GS], lay.lt[0, w8a8.Q_CH]
     for fn in [w8a8.qsteps_portable] + ([_call_fast] if w8a8.FAST else []):
-        acc = np.full(G * w8a8.GROUP, -7, np.int32)
-        fn(xq, lay.qp, chb, goff, G, acc)
+        acc = np.full(G * 8, -7, np.int32)
+        fn(xq, lay.qp, chb, goff, G, acc, 0)
         np.testing.assert_array_equal(acc[:n_out], want, err_msg=str(fn))
         assert acc[16] == 0
+
+
+def test_a_very_sparse_wide_layer_gets_the_form_of_fewest_steps():
+    """4096 inputs, fan-in 41 (99 %): a row has ~0.6 slots per 64-byte chunk, so groups of 8 rows x 8 slots take a
+    step in almost every chunk with ~8 % of its slots filled (the twelfth session's regression: ~2x slower than
+    before). Groups of 16 rows x 4 slots over 128-byte chunks need a quarter of those steps, and are chosen; a
+    dense-ish layer (784 inputs, fan-in 80) keeps 64-byte chunks (every form's steps within a few %, and a
+    128-byte step costs more when samples share it)."""
+    rng = np.random.default_rng(0)
+    steps = {}
+    for n_in, n_out, k in ((4096, 512, 41), (784, 512, 80)):
+        idx = np.sort(np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k], axis=1).astype(np.int16)
+        spec = {"n_in": n_in, "n_out": n_out, "indices": idx, "bias": None, "act": "none",
+                "values": rng.standard_normal((n_out, k)).astype(np.float32)}
+        auto = w8a8.QLayout([spec])
+        steps[n_in] = [int(w8a8.QLayout([spec], forms=[f]).lt[0, w8a8.Q_STEPS]) for f in range(len(w8a8.FORMS))]
+        assert auto.lt[0, w8a8.Q_STEPS] == steps[n_in][auto.lt[0, w8a8.Q_FORM]]
+        x = rng.standard_normal((2, n_in)).astype(np.float32)
+        np.testing.assert_array_equal(auto.run(x), w8a8.reference([spec], x))
+        if n_in == 4096:
+            assert auto.lt[0, w8a8.Q_FORM] == 3 and steps[n_in][3] < 0.35 * steps[n_in][0]
+        else:
+            assert w8a8.FORMS[auto.lt[0, w8a8.Q_FORM]][1] == 64
 
 
 @needs_fast
@@ -174,13 +210,15 @@ def _chain(rng, widths, kinds, acts, k_frac=0.3, dead=1):
 @given(st.integers(0, 2**32 - 1), st.integers(1, 9), st.sampled_from(["fp32", "int8", "int4"]))
 def test_the_chain_is_its_numpy_twin_bitwise(seed, batch, kind):
     """Random chains (sparse and dense layers, float32 / int8 / 4-bit weights, ReLU and none, ablated rows, a
-    layer without bias), inputs of either sign: serial and parallel drivers (blocks of 1-4 samples over 1-3
+    layer without bias; the step forms chosen or mixed at random), inputs of either sign: serial and parallel
+    drivers (blocks of 1-4 samples over 1-3
     workers) equal the twin bit for bit, every output row written."""
     rng = np.random.default_rng(seed)
     widths = [int(w) for w in rng.integers(1, 300, 4)]
     acts = ["relu", str(rng.choice(["relu", "none"])), "none"]
     layers = _chain(rng, widths, [kind, "fp32", "int8"], acts)
-    lay = w8a8.QLayout(layers)
+    forms = None if seed % 4 == 0 else [int(f) for f in rng.integers(0, len(w8a8.FORMS), 3)]  # mixed step forms too
+    lay = w8a8.QLayout(layers, forms=forms)
     x = (rng.standard_normal((batch, widths[0])) * rng.choice([1e-3, 1, 50])).astype(np.float32)
     if seed % 3 == 0:
         x = np.abs(x)

@@ -35,17 +35,19 @@ Two forms compute exactly that:
   with byte unpacks or permutes so that one ``vpdpbusd`` does 64 multiply-adds (section "batches" below). On one
   core: ~140 (P = 32) to ~180 (P = 64) G multiply-adds/s on the AMD EPYC (Zen 5), ~68 and ~85 on the Intel Xeon.
 
-Layout of the one-sample form: rows in groups of 8 (``GROUP``), and a group's work in steps of 64 slots (8 of each
-of its rows, ``[row][8]``, one zmm) that all read the same 64-byte chunk of the input: the step's table. For each
-chunk a group takes as many steps as its row with the most slots there needs (8 a step); slots left over are padding
-(index 0, weight 0), and slots whose weight is 0 are left out. A step is 128 bytes of one stream -- the 64 indices
-within the chunk, then the 64 int8 weights -- plus its chunk number (uint16). Rows with the same steps per chunk are
-grouped (outputs stored in that order; the next layer reads them there). A step is then one table load, one
-``vpermb`` (one uop), one ``vpdpbusd``, with no choosing between chunks (``qsteps``); the SRigL-90 % MLP takes ~2.1-2.5
-steps a row (the earlier form, 128-byte chunks and four rows of 16 slots with steps that spanned 2-3 chunks, took
-1.25-1.5, each several times dearer: a two-uop ``vpermi2b``, a compare and a blend per chunk). Up to ``BLOCK`` samples
-share a pass (``qsteps_n``): a step's indices and weights are loaded once, each sample permutes its own chunk into its
-own sums. Inputs up to ``MAX_IN``.
+Layout of the one-sample form: rows in groups, and a group's work in steps of 64 slots that all read the same chunk
+of the input (the step's table). Four forms (``FORMS``): groups of 8 rows x 8 slots a row per step or 16 rows x 4
+slots, over chunks of 64 bytes (one zmm table, one ``vpermb``) or 128 (two tables, one ``vpermi2b``). For each chunk
+a group takes as many steps as its row with the most slots there needs; slots left over are padding (index 0, weight
+0), and slots whose weight is 0 are left out. A step is 128 bytes of one stream -- the 64 indices within the chunk,
+then the 64 int8 weights -- plus its chunk number (uint16). Rows with the same steps per chunk are grouped (outputs
+stored in that order; the next layer reads them there). A step is then one or two table loads, one permute, one
+``vpdpbusd``, with no choosing between chunks (``qsteps``). Each layer gets the form of least cost (``FORM_COST``):
+the SRigL-90 % MLP's layers (~6 slots a row per 64-byte chunk) take 8 x 8 or 16 x 4 over 64 bytes, ~2.1-2.5 steps
+a row; a very sparse wide layer (4096 inputs, fan-in 41: ~0.6 slots a row per 64-byte chunk) fills only ~8 % of the
+8 x 8 steps' slots, and 16 x 4 over 128 bytes takes 3.6x fewer steps (~7x faster: its stream fits in L2). Up to
+``BLOCK`` samples share a pass (``qsteps_n``): a step's indices and weights are loaded once, each sample permutes its
+own chunk into its own sums. Inputs up to ``MAX_IN``.
 
 Without AVX-512 VBMI and VNNI (``FAST`` False: AVX2 machines) ``qsteps_portable`` and ``vrow_portable`` compute
 the same integers with scalar loops -- the same results, slower.
@@ -68,18 +70,47 @@ from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst,
 
 __all__ = ["QLayout", "qsteps", "qsteps_portable", "quantize_input", "forward", "forward_serial", "reference",
            "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial",
-           "FAST", "MAX_IN", "GROUP", "STEP", "STEP_BYTES", "CHUNK_BYTES"]
+           "FAST", "MAX_IN", "FORMS", "GROUP", "STEP", "STEP_BYTES", "CHUNK_BYTES"]
 
-GROUP = 8          # rows per group of the one-sample form (one zmm of int32 lanes: 8 rows x 2 lanes)
-STEP = 8           # slots of each row per step (8 rows x 8 = 64 bytes, one zmm)
 STEP_BYTES = 128   # a step in the stream: 64 index bytes (within the chunk), 64 int8 weights
 BLOCK = 4          # samples of the one-sample form that share a pass over a layer's steps (``qsteps_n``)
-CHUNK_BYTES = 64   # bytes of input one vpermb reads (one zmm table)
+# The forms of a layer's steps: (rows per group, bytes per chunk). A step holds 64 slots: 64 // rows of each row
+# (8 rows x 8 slots: lanes 2 r and 2 r + 1 of the sums are row r's; 16 rows x 4: lane r is row r's). A chunk of 64
+# bytes is one zmm table and one ``vpermb`` (one uop); one of 128 bytes two tables and one ``vpermi2b`` (three uops
+# on the Intel Xeon, two of them on its one shuffle port). QLayout picks a layer's form by its cost (``FORM_COST``).
+FORMS = ((8, 64), (16, 64), (8, 128), (16, 128))
+GROUP, CHUNK_BYTES = FORMS[0]  # the first form's (the densest layers')
+STEP = 64 // GROUP
+# The relative cost of a step of each form while a layer's steps fit in L2 (``l2_bytes``): on the Intel Xeon a step
+# costs ~2.1 ns in every form at batch 1, and 1.3-1.5x more with 128-byte chunks when 4 samples share it (a
+# vpermi2b per sample); past L2 the stream's bytes decide (~4.8 ns a step in every form, 4096x4096 at 90 %), so
+# every form's step costs the same. Measured per layer shape and form: bench/RESULTS.md, thirteenth session.
+FORM_COST = (1.0, 1.0, 1.4, 1.4)
+
+
+def l2_bytes() -> int:
+    """The L2 cache of CPU 0 (Linux sysfs), else 1 MiB."""
+    import glob
+
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(d + "/level") as f:
+                level = f.read().strip()
+            with open(d + "/type") as f:
+                kind = f.read().strip()
+            with open(d + "/size") as f:
+                size = f.read().strip().upper()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
+            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
+    return 1 << 20
 MAX_IN = 2**15 - 2  # inputs of a layer: the panel form's int16 indices hold n_in (its sentinel row)
 
 # layer table fields
-NQ = 14
+NQ = 15
 (Q_NIN, Q_NOUT, Q_G,
+ Q_FORM,  # the one-sample form's step geometry: an index into FORMS
  Q_STEPS,  # the one-sample form: the layer's steps (all groups)
  Q_GS,  # byte offset in ``qp`` of its G + 1 group step starts (int32, global step numbers)
  Q_CH,  # byte offset in ``qp`` of step 0's chunk number (uint16; the same for every layer)
@@ -129,12 +160,13 @@ def _vpermb(builder):
                                           "llvm.x86.avx512.permvar.qi.512")
 
 
-def _steps_codegen(S):
-    """``qsteps`` (S = 1) and ``qsteps_n`` (S samples). Per step: its 64 index bytes and 64 weights loaded once;
-    per sample its chunk of 64 input bytes as the table, one ``vpermb``, one ``vpdpbusd`` into that sample's sums.
-    One sample alone takes two steps at a time into two sums (two dependency chains); several samples are
-    several chains already."""
+def _steps_codegen(S, F):
+    """``qsteps`` (S = 1) and ``qsteps_n`` (S samples), steps of form F (``FORMS``). Per step: its 64 index bytes
+    and 64 weights loaded once; per sample its chunk of input bytes as the table(s), one ``vpermb`` (64-byte chunks)
+    or ``vpermi2b`` (128), one ``vpdpbusd`` into that sample's sums. One sample alone takes two steps at a time into
+    two sums (two dependency chains); several samples are several chains already."""
     U = 2 if S == 1 else 1
+    R, C = FORMS[F]
 
     def codegen(context, builder, sig, args):
         data, intp = _args(context, builder, sig, args)
@@ -144,7 +176,7 @@ def _steps_codegen(S):
         else:
             xp, qp, accp = data(0), data(2), data(6)
             xs, chb, goff, G, ast = intp(1), intp(3), intp(4), intp(5), intp(7)
-        perm, dpbusd = _vpermb(builder), _vpdpbusd(builder)
+        perm, dpbusd = (_vpermb if C == 64 else _vpermi2b)(builder), _vpdpbusd(builder)
         starts = builder.bitcast(builder.gep(qp, [goff], inbounds=True), _I32.as_pointer())
         chunks = builder.bitcast(builder.gep(qp, [chb], inbounds=True), _I16.as_pointer())
         tables = [builder.gep(xp, [builder.mul(xs, _I64(j))], inbounds=True) for j in range(S)]
@@ -158,10 +190,14 @@ def _steps_codegen(S):
         def step(accs, st):  # the S sums after step st
             at = builder.mul(st, _I64(STEP_BYTES))
             lo, w = vload(qp, at), builder.bitcast(vload(qp, builder.add(at, _I64(64))), _V16)
-            base = builder.mul(builder.zext(builder.load(builder.gep(chunks, [st], inbounds=True)), _I64),
-                               _I64(CHUNK_BYTES))
-            return [builder.call(dpbusd, [a, builder.bitcast(builder.call(perm, [vload(t, base), lo]), _V16), w])
-                    for a, t in zip(accs, tables)]
+            base = builder.mul(builder.zext(builder.load(builder.gep(chunks, [st], inbounds=True)), _I64), _I64(C))
+
+            def gather(t):  # the step's 64 input bytes of one sample
+                if C == 64:
+                    return builder.call(perm, [vload(t, base), lo])
+                return builder.call(perm, [vload(t, base), lo, vload(t, builder.add(base, _I64(64)))])
+
+            return [builder.call(dpbusd, [a, builder.bitcast(gather(t), _V16), w]) for a, t in zip(accs, tables)]
 
         zero = llvmir.Constant(_V16, [_I32(0)] * 16)
         entry = builder.basic_block
@@ -210,17 +246,16 @@ def _steps_codegen(S):
         tail = step(sums, st_left)
         builder.branch(g_tail)
 
-        builder.position_at_end(g_tail)  # lanes 2 r and 2 r + 1 hold row r's sum: 8 int32 sums per sample
+        builder.position_at_end(g_tail)  # R int32 sums per sample: lane r (R = 16), lanes 2 r and 2 r + 1 (R = 8)
         finals = [builder.phi(_V16) for _ in range(S)]
         for a, x, y in zip(finals, sums, tail):
             a.add_incoming(x, body_end)
             a.add_incoming(y, last)
         for j, a in enumerate(finals):
-            r = builder.add(builder.shuffle_vector(a, a, _vconst(_I32, list(range(0, 16, 2)))),
-                            builder.shuffle_vector(a, a, _vconst(_I32, list(range(1, 16, 2)))))
-            dst = builder.gep(accp, [builder.add(builder.mul(g, _I64(GROUP)), builder.mul(ast, _I64(j)))],
-                              inbounds=True)
-            builder.store(r, builder.bitcast(dst, llvmir.VectorType(_I32, GROUP).as_pointer()), align=4)
+            r = a if R == 16 else builder.add(builder.shuffle_vector(a, a, _vconst(_I32, list(range(0, 16, 2)))),
+                                              builder.shuffle_vector(a, a, _vconst(_I32, list(range(1, 16, 2)))))
+            dst = builder.gep(accp, [builder.add(builder.mul(g, _I64(R)), builder.mul(ast, _I64(j)))], inbounds=True)
+            builder.store(r, builder.bitcast(dst, llvmir.VectorType(_I32, R).as_pointer()), align=4)
         g_next = builder.add(g, _I64(1))
         g.add_incoming(g_next, g_tail)
         builder.cbranch(builder.icmp_signed("<", g_next, G), g_head, done)
@@ -239,64 +274,84 @@ def _ints(*vs):
     return all(isinstance(v, types.Integer) for v in vs)
 
 
+def _form(F):
+    return isinstance(F, types.IntegerLiteral) and 0 <= F.literal_value < len(FORMS)
+
+
 @intrinsic
-def qsteps(typingctx, xq, qp, chb, goff, G, acc):
-    """acc[8 g + j] = sum over the steps of group g of w * xq[64 c + lo] (int32, exact), for the G groups whose
-    step starts (int32, G + 1 of them, global step numbers) lie at byte ``goff`` of ``qp``; step ``st`` is the
-    128 bytes at ``128 st`` (64 lo, then 64 int8 weights) and reads chunk ``c``, the uint16 at byte
-    ``chb + 2 st``. ``xq`` holds at least 64 x (the largest chunk number + 1) bytes; nothing is bounds-checked
-    (``QLayout`` guarantees it). Needs AVX-512 VBMI and VNNI (``FAST``); ``qsteps_portable`` is the same on any
-    CPU."""
-    if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32) and _ints(chb, goff, G)):
+def qsteps(typingctx, xq, qp, chb, goff, G, acc, F):
+    """acc[R g + j] = sum over the steps of group g of w * xq[C c + lo] (int32, exact; (R, C) = FORMS[F], F a
+    compile-time constant), for the G groups whose step starts (int32, G + 1 of them, global step numbers) lie at
+    byte ``goff`` of ``qp``; step ``st`` is the 128 bytes at ``128 st`` (64 lo, then 64 int8 weights) and reads
+    chunk ``c``, the uint16 at byte ``chb + 2 st``. ``xq`` holds at least C x (the largest chunk number + 1) bytes;
+    nothing is bounds-checked (``QLayout`` guarantees it). Needs AVX-512 VBMI and VNNI (``FAST``);
+    ``qsteps_portable`` is the same on any CPU."""
+    if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32) and _ints(chb, goff, G) and _form(F)):
         return None
-    return types.void(xq, qp, chb, goff, G, acc), _steps_codegen(1)
+    return types.void(xq, qp, chb, goff, G, acc, F), _steps_codegen(1, F.literal_value)
 
 
 @intrinsic
-def qsteps_n(typingctx, xq, xs, qp, chb, goff, G, acc, ast, S):
+def qsteps_n(typingctx, xq, xs, qp, chb, goff, G, acc, ast, S, F):
     """``qsteps`` for S samples in one pass (S a compile-time constant, 2 .. ``BLOCK``): sample j's input bytes
     at ``xq[j * xs:]``, its sums at ``acc[j * ast:]`` (int32 elements). The same integers as S ``qsteps`` calls."""
     if not (_u8(xq) and _u8(qp) and _u8(acc, types.int32) and isinstance(S, types.IntegerLiteral)
-            and 2 <= S.literal_value <= BLOCK and _ints(xs, chb, goff, G, ast)):
+            and 2 <= S.literal_value <= BLOCK and _ints(xs, chb, goff, G, ast) and _form(F)):
         return None
-    return types.void(xq, xs, qp, chb, goff, G, acc, ast, S), _steps_codegen(S.literal_value)
+    return types.void(xq, xs, qp, chb, goff, G, acc, ast, S, F), _steps_codegen(S.literal_value, F.literal_value)
 
 
 @njit(**_OPTS)
-def qsteps_portable(xq, qp, chb, goff, G, acc):
+def qsteps_portable(xq, qp, chb, goff, G, acc, F):
     """``qsteps`` in scalar code (CPUs without AVX-512 VBMI/VNNI): the same integers."""
     starts = qp[goff:goff + 4 * (G + 1)].view(np.int32)
+    R = 8 if F % 2 == 0 else 16
+    C = 64 if F < 2 else 128
+    SL = 64 // R
     for g in range(G):
-        for j in range(GROUP):
+        for j in range(R):
             s = np.int32(0)
             for st in range(starts[g], starts[g + 1]):
-                p = st * STEP_BYTES + j * STEP
-                base = (np.int64(qp[chb + 2 * st]) + 256 * np.int64(qp[chb + 2 * st + 1])) * CHUNK_BYTES
-                for i in range(STEP):
+                p = st * STEP_BYTES + j * SL
+                base = (np.int64(qp[chb + 2 * st]) + 256 * np.int64(qp[chb + 2 * st + 1])) * C
+                for i in range(SL):
                     w = np.int32(qp[p + 64 + i])
                     w = w - 256 if w > 127 else w  # the byte of an int8
                     s += w * np.int32(xq[base + qp[p + i]])
-            acc[g * GROUP + j] = s
+            acc[g * R + j] = s
 
 
 @njit(**_OPTS)
-def qsteps_n_portable(xq, xs, qp, chb, goff, G, acc, ast, S):
+def qsteps_n_portable(xq, xs, qp, chb, goff, G, acc, ast, S, F):
     """``qsteps_n`` in scalar code: ``qsteps_portable`` once per sample."""
     for j in range(S):
-        qsteps_portable(xq[j * xs:], qp, chb, goff, G, acc[j * ast:])
+        qsteps_portable(xq[j * xs:], qp, chb, goff, G, acc[j * ast:], F)
 
 
 @njit(inline="always")
-def _steps_block_fast(xq, xs, qp, chb, goff, G, acc, ast, n):
-    """The layer's sums for the n (1 .. BLOCK) samples of a block: one kernel call, S a constant per branch."""
+def _steps_n(xq, xs, qp, chb, goff, G, acc, ast, n, F):
+    """The sums of n (1 .. BLOCK) samples, form F a constant: one kernel call, S a constant per branch."""
     if n == 1:
-        qsteps(xq, qp, chb, goff, G, acc)
+        qsteps(xq, qp, chb, goff, G, acc, F)
     elif n == 2:
-        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 2)
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 2, F)
     elif n == 3:
-        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 3)
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 3, F)
     else:
-        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 4)
+        qsteps_n(xq, xs, qp, chb, goff, G, acc, ast, 4, F)
+
+
+@njit(inline="always")
+def _steps_block_fast(xq, xs, qp, chb, goff, G, acc, ast, n, F):
+    """The layer's sums for the n samples of a block in form F (``FORMS``)."""
+    if F == 0:
+        _steps_n(xq, xs, qp, chb, goff, G, acc, ast, n, 0)
+    elif F == 1:
+        _steps_n(xq, xs, qp, chb, goff, G, acc, ast, n, 1)
+    elif F == 2:
+        _steps_n(xq, xs, qp, chb, goff, G, acc, ast, n, 2)
+    else:
+        _steps_n(xq, xs, qp, chb, goff, G, acc, ast, n, 3)
 
 
 _STEPS_BLOCK = _steps_block_fast if FAST else qsteps_n_portable  # chosen here: the fast one compiles on FAST CPUs only
@@ -412,7 +467,7 @@ def _block(x, out, b0, n, wsf, nb, lt, qp, fp):
     accs = wsf[ac:].view(np.int32)  # sample j's sums at accs[j * acs:]
     for layer in range(L):
         n_out = lt[layer, Q_NOUT]
-        _STEPS_BLOCK(wsf, nb, qp, lt[layer, Q_CH], lt[layer, Q_GS], lt[layer, Q_G], accs, acs, n)
+        _STEPS_BLOCK(wsf, nb, qp, lt[layer, Q_CH], lt[layer, Q_GS], lt[layer, Q_G], accs, acs, n, lt[layer, Q_FORM])
         ro, act = lt[layer, Q_ROFF], lt[layer, Q_ACT]
         for j in range(n):
             r = j * nb
@@ -862,14 +917,40 @@ def layer_int8(spec) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float64)
 
 
-class QLayout:
-    """A chain of linear layers (``infer.Layout``'s layer dicts) laid out for ``forward`` (module docstring)."""
+def _plan_steps(idx, live, n_in, F, reorder):
+    """(steps, row order or None, steps per (group, chunk)) of a layer in form
+    F: a group takes per chunk the steps its fullest row needs there; with ``reorder`` rows are sorted by their
+    steps per chunk first."""
+    R, C = FORMS[F]
+    n_out = idx.shape[0]
+    nch = n_in // C + 1
+    rows_of = np.broadcast_to(np.arange(n_out)[:, None], idx.shape)
+    cnt = np.bincount((rows_of * nch + idx // C)[live], minlength=n_out * nch).reshape(n_out, nch)
+    need = -(-cnt // (64 // R))
+    order = np.lexsort(need.T[::-1]) if reorder else None
+    if order is not None:
+        need = need[order]
+    G = -(-n_out // R)
+    pad = np.zeros((G * R, nch), np.int64)
+    pad[:n_out] = need
+    per = pad.reshape(G, R, nch).max(axis=1)
+    return int(per.sum()), order, per
 
-    def __init__(self, layers):
+
+def _cost(steps, F, cached):
+    return steps * (FORM_COST[F] if steps * STEP_BYTES <= cached else 1.0)
+
+
+class QLayout:
+    """A chain of linear layers (``infer.Layout``'s layer dicts) laid out for ``forward`` (module docstring).
+    ``forms``: the step form of each layer (indices into ``FORMS``); by default the one of least cost."""
+
+    def __init__(self, layers, forms=None):
         rows, streams, chunks, starts, scs, biases, wsums, idx4s, w4s = [], [], [], [], [], [], [], [], []
         step0 = n_starts = ro = i4off = w4off = macs = 0
         self.widths = [int(layers[0]["n_in"])]
-        nch_max = 1
+        xq_need = acc_need = 1
+        l2 = l2_bytes()
         at = None  # where the previous layer's outputs are stored: output j at position at[j]
         for li, spec in enumerate(layers):
             n_in, n_out = int(spec["n_in"]), int(spec["n_out"])
@@ -886,39 +967,36 @@ class QLayout:
             o = np.argsort(idx, axis=1, kind="stable")  # each row's slots in input order: a chunk's side by side
             idx, q = np.take_along_axis(idx, o, 1), np.take_along_axis(q, o, 1)
             k = idx.shape[1]
-            G = -(-n_out // GROUP)
-            nch = n_in // CHUNK_BYTES + 1
             live = q != 0  # a slot whose weight is 0 adds nothing: ablated rows, weights that round to 0
-            chunk = idx // CHUNK_BYTES
-            rows_of = np.broadcast_to(np.arange(n_out)[:, None], idx.shape)
-            cnt = np.bincount((rows_of * nch + chunk)[live], minlength=n_out * nch).reshape(n_out, nch)
-            if li < len(layers) - 1 and k:
-                # Rows that need the same steps per chunk go in the same group: less padding (random rows like the
-                # SRigL-90 % MLP's: 2.87 -> 2.19 steps a row at 784 inputs, fan-in 80; 3.18 -> 2.47 at 1024 / 91).
-                # The outputs are then stored in this order, and the next layer reads them there (the last layer
-                # keeps its order). Integer sums: the same results.
-                order = np.lexsort((-(-cnt // STEP)).T[::-1])
-                idx, q, live, chunk, cnt = idx[order], q[order], live[order], chunk[order], cnt[order]
-                scale, bias = scale[order], bias[order]
+            # Rows that need the same steps per chunk go in the same group: less padding (random rows like the
+            # SRigL-90 % MLP's: 2.87 -> 2.19 steps a row at 784 inputs, fan-in 80; 3.18 -> 2.47 at 1024 / 91).
+            # The outputs are then stored in this order, and the next layer reads them there (the last layer
+            # keeps its order). Integer sums: the same results.
+            plans = [_plan_steps(idx, live, n_in, f, li < len(layers) - 1 and k > 0) for f in range(len(FORMS))]
+            F = forms[li] if forms is not None else min(range(len(FORMS)), key=lambda f: _cost(plans[f][0], f, l2))
+            n_steps, order, per = plans[F]
+            R, C = FORMS[F]
+            SL = 64 // R
+            G = -(-n_out // R)
+            nch = n_in // C + 1
+            if order is not None:
+                idx, q, live, scale, bias = idx[order], q[order], live[order], scale[order], bias[order]
                 at = np.empty(n_out, np.int64)
                 at[order] = np.arange(n_out)
             else:
                 at = None
-            cpad = np.zeros((G * GROUP, nch), np.int64)
-            cpad[:n_out] = cnt
-            per = (-(-cpad // STEP)).reshape(G, GROUP, nch).max(axis=1)  # steps of each group in each chunk
             first = np.concatenate([[0], np.cumsum(per.reshape(-1))])  # a (group, chunk)'s first step, in the layer
-            n_steps = int(first[-1])
             r, t = np.nonzero(live)  # row-major: (row, chunk) keys in order, a key's slots in input order
-            c = chunk[r, t]
+            c = idx[r, t] // C
             key = r * nch + c
             rank = np.arange(key.size) - np.searchsorted(key, key)
-            st = step0 + first[(r // GROUP) * nch + c] + rank // STEP
-            at_byte = st * STEP_BYTES + (r % GROUP) * STEP + rank % STEP
-            streams.append((at_byte, (idx[r, t] % CHUNK_BYTES).astype(np.uint8), q[r, t].view(np.uint8)))
+            st = step0 + first[(r // R) * nch + c] + rank // SL
+            at_byte = st * STEP_BYTES + (r % R) * SL + rank % SL
+            streams.append((at_byte, (idx[r, t] % C).astype(np.uint8), q[r, t].view(np.uint8)))
             chunks.append(np.repeat(np.tile(np.arange(nch, dtype=np.uint16), G), per.reshape(-1)))
             starts.append((step0 + first[::nch]).astype(np.int32))  # G + 1 starts (the end of the last group too)
-            nch_max = max(nch_max, nch)  # chunks covering inputs 0..n_in
+            xq_need = max(xq_need, nch * C)  # the chunks covering inputs 0..n_in
+            acc_need = max(acc_need, G * R)
             kq = max(PAIR, -(-k // PAIR) * PAIR)  # the panel form: slots in eights (weight 0, the sentinel row, past k)
             i4 = np.full((n_out, kq), n_in, np.int16)  # n_in <= MAX_IN < 2**15
             i4[:, :k] = idx
@@ -926,7 +1004,7 @@ class QLayout:
             w4[:, :k] = q
             idx4s.append(i4.reshape(-1))
             w4s.append(w4.reshape(-1).view(np.int32))
-            rows.append([n_in, n_out, G, n_steps, n_starts, 0, ro, ACTS[spec["act"]], 0, 0, 0, kq, i4off, w4off])
+            rows.append([n_in, n_out, G, F, n_steps, n_starts, 0, ro, ACTS[spec["act"]], 0, 0, 0, kq, i4off, w4off])
             i4off += i4.size
             w4off += i4.size // 4
             scs.append(scale)
@@ -956,9 +1034,9 @@ class QLayout:
         self.w4 = np.concatenate(w4s)
         self.n_in, self.n_out = self.widths[0], self.widths[-1]
         self.n_layers = len(rows)
-        self.xq_bytes = nch_max * CHUNK_BYTES + 64
+        self.xq_bytes = -(-xq_need // 64) * 64 + 64
         wbytes = -(-4 * max(self.widths[1:]) // 64) * 64
-        gbytes = -(-4 * GROUP * int(self.lt[:, Q_G].max()) // 64) * 64
+        gbytes = -(-4 * acc_need // 64) * 64
         self.lt[:, Q_YA] = self.xq_bytes
         self.lt[:, Q_YB] = self.xq_bytes + wbytes
         self.lt[:, Q_ACC] = self.xq_bytes + 2 * wbytes
