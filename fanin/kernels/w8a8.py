@@ -70,7 +70,7 @@ from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst,
 
 __all__ = ["QLayout", "qsteps", "qsteps_portable", "quantize_input", "forward", "forward_serial", "reference",
            "vrow64", "vrow32", "vrow_portable", "panels_forward", "panels_forward_serial",
-           "FAST", "MAX_IN", "FORMS", "GROUP", "STEP", "STEP_BYTES", "CHUNK_BYTES"]
+           "FAST", "MAX_IN", "FORMS", "STEP_BYTES"]
 
 STEP_BYTES = 128   # a step in the stream: 64 index bytes (within the chunk), 64 int8 weights
 BLOCK = 4          # samples of the one-sample form that share a pass over a layer's steps (``qsteps_n``)
@@ -79,8 +79,6 @@ BLOCK = 4          # samples of the one-sample form that share a pass over a lay
 # bytes is one zmm table and one ``vpermb`` (one uop); one of 128 bytes two tables and one ``vpermi2b`` (three uops
 # on the Intel Xeon, two of them on its one shuffle port). QLayout picks a layer's form by its cost (``FORM_COST``).
 FORMS = ((8, 64), (16, 64), (8, 128), (16, 128))
-GROUP, CHUNK_BYTES = FORMS[0]  # the first form's (the densest layers')
-STEP = 64 // GROUP
 # The relative cost of a step of each form while a layer's steps fit in L2 (``l2_bytes``): on the Intel Xeon a step
 # costs ~2.1 ns in every form at batch 1, and 1.3-1.5x more with 128-byte chunks when 4 samples share it (a
 # vpermi2b per sample); past L2 the stream's bytes decide (~4.8 ns a step in every form, 4096x4096 at 90 %), so
