@@ -110,8 +110,14 @@ def read_bandwidth(nbytes: int) -> float:
     return nbytes / min(best)
 
 
+SETTLE = 0.15  # s of sleep before each contender's turn in ``interleaved``
+
+
 def interleaved(contenders: dict, rounds: int, target_s: float = 0.02, flush=None):
-    """{name: (median wall s, median thread-CPU s)}, and per-round times, over interleaved rounds."""
+    """{name: (median wall s, median thread-CPU s)}, and per-round times, over interleaved rounds. Each turn starts
+    after SETTLE s of sleep, so that the previous contender's threads are asleep: OpenBLAS's spin ~0.1 s after a
+    call, and next to them a parallel fanin call at batch 1 took 5-8 ms (one scheduler time slice) against ~40 us,
+    which measured the GEMV's threads, not the layer (``--host-blas`` measures fanin next to BLAS calls on purpose)."""
     for fn in contenders.values():
         fn()
         fn()
@@ -128,6 +134,7 @@ def interleaved(contenders: dict, rounds: int, target_s: float = 0.02, flush=Non
     cpu = {n: [] for n in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            time.sleep(SETTLE)
             n = reps[name]
             if flush is not None:
                 w = c = 0.0

@@ -63,9 +63,7 @@ CHUNK = 64 * infer.TB           # samples per compiled call (bounds the per-thre
 _CACHE_SIZES = 6                # batch shapes whose buffers each thread keeps ...
 _CACHE_BYTES = 64 << 20         # ... within this many bytes (the buffers of the call at hand are always kept)
 ADAPTIVE = True                 # check, by timing, that parallel runs pay (see _Tuner); False: the work rule only
-EXPLORE = 32                    # _Tuner: ~1/EXPLORE of the time re-measures the option that looks slower
-SLOW = 16                       # _Tuner: a parallel call this many times slower than serial is believed at once
-                                # (a wake-up after idle costs ~2-4x a serial batch-1 call, threads not scheduled 100x+)
+EXPLORE = 32                    # _Tuner: one call in EXPLORE runs the option that looks slower
 RECENT = 5                      # _Tuner: calls per option whose median is its estimate
 ACTIVATIONS = ("float32", "int8")  # how the linear chain computes (int8: fanin.kernels.w8a8)
 # int8 activations: below these batches, samples go in blocks of w8a8.BLOCK (qsteps_n), the blocks over the threads;
@@ -142,20 +140,14 @@ class _Tuner:
     (other processes, or many threads of the service predicting at once) waking threads that are not
     scheduled makes it several times *slower* than serial (measured on the 2-core reference machine at
     load ~10, bench/bench_runtime.py: batch 256 of the 784-1024-1024-10 MLP 2.5 ms serial, 18 ms
-    parallel), and next to BLAS threads that spin in the same process (OpenBLAS's spin for ~0.1 s after
-    each call) one batch-1 parallel call took 6-8 ms against 55 us serial (4096x4096 layer at 99 %, Intel
-    Xeon). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
-    options, runs the faster, and runs the other one now and then to keep its estimate fresh: once the
-    calls since its last re-measurement have taken EXPLORE times what the re-measurement costs (parallel:
-    two calls, the first untimed: ``decide``), so at most ~1/EXPLORE of the time goes to the slower option
-    however slow it is. When a re-measurement comes out faster than the option in use, the next calls run
-    it again, so that a lasting change is taken within a few calls. The two options' risks differ: serial
-    is at most ~the thread count slower than parallel, parallel can be slower without bound, so a parallel
-    call slower than SLOW x the serial estimate is believed at once (its estimate restarts from it) rather
-    than waiting for the median to move. Races between threads only lose an update; both options compute
-    the same bits, so the choice never changes a result."""
+    parallel). So for each (path, batch size class) the chain keeps the wall time per multiply-add of both
+    options, runs the faster, and runs the other one call in EXPLORE (up to 4 x EXPLORE when it is several
+    times slower; parallel two calls, the first untimed: ``decide``) to keep its estimate fresh; when that
+    comes out faster than the option in use, the next calls run it again, so that a lasting change is taken
+    within a few calls. Races between threads only lose an update; both options compute the same bits, so the
+    choice never changes a result."""
 
-    __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm", "spent")
+    __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm")
 
     def __init__(self):
         self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
@@ -164,7 +156,6 @@ class _Tuner:
         self.calls = 0
         self.probe = 0            # calls left that run the slower option at once: it has just measured faster
         self.warm = False         # the next call is the timed second call of a re-measurement
-        self.spent = 0.0          # seconds per multiply-add of the timed calls since the last re-measurement
 
     def decide(self) -> tuple:
         """(parallel, timed) for the next call: which option to run, and whether its time goes into the estimate.
@@ -184,9 +175,10 @@ class _Tuner:
         if self.probe:
             self.probe -= 1
             return not faster, True
-        # the slower option's turn comes when the calls since its last re-measurement took EXPLORE times its cost
-        if self.spent >= EXPLORE * (s if faster else 2 * p):
-            self.spent = 0.0
+        ratio = (s / p if faster else p / s) if min(s, p) > 0 else 4.0
+        # the slower option is re-measured one call in EXPLORE, in up to 4 x EXPLORE when it is several times
+        # slower: with BLAS threads spinning in the same process a parallel batch-1 call took ~15x a serial one
+        if self.calls % (EXPLORE * min(4, max(1, int(ratio)))) == 0:
             self.warm = not faster  # re-measuring parallel (serial is faster): this call wakes the threads, untimed
             return not faster, not self.warm
         return faster, True
@@ -200,11 +192,7 @@ class _Tuner:
         if not self.seen[parallel]:
             self.seen[parallel] = 1
             return
-        self.spent += seconds_per_mac
         r = self.recent[parallel]
-        serial = self.rate[False]
-        if parallel and serial is not None and seconds_per_mac > SLOW * serial:
-            r.clear()  # threads that were not scheduled: believed at once (the docstring)
         r.append(seconds_per_mac)
         if len(r) > RECENT:
             del r[0]
