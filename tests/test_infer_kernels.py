@@ -388,6 +388,8 @@ x = rng.standard_normal((6, 40)).astype(np.float32)
 q = w8a8.QLayout(layers)
 np.testing.assert_array_equal(q.run(x), w8a8.reference(layers, x))
 np.testing.assert_array_equal(q.run(x, parallel=True), w8a8.reference(layers, x))
+for forms in ([2, 3, 0, 1], [3, 1, 2, 0]):  # every step form through the portable driver
+    np.testing.assert_array_equal(w8a8.QLayout(layers, forms=forms).run(x), w8a8.reference(layers, x))
 for P in (32, 64):  # the panel form with the portable row kernel
     np.testing.assert_array_equal(q.run_panels(x, P), w8a8.reference(layers, x))
 print("ok")

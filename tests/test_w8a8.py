@@ -136,6 +136,45 @@ def test_a_group_takes_per_chunk_the_steps_of_its_fullest_row_and_zero_weights_t
         assert acc[16] == 0
 
 
+@pytest.mark.parametrize("form", range(len(w8a8.FORMS)))
+def test_every_form_gives_exact_sums_and_writes_nothing_past_its_groups(form):
+    """Each step form on layers whose widths sit at the chunk and group edges (1, 63-65, 127-129, 300 inputs; 1, 15-17,
+    33 rows): both kernels give the exact products, the padding rows of the last group 0, and the int32 after the
+    groups' sums stay untouched."""
+    rng = np.random.default_rng(form)
+    R = w8a8.FORMS[form][0]
+    for n_in in (1, 63, 64, 65, 127, 128, 129, 300):
+        for n_out in (1, 15, 16, 17, 33):
+            k = int(rng.integers(1, n_in + 1))
+            spec, lay = _one_layer(rng, n_in, n_out, k, 0, form)
+            xq = np.zeros(lay.xq_bytes, np.uint8)
+            xq[:n_in] = rng.integers(0, 256, n_in)
+            G, goff, chb = lay.lt[0, w8a8.Q_G], lay.lt[0, w8a8.Q_GS], lay.lt[0, w8a8.Q_CH]
+            for fn in [w8a8.qsteps_portable] + ([_call_fast] if w8a8.FAST else []):
+                acc = np.full(G * R + 16, -7, np.int32)
+                fn(xq, lay.qp, chb, goff, G, acc, form)
+                np.testing.assert_array_equal(acc[:n_out], _integer_dots(spec, xq), err_msg=f"{fn} {n_in}x{n_out}")
+                assert (acc[n_out:G * R] == 0).all() and (acc[G * R:] == -7).all()
+
+
+def test_a_step_past_l2_costs_more_than_any_step_within():
+    """The form choice must not prefer a stream that spills out of L2 (~4.8 ns a step) to one that fits (~2.1 ns,
+    x FORM_COST) for having a few fewer steps."""
+    n = 1000
+    cached = n * w8a8.STEP_BYTES  # n steps fit, n + 1 do not
+    for f in range(len(w8a8.FORMS)):
+        for g in range(len(w8a8.FORMS)):
+            assert w8a8._cost(n + 1, f, cached) > w8a8._cost(n, g, cached)
+
+
+def test_forms_must_name_one_valid_form_per_layer():
+    rng = np.random.default_rng(0)
+    spec, _ = _one_layer(rng, 50, 5, 9, 0)
+    for bad in ([4], [-1], [0, 0], []):
+        with pytest.raises(ValueError, match="one form in 0..3 per layer"):
+            w8a8.QLayout([spec], forms=bad)
+
+
 def test_a_very_sparse_wide_layer_gets_the_form_of_fewest_steps():
     """4096 inputs, fan-in 41 (99 %): a row has ~0.6 slots per 64-byte chunk, so groups of 8 rows x 8 slots take a
     step in almost every chunk with ~8 % of its slots filled (the twelfth session's regression: ~2x slower than

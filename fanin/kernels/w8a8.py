@@ -3,9 +3,10 @@
 The float forward of ``fanin.kernels.infer`` at batch 1 is bound by its gather: each slot of a row is one
 scalar load and one vector insert (~0.6 cycles a slot on the reference machine), so int8 or 4-bit weights
 run no faster than float32 ones. With the inputs of a layer quantized to bytes, a whole layer's input fits in
-a few 128-byte tables, and one AVX-512 VBMI byte permute (``vpermi2b``) gathers 64 slots from a table at once;
-a VNNI ``vpdpbusd`` then multiplies 64 byte pairs and adds them in fours into 16 int32 lanes. That is what
-``qsteps`` does (an LLVM IR kernel), several times faster per slot than the float gather. It is the scheme ONNX
+a few 64- or 128-byte tables, and one AVX-512 VBMI byte permute (``vpermb``, or ``vpermi2b`` over two tables)
+gathers 64 slots from a table at once; a VNNI ``vpdpbusd`` then multiplies 64 byte pairs and adds them in fours into
+16 int32 lanes. That is what ``qsteps`` does (an LLVM IR kernel), several times faster per slot than the float
+gather. It is the scheme ONNX
 Runtime's dynamic quantization uses (8-bit weights, activations quantized per call), so this is the mode to
 compare with ONNX Runtime int8.
 
@@ -81,9 +82,10 @@ BLOCK = 4          # samples of the one-sample form that share a pass over a lay
 FORMS = ((8, 64), (16, 64), (8, 128), (16, 128))
 # The relative cost of a step of each form while a layer's steps fit in L2 (``l2_bytes``): on the Intel Xeon a step
 # costs ~2.1 ns in every form at batch 1, and 1.3-1.5x more with 128-byte chunks when 4 samples share it (a
-# vpermi2b per sample); past L2 the stream's bytes decide (~4.8 ns a step in every form, 4096x4096 at 90 %), so
-# every form's step costs the same. Measured per layer shape and form: bench/RESULTS.md, thirteenth session.
+# vpermi2b per sample); past L2 the stream's bytes decide: ~4.8 ns a step in every form (4096x4096 at 90 %), so
+# OUT_OF_L2_COST for every form. Measured per layer shape and form: bench/RESULTS.md, thirteenth session.
 FORM_COST = (1.0, 1.0, 1.4, 1.4)
+OUT_OF_L2_COST = 2.3
 
 
 def l2_bytes() -> int:
@@ -103,6 +105,8 @@ def l2_bytes() -> int:
         if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
             return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
     return 1 << 20
+
+
 MAX_IN = 2**15 - 2  # inputs of a layer: the panel form's int16 indices hold n_in (its sentinel row)
 
 # layer table fields
@@ -303,8 +307,7 @@ def qsteps_n(typingctx, xq, xs, qp, chb, goff, G, acc, ast, S, F):
 def qsteps_portable(xq, qp, chb, goff, G, acc, F):
     """``qsteps`` in scalar code (CPUs without AVX-512 VBMI/VNNI): the same integers."""
     starts = qp[goff:goff + 4 * (G + 1)].view(np.int32)
-    R = 8 if F % 2 == 0 else 16
-    C = 64 if F < 2 else 128
+    R, C = FORMS[F]
     SL = 64 // R
     for g in range(G):
         for j in range(R):
@@ -936,7 +939,7 @@ def _plan_steps(idx, live, n_in, F, reorder):
 
 
 def _cost(steps, F, cached):
-    return steps * (FORM_COST[F] if steps * STEP_BYTES <= cached else 1.0)
+    return steps * (FORM_COST[F] if steps * STEP_BYTES <= cached else OUT_OF_L2_COST)
 
 
 class QLayout:
@@ -944,6 +947,9 @@ class QLayout:
     ``forms``: the step form of each layer (indices into ``FORMS``); by default the one of least cost."""
 
     def __init__(self, layers, forms=None):
+        if forms is not None and (len(forms) != len(layers) or not all(0 <= f < len(FORMS) for f in forms)):
+            raise ValueError(f"QLayout: forms must give one form in 0..{len(FORMS) - 1} per layer ({len(layers)}), "
+                             f"got {forms!r}.")
         rows, streams, chunks, starts, scs, biases, wsums, idx4s, w4s = [], [], [], [], [], [], [], [], []
         step0 = n_starts = ro = i4off = w4off = macs = 0
         self.widths = [int(layers[0]["n_in"])]
