@@ -358,11 +358,21 @@ def test_one_layer_and_the_widest_layer_supported():
     one = [make_layer(rng, 50, 3, 50, "int8", "none", np.int16, dense=True)]
     x = rng.standard_normal((3, 50)).astype(np.float32)
     np.testing.assert_array_equal(w8a8.QLayout(one).run(x), w8a8.reference(one, x))
-    n = w8a8.MAX_IN
+    n = 32766  # the documented limit, not read from the module: a smaller MAX_IN would refuse this layer
+    assert w8a8.MAX_IN == n
     wide = [{"n_in": n, "n_out": 2, "act": "none", "bias": None, "indices": np.array([[0, n - 1], [5, n - 2]], np.int32),
              "qvalues": np.array([[3, -7], [1, 2]], np.int8), "scale": np.ones(2, np.float32), "bits": 8}]
     x = rng.standard_normal((2, n)).astype(np.float32)
-    np.testing.assert_array_equal(w8a8.QLayout(wide).run(x), w8a8.reference(wide, x))
+    for form in (0, 3):  # 64-byte chunks (chunk 511) and 128-byte ones (chunk 255)
+        np.testing.assert_array_equal(w8a8.QLayout(wide, forms=[form]).run(x), w8a8.reference(wide, x))
+
+
+def test_the_l2_size_comes_from_sysfs_or_a_default(monkeypatch):
+    import glob
+
+    assert 64 << 10 <= w8a8.l2_bytes() <= 1 << 30
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])  # no sysfs (another OS, a sandbox)
+    assert w8a8.l2_bytes() == 1 << 20
 
 
 def test_a_layer_too_wide_is_refused_clearly():
