@@ -837,8 +837,8 @@ def main():
         for b in batches:
             add(f"batch {b}: fanin fp32 vs ORT fp32", tget(b, "ORT fp32", FANIN), 3.0,
                 spread=tspread(b, "ORT fp32", FANIN))
-            add(f"batch {b}: fanin w8a8 vs ORT int8 (both 8-bit weights and activations)", tget(b, "ORT int8", W8A8), 2.0,
-                spread=tspread(b, "ORT int8", W8A8))
+            add(f"batch {b}: fanin w8a8 vs ORT int8 (both 8-bit weights and activations)", tget(b, "ORT int8", W8A8),
+                2.0, spread=tspread(b, "ORT int8", W8A8))
             add(f"batch {b}: fanin int8, float activations, vs ORT int8 (for reference)",
                 tget(b, "ORT int8", "fanin int8"), 2.0)
             add(f"batch {b}: fanin fp32 vs ORT int8 (for reference)", tget(b, "ORT int8", FANIN), 2.0)
