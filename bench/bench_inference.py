@@ -434,11 +434,17 @@ def interleaved(timers: dict, rounds: int, min_time: float) -> dict:
     return out
 
 
-def speedup(times, base, ours):
-    """Median over rounds of base time / our time (> 1: ours is faster)."""
+def round_ratios(times, base, ours):
+    """Per round, base time / our time (> 1: ours is faster); None when either was not timed."""
     if base not in times or ours not in times:
         return None
-    return float(np.median(np.asarray(times[base]) / np.asarray(times[ours])))
+    return np.asarray(times[base]) / np.asarray(times[ours])
+
+
+def speedup(times, base, ours):
+    """Median over rounds of base time / our time (> 1: ours is faster)."""
+    q = round_ratios(times, base, ours)
+    return None if q is None else float(np.median(q))
 
 
 # ------------------------------------------------------------------------- files and start-up
@@ -813,10 +819,8 @@ def main():
     def tspread(b, base, v):
         """(lowest, highest) per-round ratio: how far one round can sit from the median on this machine."""
         r = results.get((key, b))
-        if r is None or base not in r["times"] or v not in r["times"]:
-            return None
-        q = np.asarray(r["times"][base]) / np.asarray(r["times"][v])
-        return float(q.min()), float(q.max())
+        q = None if r is None else round_ratios(r["times"], base, v)
+        return None if q is None else (float(q.min()), float(q.max()))
 
     def add(what, got, want, unit="x", higher=True, strict=False, spread=None):
         rel = (">" if strict else ">=") if higher else "<="

@@ -122,10 +122,13 @@ def interleaved(contenders: dict, rounds: int, target_s: float = 0.02, flush=Non
         fn()
         fn()
     reps = {}
-    for name, fn in contenders.items():  # calls per round: ~target_s each, from the median of 5 calls (one call
-        ts = []                           # could be a slow one: next to spinning BLAS threads a parallel batch-1
-        for _ in range(5):                # call can take 100x its usual time, and the contender would then get
-            t0 = time.perf_counter()      # 1-2 calls a round, all of them its first after the others ran)
+    # calls per round: ~target_s each, from the median of 5 calls (one call could be a slow one: next to spinning
+    # BLAS threads a parallel batch-1 call can take 100x its usual time, and the contender would then get 1-2 calls
+    # a round, all of them its first after the others ran)
+    for name, fn in contenders.items():
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
         dt = max(statistics.median(ts), 1e-6)

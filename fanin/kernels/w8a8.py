@@ -6,9 +6,8 @@ run no faster than float32 ones. With the inputs of a layer quantized to bytes, 
 a few 64- or 128-byte tables, and one AVX-512 VBMI byte permute (``vpermb``, or ``vpermi2b`` over two tables)
 gathers 64 slots from a table at once; a VNNI ``vpdpbusd`` then multiplies 64 byte pairs and adds them in fours into
 16 int32 lanes. That is what ``qsteps`` does (an LLVM IR kernel), several times faster per slot than the float
-gather. It is the scheme ONNX
-Runtime's dynamic quantization uses (8-bit weights, activations quantized per call), so this is the mode to
-compare with ONNX Runtime int8.
+gather. It is the scheme ONNX Runtime's dynamic quantization uses (8-bit weights, activations quantized per call),
+so this is the mode to compare with ONNX Runtime int8.
 
 What it computes, per sample and per layer (``reference`` is the same in NumPy, and equal bitwise):
 
@@ -919,9 +918,8 @@ def layer_int8(spec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _plan_steps(idx, live, n_in, F, reorder):
-    """(steps, row order or None, steps per (group, chunk)) of a layer in form
-    F: a group takes per chunk the steps its fullest row needs there; with ``reorder`` rows are sorted by their
-    steps per chunk first."""
+    """(steps, row order or None, steps per (group, chunk)) of a layer in form F: a group takes per chunk the steps
+    its fullest row needs there; with ``reorder`` rows are sorted by their steps per chunk first."""
     R, C = FORMS[F]
     n_out = idx.shape[0]
     nch = n_in // C + 1
@@ -976,8 +974,9 @@ class QLayout:
             # SRigL-90 % MLP's: 2.87 -> 2.19 steps a row at 784 inputs, fan-in 80; 3.18 -> 2.47 at 1024 / 91).
             # The outputs are then stored in this order, and the next layer reads them there (the last layer
             # keeps its order). Integer sums: the same results.
-            plans = [_plan_steps(idx, live, n_in, f, li < len(layers) - 1 and k > 0) for f in range(len(FORMS))]
-            F = forms[li] if forms is not None else min(range(len(FORMS)), key=lambda f: _cost(plans[f][0], f, l2))
+            candidates = range(len(FORMS)) if forms is None else [forms[li]]
+            plans = {f: _plan_steps(idx, live, n_in, f, li < len(layers) - 1 and k > 0) for f in candidates}
+            F = min(plans, key=lambda f: _cost(plans[f][0], f, l2))
             n_steps, order, per = plans[F]
             R, C = FORMS[F]
             SL = 64 // R

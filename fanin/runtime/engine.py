@@ -258,8 +258,8 @@ class _QChain:
     (``INT8_PANELS_THREADS`` with several threads) go sample by sample, in blocks of ``w8a8.BLOCK`` samples that
     share a pass over each layer (the byte-permute kernel), the blocks over the threads; larger ones in panels of 32
     or 64 samples (the VNNI panel kernel), panels over the threads when there are several. Both compute each
-    sample's integers and float steps identically, so a sample's logits do not depend on the batch it came in. Parallel runs follow the same
-    policy and tuner as the float chain."""
+    sample's integers and float steps identically, so a sample's logits do not depend on the batch it came in.
+    Parallel runs follow the same policy and tuner as the float chain."""
 
     def __init__(self, ops):
         self.layout = w8a8.QLayout([_spec(op) for op in ops])
