@@ -152,6 +152,106 @@ def test_wide_inputs_use_int32_indices_and_the_sentinel():
         check(layers, rng.standard_normal((batch, n_in)).astype(np.float32))
 
 
+PANEL_PATHS = ("panels", "panels_serial", "layerwise", "half_panels_serial", "half_layerwise", "half_panels")
+
+
+@SETTINGS
+@given(chains(), st.sampled_from([0.0005, 0.004, 0.02, 0.08]))
+def test_input_tiled_layers_give_the_untiled_bits(case, share):
+    """Float32 condensed layers whose panel block overflows ``TILE_L1`` of L1 run chunk after chunk of their
+    inputs (``Layout._tiled``, ``_tiled_rows``). Forced onto small layers here (a tiny share: 2 .. n_in
+    chunks), every panel driver must give exactly the bits of the untiled layout, and the dense twin's
+    numbers, for any shape, fan-in, activation, index dtype, bias, ablated rows, and n_out % 4."""
+    layers, x = case
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(infer, "TILE_L1", 1e9)
+        plain = infer.Layout(layers)
+        m.setattr(infer, "TILE_L1", share)
+        tiled = infer.Layout(layers)
+    for spec, row in zip(layers, tiled.tab):
+        chunks = min(spec["n_in"], -(-(spec["n_in"] + 1) * infer.TB * 4 // int(share * infer.l1d_bytes())))
+        eligible = spec["indices"] is not None and "values" in spec and spec["n_out"] >= 4 and chunks >= 2
+        assert row[infer.F_TNC] == (chunks if eligible else 0)
+    assert not plain.tab[:, infer.F_TNC].any()
+    for path in PANEL_PATHS:
+        np.testing.assert_array_equal(infer.forward(tiled, x, path), infer.forward(plain, x, path), err_msg=path)
+    want = reference(layers, x)
+    np.testing.assert_allclose(infer.forward(tiled, x, "panels"), want, rtol=2e-4,
+                               atol=2e-4 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_tiled_copy_holds_every_slot_once(monkeypatch, seed):
+    """The tiled copy of a layer: the rows in quads (each row once, the last quad padded with its last row),
+    each quad's slots chunk by chunk; every (row, input, weight) of an active row appears once, in its chunk and
+    in the stored order, the padding reads the sentinel with weight 0, and ablated rows have no slots."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out, k = 97, 4 * seed + 5 + (seed == 3), 13
+    spec = make_layer(rng, n_in, n_out, k, "fp32", "relu", np.int16, dead=seed % 3)
+    monkeypatch.setattr(infer, "TILE_L1", 0.05)
+    lay = infer.Layout([spec])
+    row = lay.tab[0]
+    nc = int(row[infer.F_TNC])
+    assert nc >= 2
+    G = -(-n_out // 4)
+    qs = lay.i32[row[infer.F_TQOFF]:row[infer.F_TQOFF] + G * nc + 1].astype(np.int64)
+    perm = lay.i32[row[infer.F_TPOFF]:row[infer.F_TPOFF] + 4 * G].reshape(G, 4)
+    ti = lay.i16[row[infer.F_TIOFF]:row[infer.F_TIOFF] + 4 * qs[-1]].reshape(-1, 4)
+    tw = lay.f32[row[infer.F_TWOFF]:row[infer.F_TWOFF] + 4 * qs[-1]].reshape(-1, 4)
+    assert qs[0] == 0 and (np.diff(qs) >= 0).all()
+    assert sorted(set(perm.ravel())) == list(range(n_out)) and len(set(perm[:-1].ravel())) == 4 * (G - 1)
+    span = -(-n_in // nc)
+    active = spec.get("active", np.ones(n_out, bool))
+    for g in range(G):
+        for q in range(4):
+            j = perm[g, q]
+            got = []
+            for c in range(nc):
+                ix, wv = ti[qs[g * nc + c]:qs[g * nc + c + 1], q], tw[qs[g * nc + c]:qs[g * nc + c + 1], q]
+                real = ix != n_in
+                assert (wv[~real] == 0).all() and (ix[real] // span == c).all()
+                got += list(zip(ix[real], wv[real]))
+            want = list(zip(spec["indices"][j], spec["values"][j])) if active[j] else []
+            assert got == want, (g, q, j)
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.integers(0, 9), st.sampled_from([0, 1, 2]), st.booleans(),
+       st.sampled_from([np.int16, np.int32]))
+def test_qchunk_is_four_fused_multiply_add_chains(seed, n, fin, first, idx_dtype):
+    """``qchunk`` (one quad over one chunk) against its NumPy twin: four lanes, each the sum in slot order of
+    w * block row (starting from 0 or the partial sums in dst), then + bias and ReLU as asked; the other rows of
+    dst untouched."""
+    from numba import njit
+
+    TB = infer.TB  # a compile-time constant in ``call``, as qchunk needs
+
+    @njit
+    def call(src, dst, rows, idx, ie, w, we, n, first, fin, bias):
+        infer.qchunk(src, dst, rows[0] * TB, rows[1] * TB, rows[2] * TB, rows[3] * TB,
+                     idx, ie, w, we, n, first, fin, bias[0], bias[1], bias[2], bias[3], TB)
+
+    rng = np.random.default_rng(seed)
+    n_in, n_out = 11, 9
+    src = rng.standard_normal((n_in + 1) * TB).astype(np.float32)
+    dst = rng.standard_normal(n_out * TB).astype(np.float32)
+    rows = rng.choice(n_out, 4, replace=False)
+    ie, we = int(rng.integers(0, 5)), int(rng.integers(0, 5))
+    idx = rng.integers(0, n_in + 1, ie + 4 * n + 8).astype(idx_dtype)
+    w = rng.standard_normal(we + 4 * n + 8).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    want = dst.astype(np.float64).reshape(n_out, TB).copy()
+    for q, r in enumerate(rows):
+        acc = np.zeros(TB) if first else want[r].copy()
+        for t in range(n):
+            acc += float(w[we + 4 * t + q]) * src[idx[ie + 4 * t + q] * TB:][:TB].astype(np.float64)
+        if fin:
+            acc += float(bias[q])
+        want[r] = np.maximum(acc, 0) if fin == 2 else acc
+    call(src, dst, rows, idx, ie, w, we, n, first, fin, bias)
+    np.testing.assert_allclose(dst.reshape(n_out, TB), want, rtol=1e-5, atol=1e-5)
+
+
 def test_ablated_rows_output_their_bias_whatever_the_input():
     rng = np.random.default_rng(1)
     spec = make_layer(rng, 12, 6, 4, "fp32", "none", np.int16)
@@ -382,6 +482,13 @@ layers = [t.make_layer(rng, 40, 33, 7, "fp32", "relu", np.int16), t.make_layer(r
           t.make_layer(rng, 17, 9, 8, "fp32", "none", np.int16, dead=2)]
 for batch in (1, 5, 8, 9, 40):
     t.check(layers, rng.standard_normal((batch, 40)).astype(np.float32))
+infer.TILE_L1 = 0.02  # input-tiled layers (16-float vectors): the untiled bits
+tiled, x = infer.Layout(layers), rng.standard_normal((40, 40)).astype(np.float32)
+assert tiled.tab[0, infer.F_TNC] >= 2 and tiled.tab[3, infer.F_TNC] >= 2
+infer.TILE_L1 = 1e9
+plain = infer.Layout(layers)
+for path in t.PANEL_PATHS:
+    np.testing.assert_array_equal(infer.forward(tiled, x, path), infer.forward(plain, x, path))
 from fanin.kernels import w8a8  # int8 activations: the portable integer kernel, the same bits
 assert not w8a8.FAST
 x = rng.standard_normal((6, 40)).astype(np.float32)

@@ -65,7 +65,7 @@ from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import prefer_512_bit_vectors, round_int32, stack_buffer, wide_vectors
 from fanin.kernels._jit import twins
-from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst, aligned_zeros,
+from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst, aligned_zeros, cache_bytes,
                                   target_features, transpose8)
 
 __all__ = ["QLayout", "qsteps", "qsteps_portable", "quantize_input", "forward", "forward_serial", "reference",
@@ -89,21 +89,7 @@ OUT_OF_L2_COST = 2.3
 
 def l2_bytes() -> int:
     """The L2 cache of CPU 0 (Linux sysfs), else 1 MiB."""
-    import glob
-
-    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-        try:
-            with open(d + "/level") as f:
-                level = f.read().strip()
-            with open(d + "/type") as f:
-                kind = f.read().strip()
-            with open(d + "/size") as f:
-                size = f.read().strip().upper()
-        except OSError:
-            continue
-        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
-            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
-    return 1 << 20
+    return cache_bytes(2, 1 << 20)
 
 
 MAX_IN = 2**15 - 2  # inputs of a layer: the panel form's int16 indices hold n_in (its sentinel row)
