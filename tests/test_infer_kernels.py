@@ -227,9 +227,20 @@ def test_qchunk_is_four_fused_multiply_add_chains(seed, n, fin, first, idx_dtype
     TB = infer.TB  # a compile-time constant in ``call``, as qchunk needs
 
     @njit
-    def call(src, dst, rows, idx, ie, w, we, n, first, fin, bias):
-        infer.qchunk(src, dst, rows[0] * TB, rows[1] * TB, rows[2] * TB, rows[3] * TB,
-                     idx, ie, w, we, n, first, fin, bias[0], bias[1], bias[2], bias[3], TB)
+    def call(src, dst, rows, idx, ie, w, we, n, first, fin, bias):  # first and fin: constants where qchunk is called
+        d0, d1, d2, d3, b0, b1, b2, b3 = rows[0] * TB, rows[1] * TB, rows[2] * TB, rows[3] * TB, *bias
+        if first and fin == 0:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 1, 0, b0, b1, b2, b3, TB)
+        elif first and fin == 1:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 1, 1, b0, b1, b2, b3, TB)
+        elif first:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 1, 2, b0, b1, b2, b3, TB)
+        elif fin == 0:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 0, b0, b1, b2, b3, TB)
+        elif fin == 1:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 1, b0, b1, b2, b3, TB)
+        else:
+            infer.qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 2, b0, b1, b2, b3, TB)
 
     rng = np.random.default_rng(seed)
     n_in, n_out = 11, 9
@@ -248,7 +259,7 @@ def test_qchunk_is_four_fused_multiply_add_chains(seed, n, fin, first, idx_dtype
         if fin:
             acc += float(bias[q])
         want[r] = np.maximum(acc, 0) if fin == 2 else acc
-    call(src, dst, rows, idx, ie, w, we, n, first, fin, bias)
+    call(src, dst, rows, idx, ie, w, we, n, first, fin, (bias[0], bias[1], bias[2], bias[3]))
     np.testing.assert_allclose(dst.reshape(n_out, TB), want, rtol=1e-5, atol=1e-5)
 
 

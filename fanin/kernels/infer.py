@@ -591,12 +591,14 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
     last (in Numba code the accumulators went through the stack at each chunk: 74.5 against 71.1 us for the
     784x1024 layer with the first slot peeled, 66 us for C intrinsics). Every FMA adds to the sum before it in
     slot order, as ``_panel_rows`` does: bitwise the same sums. ``fin`` 1 adds the bias ``c_q`` to lane q before
-    the store, 2 also applies ReLU (``_panel_rows``'s ``max(c + a, 0)``); 0 stores the partial sums."""
+    the store, 2 also applies ReLU (``_panel_rows``'s ``max(c + a, 0)``); 0 stores the partial sums. ``first``
+    (0 or 1), ``fin`` and ``tb`` are compile-time constants: each call site compiles its own loop."""
     if not (isinstance(src, types.Array) and src.dtype == types.float32 and isinstance(dst, types.Array)
             and dst.dtype == types.float32 and isinstance(idx, types.Array) and idx.dtype in (types.int16, types.int32)
-            and isinstance(w, types.Array) and w.dtype == types.float32 and isinstance(tb, types.IntegerLiteral)):
+            and isinstance(w, types.Array) and w.dtype == types.float32 and isinstance(tb, types.IntegerLiteral)
+            and isinstance(first, types.IntegerLiteral) and isinstance(fin, types.IntegerLiteral)):
         return None
-    lanes = tb.literal_value
+    lanes, first_chunk, finish = tb.literal_value, bool(first.literal_value), fin.literal_value
 
     def codegen(context, builder, sig, args):
         prefer_512_bit_vectors(builder.function)
@@ -610,7 +612,6 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
         wb = builder.gep(context.make_array(wt)(context, builder, wa).data,
                          [context.cast(builder, we_, wet, types.intp)], inbounds=True)
         nn = context.cast(builder, n_, nt, types.intp)
-        zero = builder.icmp_signed("!=", context.cast(builder, first_, ft, types.intp), _I64(0))
         fmuladd = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(vt, [vt, vt, vt]),
                                                  f"llvm.fmuladd.v{lanes}f32")
         def bcast(v):  # a float in every lane
@@ -623,7 +624,7 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
             p = builder.bitcast(builder.gep(dp, [context.cast(builder, d, t, types.intp)], inbounds=True),
                                 vt.as_pointer())
             rows.append(p)
-        init = [builder.select(zero, llvmir.Constant(vt, None), builder.load(p, align=4)) for p in rows]
+        init = [llvmir.Constant(vt, None) if first_chunk else builder.load(p, align=4) for p in rows]
         pre = builder.basic_block
         loop = builder.append_basic_block("qchunk.loop")
         done = builder.append_basic_block("qchunk.done")
@@ -654,13 +655,13 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
         for q in range(4):
             outs[q].add_incoming(init[q], pre)
             outs[q].add_incoming(new[q], loop)
-        fin = context.cast(builder, fin_, fint, types.intp)
         zv = llvmir.Constant(vt, None)
         for q, (c_, ct) in enumerate(((c0_, ct0), (c1_, ct1), (c2_, ct2), (c3_, ct3))):
-            c = bcast(context.cast(builder, c_, ct, types.float32))
-            y = builder.select(builder.icmp_signed(">", fin, _I64(0)), builder.fadd(c, outs[q]), outs[q])
-            relu = builder.select(builder.fcmp_ordered(">", y, zv), y, zv)
-            y = builder.select(builder.icmp_signed("==", fin, _I64(2)), relu, y)
+            y = outs[q]
+            if finish:
+                y = builder.fadd(bcast(context.cast(builder, c_, ct, types.float32)), y)
+            if finish == 2:
+                y = builder.select(builder.fcmp_ordered(">", y, zv), y, zv)
             builder.store(y, rows[q], align=4)
         return context.get_dummy_value()
 
@@ -980,10 +981,17 @@ def _tiled_rows(src, dst, g0, g1, nc, qs, qoff, perm, poff, idx, ioff, w, woff, 
             q3 = np.intp(_at(perm, poff + 4 * g + 3))
             t0 = np.intp(_at(qs, qoff + g * nc + c))
             t1 = np.intp(_at(qs, qoff + g * nc + c + 1))
+            d0, d1, d2, d3, ie, we, n = q0 * TB, q1 * TB, q2 * TB, q3 * TB, ioff + 4 * t0, woff + 4 * t0, t1 - t0
+            b0, b1, b2, b3 = _at(bias, q0), _at(bias, q1), _at(bias, q2), _at(bias, q3)
             last = c == nc - 1
-            fin = 0 if not last else 2 if act == ACT_RELU else 1
-            qchunk(src, dst, q0 * TB, q1 * TB, q2 * TB, q3 * TB, idx, ioff + 4 * t0, w, woff + 4 * t0, t1 - t0,
-                   c == 0, fin, _at(bias, q0), _at(bias, q1), _at(bias, q2), _at(bias, q3), TB)
+            if c == 0:  # (nc >= 2: the first chunk is never the last)
+                qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 1, 0, b0, b1, b2, b3, TB)
+            elif not last:
+                qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 0, b0, b1, b2, b3, TB)
+            elif act == ACT_RELU:
+                qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 2, b0, b1, b2, b3, TB)
+            else:
+                qchunk(src, dst, d0, d1, d2, d3, idx, ie, w, we, n, 0, 1, b0, b1, b2, b3, TB)
             if not last or act == ACT_RELU or act == ACT_NONE:
                 continue
             for lane in range(4):  # another activation, after the bias
