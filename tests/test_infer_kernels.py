@@ -180,6 +180,26 @@ def test_input_tiled_layers_give_the_untiled_bits(case, share):
                                atol=2e-4 * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("act", ["relu", "none", "gelu"])
+def test_tiled_layers_propagate_nan_as_untiled_ones(monkeypatch, act):
+    """NaN in one input: the rows that read it give NaN (nan_policy='propagate'), through ReLU too, exactly where
+    and as the untiled layout does."""
+    rng = np.random.default_rng(5)
+    layers = [make_layer(rng, 60, 23, 9, "fp32", act, np.int16), make_layer(rng, 23, 6, 4, "fp32", "none", np.int16)]
+    x = rng.standard_normal((40, 60)).astype(np.float32)
+    x[3:, 11] = np.nan
+    plain = infer.Layout(layers)
+    monkeypatch.setattr(infer, "TILE_L1", 0.01)
+    tiled = infer.Layout(layers)
+    assert tiled.tab[0, infer.F_TNC] >= 2 and tiled.tab[1, infer.F_TNC] >= 2
+    reads = (layers[0]["indices"] == 11).any(axis=1)
+    for path in PANEL_PATHS:
+        y0 = infer.forward(tiled, x, path)
+        np.testing.assert_array_equal(y0, infer.forward(plain, x, path), err_msg=path)
+    y1 = infer.forward(infer.Layout(layers[:1]), x, "panels")  # the tiled first layer alone
+    assert np.isnan(y1[3:, reads]).all() and np.isfinite(y1[:, ~reads]).all() and np.isfinite(y1[:3]).all()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_tiled_copy_holds_every_slot_once(monkeypatch, seed):
     """The tiled copy of a layer: the rows in quads (each row once, the last quad padded with its last row),

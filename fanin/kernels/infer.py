@@ -660,8 +660,8 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
             y = outs[q]
             if finish:
                 y = builder.fadd(bcast(context.cast(builder, c_, ct, types.float32)), y)
-            if finish == 2:
-                y = builder.select(builder.fcmp_ordered(">", y, zv), y, zv)
+            if finish == 2:  # max(y, 0) as Numba computes it: NaN stays NaN
+                y = builder.select(builder.fcmp_ordered("<", y, zv), zv, y)
             builder.store(y, rows[q], align=4)
         return context.get_dummy_value()
 
