@@ -143,6 +143,27 @@ def test_nan_policy_propagate_skips_the_check():
         fanin.compile(models.mlp([6, 3], seed=0), nan_policy="ignore")
 
 
+@pytest.mark.parametrize("batch, row", [(1, 0), (3, 2), (5, 4), (20, 19), (40, 33), (100, 64), (2100, 2099)])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_float_mlp_finds_nan_in_x_itself_at_every_batch_size(batch, row, value):
+    """A float32 MLP's engine scans x itself (the panel drivers as they pack it; the rows form with all_finite),
+    so ``predict`` skips its own scan: every path (rows, half panels, panels, layerwise, several compiled calls
+    past engine.CHUNK) must still refuse the sample -- and only it -- or, with nan_policy='propagate', give it
+    non-finite logits and every other sample the bits it gets in the clean batch."""
+    model = models.mlp([50, 40, 30, 5], sparsity=[0.8, 0.7, None], seed=1)
+    strict, loose = fanin.compile(model), fanin.compile(model, nan_policy="propagate")
+    assert strict._scans_x
+    x = np.random.default_rng(batch).standard_normal((batch, 50)).astype(np.float32)
+    clean = strict.predict(x)
+    x[row, 17] = value
+    with pytest.raises(PredictError, match=rf"sample\(s\) \[{row}\] hold NaN or Inf"):
+        strict.predict(x)
+    y = loose.predict(x)
+    assert not np.isfinite(y[row]).all()
+    keep = np.arange(batch) != row
+    np.testing.assert_array_equal(y[keep], clean[keep])
+
+
 def test_compile_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="input_shape"):
         fanin.compile(models.cnn(channels=(2, 2), hidden=4, image_size=8))

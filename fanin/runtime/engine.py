@@ -348,6 +348,8 @@ class _Chain:
         self._local = threading.local()
         self._tuners = {}
         self.last_path = None
+        self.scan = False  # True: x is the network's input, and run raises NonFinite (after computing) when it
+        # holds NaN/Inf -- the panel drivers scan it as they pack it, the rows form with all_finite
 
     def _buffers(self, kind, n):
         cache = getattr(self._local, "cache", None)
@@ -400,6 +402,8 @@ class _Chain:
             self.last_path = "rows_serial"
             wa, wb, nz = self._buffers("rows", B)
             infer.rows_forward_serial(x, out, wa, wb, nz, self.S, 1 << 30, self._scatter_density(B), *self.arrays)
+            if self.scan and not infer.all_finite(x):
+                raise NonFinite(out)
             return out
         path = self.plan_for(B, numba.get_num_threads())
         token, tuner = _choose(self._tuners, (path == "rows", B.bit_length()), path in _SERIAL_OF)
@@ -414,15 +418,20 @@ class _Chain:
                 fn = infer.rows_forward if path == "rows" else infer.rows_forward_serial
                 fn(x, out, wa, wb, nz, self.S, infer.RB if path == "rows" else 1 << 30, self._scatter_density(B),
                    *arrays)
+                if self.scan and not infer.all_finite(x):
+                    raise NonFinite(out)
                 return out
             fn = _PANEL_DRIVERS[path]
             # a half batch fits one panel's buffers; half_panels needs a block per half panel
             kind = "layerwise" if path.endswith("layerwise") else "halves" if path == "half_panels" else "panels"
             per = infer.TBH if kind == "halves" else infer.TB
+            bad = 0
             for b0 in range(0, B, CHUNK):
                 xb = x[b0:b0 + CHUNK]
                 ws, wq = self._buffers(kind, -(-xb.shape[0] // per))
-                fn(xb, out[b0:b0 + CHUNK], ws, wq, *arrays)
+                bad += fn(xb, out[b0:b0 + CHUNK], ws, wq, *arrays)  # panels whose input holds NaN/Inf
+            if bad and self.scan:
+                raise NonFinite(out)
             return out
         finally:
             _done(token, tuner, t0, B * self.layout.macs)
@@ -532,6 +541,8 @@ class _Engine:
                 raise ValueError(f"engine: unexpected op {kind!r} before the linear head")
         self.activations = activations
         self.chain = _QChain(ops[head:]) if activations == "int8" else _Chain(ops[head:])
+        if activations != "int8":
+            self.chain.scan = not self.steps
         self._n_steps = head
         # multiply-adds per sample of the steps before the chain (convolutions; pooling counted as window reads)
         shape, self.front_macs = tuple(plan["input_shape"]), 0
@@ -558,9 +569,9 @@ class _Engine:
 
     @property
     def checks_finite(self) -> bool:
-        """True when ``run`` itself finds NaN/Inf in x (raising ``NonFinite``): an MLP with int8 activations,
-        whose input quantizer scans x anyway, so ``predict`` need not scan it first."""
-        return self.activations == "int8" and not self.steps
+        """True when ``run`` itself finds NaN/Inf in x (raising ``NonFinite``): an MLP, whose input quantizer
+        (int8 activations) or panel packing (float32) reads x anyway, so ``predict`` need not scan it first."""
+        return not self.steps
 
     def run(self, x):
         if self.steps:

@@ -95,7 +95,7 @@ class Network:
                 return np.empty((0, self.n_classes), np.float32)
         try:
             y = self._engine.run(x)
-        except engine.NonFinite as exc:  # an engine that scans x itself found NaN/Inf (int8 activations)
+        except engine.NonFinite as exc:  # an engine that scans x itself found NaN/Inf (an MLP)
             if self.nan_policy == "raise":
                 self._refuse_non_finite(x)
             y = exc.out
