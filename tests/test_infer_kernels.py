@@ -160,13 +160,14 @@ PANEL_PATHS = ("panels", "panels_serial", "layerwise", "half_panels_serial", "ha
 def test_input_tiled_layers_give_the_untiled_bits(case, share):
     """Float32 condensed layers whose panel block overflows ``TILE_L1`` of L1 run chunk after chunk of their
     inputs (``Layout._tiled``, ``_tiled_rows``). Forced onto small layers here (a tiny share: 2 .. n_in
-    chunks), every panel driver must give exactly the bits of the untiled layout, and the dense twin's
-    numbers, for any shape, fan-in, activation, index dtype, bias, ablated rows, and n_out % 4."""
+    chunks, whatever the fan-in), every panel driver must give exactly the bits of the untiled layout, and the
+    dense twin's numbers, for any shape, fan-in, activation, index dtype, bias, ablated rows, and n_out % 4."""
     layers, x = case
     with pytest.MonkeyPatch.context() as m:
         m.setattr(infer, "TILE_L1", 1e9)
         plain = infer.Layout(layers)
         m.setattr(infer, "TILE_L1", share)
+        m.setattr(infer, "TILE_MIN_SLOTS", 0)  # any fan-in: one slot a chunk or none
         tiled = infer.Layout(layers)
     for spec, row in zip(layers, tiled.tab):
         chunks = min(spec["n_in"], -(-(spec["n_in"] + 1) * infer.TB * 4 // int(share * infer.l1d_bytes())))
@@ -180,6 +181,26 @@ def test_input_tiled_layers_give_the_untiled_bits(case, share):
                                atol=2e-4 * max(1.0, float(np.abs(want).max())))
 
 
+def test_which_layers_are_tiled(monkeypatch):
+    """``tile_chunks``: chunks of at most TILE_L1 of L1 (48 KiB here), at least two, at least TILE_MIN_SLOTS
+    slots a row per chunk, both blocks within a third of L2 (2 MiB here), at least 4 rows."""
+    monkeypatch.setattr(infer, "l1d_bytes", lambda: 48 << 10)
+    monkeypatch.setattr(infer, "l2_bytes", lambda: 2 << 20)
+    monkeypatch.setattr(infer, "TILE_L1", 0.92)
+    monkeypatch.setattr(infer, "TILE_MIN_SLOTS", 8)
+    tb = infer.TB
+    per = int(0.92 * (48 << 10)) // (tb * 4)  # rows of a block in one chunk
+    assert infer.tile_chunks(per - 1, 1024, 80) == 0  # one chunk: the block fits
+    assert infer.tile_chunks(784, 1024, 80) == -(-785 // per) >= 2
+    assert infer.tile_chunks(784, 3, 80) == 0  # fewer rows than a quad
+    nc = infer.tile_chunks(784, 1024, 80)
+    assert infer.tile_chunks(784, 1024, 8 * nc) == nc and infer.tile_chunks(784, 1024, 8 * nc - 1) == 0
+    third = (2 << 20) // 3 // (tb * 4)  # rows of both blocks in a third of L2
+    assert infer.tile_chunks(1024, third - 1025, 500) > 0 and infer.tile_chunks(1024, third - 1024, 500) == 0
+    monkeypatch.setattr(infer, "l2_bytes", lambda: 1 << 30)
+    assert infer.tile_chunks(4096, 4096, 409) == -(-4097 // per)
+
+
 @pytest.mark.parametrize("act", ["relu", "none", "gelu"])
 def test_tiled_layers_propagate_nan_as_untiled_ones(monkeypatch, act):
     """NaN in one input: the rows that read it give NaN (nan_policy='propagate'), through ReLU too, exactly where
@@ -190,6 +211,7 @@ def test_tiled_layers_propagate_nan_as_untiled_ones(monkeypatch, act):
     x[3:, 11] = np.nan
     plain = infer.Layout(layers)
     monkeypatch.setattr(infer, "TILE_L1", 0.01)
+    monkeypatch.setattr(infer, "TILE_MIN_SLOTS", 0)
     tiled = infer.Layout(layers)
     assert tiled.tab[0, infer.F_TNC] >= 2 and tiled.tab[1, infer.F_TNC] >= 2
     reads = (layers[0]["indices"] == 11).any(axis=1)
@@ -209,6 +231,7 @@ def test_the_tiled_copy_holds_every_slot_once(monkeypatch, seed):
     n_in, n_out, k = 97, 4 * seed + 5 + (seed == 3), 13
     spec = make_layer(rng, n_in, n_out, k, "fp32", "relu", np.int16, dead=seed % 3)
     monkeypatch.setattr(infer, "TILE_L1", 0.05)
+    monkeypatch.setattr(infer, "TILE_MIN_SLOTS", 0)
     lay = infer.Layout([spec])
     row = lay.tab[0]
     nc = int(row[infer.F_TNC])
@@ -513,7 +536,7 @@ layers = [t.make_layer(rng, 40, 33, 7, "fp32", "relu", np.int16), t.make_layer(r
           t.make_layer(rng, 17, 9, 8, "fp32", "none", np.int16, dead=2)]
 for batch in (1, 5, 8, 9, 40):
     t.check(layers, rng.standard_normal((batch, 40)).astype(np.float32))
-infer.TILE_L1 = 0.02  # input-tiled layers (16-float vectors): the untiled bits
+infer.TILE_L1, infer.TILE_MIN_SLOTS = 0.02, 0  # input-tiled layers (16-float vectors): the untiled bits
 tiled, x = infer.Layout(layers), rng.standard_normal((40, 40)).astype(np.float32)
 assert tiled.tab[0, infer.F_TNC] >= 2 and tiled.tab[3, infer.F_TNC] >= 2
 infer.TILE_L1 = 1e9

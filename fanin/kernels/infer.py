@@ -84,7 +84,7 @@ __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows
            "panels_forward", "panels_forward_serial", "panels_layerwise", "gdot", "cdot", "gdot8", "scol",
            "transpose8", "aligned_zeros", "panel_block", "row_stride", "all_finite", "TBH",
            "half_panels_serial", "half_layerwise", "half_panels", "HW_GATHER", "gdot_insert", "gdot_hardware",
-           "qchunk", "cache_bytes", "l1d_bytes", "TILE_L1"]
+           "qchunk", "cache_bytes", "l1d_bytes", "l2_bytes", "tile_chunks", "TILE_L1", "TILE_MIN_SLOTS"]
 
 @functools.cache
 def target_features() -> frozenset:
@@ -125,6 +125,12 @@ def l1d_bytes() -> int:
     return cache_bytes(1, 32 << 10)
 
 
+@functools.cache
+def l2_bytes() -> int:
+    """The L2 cache of CPU 0 (sysfs), else 1 MiB."""
+    return cache_bytes(2, 1 << 20)
+
+
 def _vector_bits() -> int:
     """512 when the code Numba generates here may use AVX-512, else 256 (AVX2 machines, or a Numba told
     to target less than the host)."""
@@ -162,7 +168,8 @@ JB = 32          # rows per dequantized block (and per task of panels_layerwise)
 RB = 64          # rows per task of the parallel rows driver
 SMALL_BATCH = 4  # below this batch the rows form runs, from it the panels
 PAD = 32         # readable elements past the end of every flat array
-TILE_L1 = 0.92   # share of the L1 data cache one chunk of an input-tiled layer's block may fill (Layout._tiled)
+TILE_L1 = 0.92   # share of the L1 data cache one chunk of an input-tiled layer's block may fill (tile_chunks)
+TILE_MIN_SLOTS = 8  # slots a row per chunk, at least, for a layer to be tiled (tile_chunks)
 
 # layer table: one row of NF int64 fields per layer
 NF = 23
@@ -1202,6 +1209,21 @@ half_panels_serial, half_layerwise, half_panels = _half_family()
 ACTS = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU}
 
 
+def tile_chunks(n_in: int, n_out: int, k: int) -> int:
+    """Input chunks of a float32 condensed layer's tiled copy (``Layout._tiled``), or 0 for none: as many as
+    it takes for one chunk of a panel block to fill at most ``TILE_L1`` of L1, if that is at least 2, the
+    layer has at least 4 rows and ``TILE_MIN_SLOTS`` slots a row per chunk (a quad's chunk costs ~40 cycles
+    besides its slots), and both blocks (input and output) fit in a third of L2 (the partial sums are read
+    and written once per chunk). Measured one thread, batch 32, Intel Xeon (48 KiB L1d, 2 MiB L2), untiled
+    over tiled time: 768x3072 at 80-95 % 1.07-1.16x, at 99 % (3.3 slots) 0.88x; 3072x768 and 1024x784 at
+    80-95 % 1.15-1.41x; 2048x2048 1.05-1.16x; 4096x1024 at 90-97 % 1.13-1.15x; 1024x4096 at 90 % 1.08x, at
+    97 % 0.94x; 4096x4096 (1 MiB of blocks) at 80-97 % 0.71-0.97x."""
+    nc = min(n_in, -(-(n_in + 1) * TB * 4 // max(1, int(TILE_L1 * l1d_bytes()))))
+    if nc < 2 or n_out < 4 or k < TILE_MIN_SLOTS * nc or (n_in + 1 + n_out) * TB * 4 > l2_bytes() // 3:
+        return 0
+    return nc
+
+
 class Layout:
     """A chain of linear layers in the kernels' flat arrays (see the module docstring).
 
@@ -1312,15 +1334,15 @@ class Layout:
         its longest lane in each chunk, so the rows are ordered by their counts per chunk (lexicographically)
         before they are grouped: quads of alike rows pad ~2 % (~15 % in the stored order).
         784x1024 at fan-in 80, batch 32, one thread, Intel Xeon (Emerald Rapids, 48 KiB L1d): 33 -> 41 G
-        multiply-adds/s; 1024x1024 at fan-in 91: 31 -> 39 (in L2 each 128-byte row read costs as much as the
-        two FMAs it feeds)."""
+        multiply-adds/s in a C prototype, 32 -> 37 here; 1024x1024 at fan-in 91: 31 -> 39 (C). Which layers:
+        ``tile_chunks``."""
         n_in, n_out = int(spec["n_in"]), int(spec["n_out"])
-        nc = min(n_in, -(-(n_in + 1) * TB * 4 // max(1, int(TILE_L1 * l1d_bytes()))))
-        if nc < 2 or n_out < 4:
-            return
         idx = np.asarray(spec["indices"]).astype(np.int64)
-        w = np.asarray(spec["values"], np.float32)
         k = idx.shape[1]
+        nc = tile_chunks(n_in, n_out, k)
+        if not nc:
+            return
+        w = np.asarray(spec["values"], np.float32)
         span = -(-n_in // nc)  # inputs per chunk
         ch = idx // span
         if active is not None:
