@@ -222,6 +222,34 @@ def test_tiled_layers_propagate_nan_as_untiled_ones(monkeypatch, act):
     assert np.isnan(y1[3:, reads]).all() and np.isfinite(y1[:, ~reads]).all() and np.isfinite(y1[:3]).all()
 
 
+@pytest.mark.parametrize("path", PANEL_PATHS)
+def test_panel_drivers_count_the_panels_whose_input_is_not_finite(path):
+    """Each panel driver returns how many of its panels (TB samples, TBH for the half drivers) hold NaN or Inf
+    in x (the engine's NaN policy rests on it), and computes the rest all the same."""
+    rng = np.random.default_rng(7)
+    layers = [make_layer(rng, 20, 12, 5, "fp32", "relu", np.int16), make_layer(rng, 12, 4, 3, "fp32", "none", np.int16)]
+    lay = infer.Layout(layers)
+    half = infer.TBH
+    drivers = {"panels": (infer.panels_forward, lay.panels_workspace, infer.TB),
+               "panels_serial": (infer.panels_forward_serial, lay.panels_workspace, infer.TB),
+               "layerwise": (infer.panels_layerwise, lay.layerwise_workspace, infer.TB),
+               "half_panels_serial": (infer.half_panels_serial, lambda b: lay.panels_workspace(b, half), half),
+               "half_layerwise": (infer.half_layerwise, lambda b: lay.layerwise_workspace(b, half), half),
+               "half_panels": (infer.half_panels, lambda b: lay.panels_workspace(b, half), half)}
+    fn, workspace, width = drivers[path]
+    B = 3 * width + 5
+    x = rng.standard_normal((B, 20)).astype(np.float32)
+    clean = infer.forward(lay, x, path)
+    out = np.empty((B, 4), np.float32)
+    assert fn(x, out, *workspace(B), *lay.arrays) == 0
+    for rows, want in (([0], 1), ([width - 1, width], 2), ([B - 1], 1), ([1, 2, 2 * width + 1, B - 1], 3)):
+        bad = x.copy()
+        bad[rows, rows[0] % 20] = [np.nan, np.inf, -np.inf, np.nan][:len(rows)]
+        assert fn(bad, out, *workspace(B), *lay.arrays) == want, rows
+        keep = np.setdiff1d(np.arange(B), rows)
+        np.testing.assert_array_equal(out[keep], clean[keep])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_tiled_copy_holds_every_slot_once(monkeypatch, seed):
     """The tiled copy of a layer: the rows in quads (each row once, the last quad padded with its last row),
