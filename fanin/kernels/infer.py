@@ -594,8 +594,9 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
     """One quad of an input-tiled layer over one chunk (``_tiled_rows``): for lanes q < 4,
     ``dst[d_q : d_q + tb] = (0 if first else dst[d_q : d_q + tb]) + sum_t w[we + 4t + q] * src[idx[ie + 4t + q] * tb
     : ... + tb]`` for t < n, each lane's sum in one ``tb``-float vector register set from the first slot to the
-    last (in Numba code the accumulators went through the stack at each chunk: 74.5 against 71.1 us for the
-    784x1024 layer with the first slot peeled, 66 us for C intrinsics). Every FMA adds to the sum before it in
+    last. (Written in Numba, the accumulators went through the stack at every chunk: the 784x1024 layer at batch
+    32 took 71-75 us on one thread and gained nothing on two; this kernel 70.5 us, and 1.2x on two; C intrinsics
+    66.) Every FMA adds to the sum before it in
     slot order, as ``_panel_rows`` does: bitwise the same sums. ``fin`` 1 adds the bias ``c_q`` to lane q before
     the store, 2 also applies ReLU (``_panel_rows``'s ``max(c + a, 0)``); 0 stores the partial sums. ``first``
     (0 or 1), ``fin`` and ``tb`` are compile-time constants: each call site compiles its own loop."""
@@ -620,6 +621,7 @@ def qchunk(typingctx, src, dst, d0, d1, d2, d3, idx, ie, w, we, n, first, fin, c
         nn = context.cast(builder, n_, nt, types.intp)
         fmuladd = cgutils.get_or_insert_function(builder.module, llvmir.FunctionType(vt, [vt, vt, vt]),
                                                  f"llvm.fmuladd.v{lanes}f32")
+
         def bcast(v):  # a float in every lane
             zero = llvmir.Constant(vt, None)
             return builder.shuffle_vector(builder.insert_element(zero, v, _I32(0)), zero,

@@ -588,9 +588,11 @@ class _Engine:
         head = (f"{self._n_steps} op(s) one call each (serial, or parallel from {PARALLEL_FRONT_MACS} "
                 f"multiply-adds per call), then " if self._n_steps else "")
         par = _PARALLEL.disabled or f"parallel layer {_PARALLEL.layer or 'not started yet'}"
+        tiled = [f"{i + 1} ({int(n)} chunks)" for i, n in enumerate(lay.tab[:, infer.F_TNC]) if n]
+        tiled = f" (input-tiled: layer {', '.join(tiled)})" if tiled else ""
         return (f"cpu: {head}{lay.n_layers} linear layer(s) ({bits}) in one compiled call: rows form below batch "
-                f"{infer.SMALL_BATCH}, panels of {infer.TBH} up to batch {infer.TBH}, of {infer.TB} above; {par}; "
-                f"{numba.get_num_threads()} thread(s)")
+                f"{infer.SMALL_BATCH}, panels of {infer.TBH} up to batch {infer.TBH}, of {infer.TB} above{tiled}; "
+                f"{par}; {numba.get_num_threads()} thread(s)")
 
 
 def build(plan, activations: str = "float32"):
