@@ -222,6 +222,23 @@ def test_tiled_layers_propagate_nan_as_untiled_ones(monkeypatch, act):
     assert np.isnan(y1[3:, reads]).all() and np.isfinite(y1[:, ~reads]).all() and np.isfinite(y1[:3]).all()
 
 
+def test_a_tiled_layer_with_int32_indices_gives_the_untiled_bits(monkeypatch):
+    """A layer wider than int16 indices hold, tiled (its chunks then take int32 indices too): ablated rows, a
+    padded last quad, NaN in one sample, every panel driver -- the untiled bits."""
+    rng = np.random.default_rng(11)
+    layers = [make_layer(rng, 33000, 13, 40, "fp32", "relu", np.int32, dead=2),
+              make_layer(rng, 13, 3, 5, "fp32", "none", np.int16)]
+    x = rng.standard_normal((40, 33000)).astype(np.float32)
+    x[5, 123] = np.nan
+    plain = infer.Layout(layers)
+    monkeypatch.setattr(infer, "l2_bytes", lambda: 1 << 40)  # both blocks "fit": the rule would refuse 4 MiB
+    monkeypatch.setattr(infer, "TILE_MIN_SLOTS", 0)
+    tiled = infer.Layout(layers)
+    assert tiled.tab[0, infer.F_IK] == 1 and tiled.tab[0, infer.F_TNC] >= 2
+    for path in PANEL_PATHS:
+        np.testing.assert_array_equal(infer.forward(tiled, x, path), infer.forward(plain, x, path), err_msg=path)
+
+
 @pytest.mark.parametrize("path", PANEL_PATHS)
 def test_panel_drivers_count_the_panels_whose_input_is_not_finite(path):
     """Each panel driver returns how many of its panels (TB samples, TBH for the half drivers) hold NaN or Inf

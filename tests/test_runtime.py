@@ -164,6 +164,21 @@ def test_a_float_mlp_finds_nan_in_x_itself_at_every_batch_size(batch, row, value
     np.testing.assert_array_equal(y[keep], clean[keep])
 
 
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_an_overflow_inside_the_network_is_not_blamed_on_a_finite_input(activations):
+    """A finite x whose convolution overflows: the int8 head's quantizer sees Inf (``NonFinite``), but x is clean,
+    so ``predict`` returns the non-finite logits, as the float path does, instead of refusing "sample(s) []"."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, seed=0), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3, seed=1))
+    model[0].weight.data[:] = 1e38
+    net = fanin.compile(model, input_shape=(1, 6, 6), activations=activations)
+    y = net.predict(np.ones((2, 1, 6, 6), np.float32))
+    assert y.shape == (2, 3) and not np.isfinite(y).any()
+    bad = np.ones((2, 1, 6, 6), np.float32)
+    bad[1, 0, 2, 2] = np.nan
+    with pytest.raises(PredictError, match=r"sample\(s\) \[1\]"):
+        net.predict(bad)
+
+
 def test_compile_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="input_shape"):
         fanin.compile(models.cnn(channels=(2, 2), hidden=4, image_size=8))

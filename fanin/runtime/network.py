@@ -95,10 +95,10 @@ class Network:
                 return np.empty((0, self.n_classes), np.float32)
         try:
             y = self._engine.run(x)
-        except engine.NonFinite as exc:  # an engine that scans x itself found NaN/Inf (an MLP)
-            if self.nan_policy == "raise":
+        except engine.NonFinite as exc:  # an engine that scans its linear head's input found NaN/Inf
+            if self.nan_policy == "raise" and not infer.all_finite(x):
                 self._refuse_non_finite(x)
-            y = exc.out
+            y = exc.out  # (x is finite: a layer before the head overflowed, and its logits say so)
         return y[0] if single else y
 
     def predict_proba(self, x) -> np.ndarray:
