@@ -6,9 +6,9 @@ same layers untiled, in the same run (bench/RESULTS.md, fourteenth session).
 2. The SRigL-90 % MLP 784-1024-1024-10 through ``panels_forward`` (the engine's driver from batch 64 on) on the
    threads Numba has, batches 64 / 128 / 256.
 
-Times: medians over interleaved rounds (the order alternates), each the mean of ~50-100 ms of calls; the
-speed-up is the median of per-round ratios (untiled time / tiled time). Outputs are checked bit for bit equal
-before timing.
+Times: medians over interleaved rounds (``bench_runtime.interleaved``: a pause before each turn, ~50-100 ms of
+calls a turn); the speed-up is the median of per-round ratios (untiled time / tiled time). Outputs are checked bit
+for bit equal before timing.
 
     .venv/bin/python bench/bench_tiled.py [--rounds 7] [--threads 2]
 """
@@ -16,14 +16,14 @@ import argparse
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fanin import models, nn, runtime  # noqa: E402
+import bench_runtime  # noqa: E402
+from fanin import nn, runtime  # noqa: E402
 from fanin.kernels import infer  # noqa: E402
 from fanin.runtime import engine  # noqa: E402
 
@@ -43,22 +43,6 @@ def layouts(specs):
     return tiled, plain
 
 
-def rounds(calls: dict, n: int, seconds: float) -> dict:
-    """{name: [seconds per call, one per round]}, the names' order alternating round by round."""
-    out = {k: [] for k in calls}
-    names = list(calls)
-    for r in range(n):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            fn = calls[k]
-            fn()
-            c, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                fn()
-                c += 1
-            out[k].append((time.perf_counter() - t0) / c)
-    return out
-
-
 def compare(tiled, plain, x, driver, ws_of, n, seconds):
     outs = {}
     calls = {}
@@ -69,9 +53,8 @@ def compare(tiled, plain, x, driver, ws_of, n, seconds):
         outs[name] = out.copy()
         calls[name] = (lambda d=driver, o=out, w=ws, a=lay.arrays: d(x, o, *w, *a))
     assert np.array_equal(outs["tiled"], outs["untiled"]), "tiled and untiled outputs differ"
-    t = rounds(calls, n, seconds)
-    ratio = statistics.median(a / b for a, b in zip(t["untiled"], t["tiled"]))
-    return statistics.median(t["untiled"]), statistics.median(t["tiled"]), ratio
+    t, _ = bench_runtime.interleaved(calls, n, seconds)
+    return statistics.median(t["untiled"]), statistics.median(t["tiled"]), bench_runtime.ratio(t, "untiled", "tiled")
 
 
 def main():
@@ -98,8 +81,7 @@ def main():
     print("\n2. SRigL-90 % MLP 784-1024-1024-10, panels_forward\n")
     print("| batch | untiled ms | tiled ms | speed-up |")
     print("|---|---|---|---|")
-    plan = runtime.lower(models.mlp([784, 1024, 1024, 10], sparsity=[0.898, 0.911, None], seed=0))
-    specs = [engine._spec(op) for op in plan["ops"]]
+    specs = [engine._spec(op) for op in bench_runtime.mlp_plan()["ops"]]
     tiled, plain = layouts(specs)
     for B in (64, 128, 256):
         x = x_rng.standard_normal((B, 784)).astype(np.float32)
