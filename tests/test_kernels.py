@@ -534,6 +534,30 @@ def test_growth_candidates_with_tied_scores_keep_every_larger_score_and_break_ti
             np.testing.assert_array_equal(score[j], g[j, cand[j]])
 
 
+def test_growth_candidates_never_choose_nan_scores_and_pad_the_rest():
+    # a neuron whose gradient is NaN everywhere (or in part) has fewer than c scored free inputs: the row lists
+    # the scored ones, largest first, then -1 / -inf -- never unwritten memory, never a NaN input
+    rng = np.random.default_rng(3)
+    n_out, n_in, k, c = 3, 12, 2, 5
+    indices = np.array([[0, 1], [2, 3], [4, 5]], np.int32)
+    x = rng.standard_normal((4, n_in)).astype(np.float32)
+    dy = rng.standard_normal((4, n_out)).astype(np.float32)
+    dy[:, 1] = np.nan  # row 1: every score NaN
+    x[:, 7:] = np.nan  # every row: inputs 7.. NaN, so at most inputs 0..6 less the held ones are scored
+    g = ref_scores(x, dy, indices)
+    for sort in (True, False):
+        cand, score = K.growth_candidates(x, dy, indices, c, sort=sort)
+        assert cand[1].tolist() == [-1] * c and np.all(score[1] == -np.inf)
+        for j in (0, 2):
+            free = [i for i in range(7) if i not in indices[j]]  # 5 scored free inputs, c = 5
+            want = sorted(free, key=lambda i: (-g[j, i], i))
+            assert cand[j].tolist() == (want if sort else sorted(want))
+            np.testing.assert_allclose(score[j], g[j, cand[j]], rtol=1e-5)
+    cand, score = K.growth_candidates(x, dy, indices, 8)  # more than are scored: padded
+    assert cand[0, 5:].tolist() == [-1] * 3 and np.all(score[0, 5:] == -np.inf)
+    assert set(cand[0, :5].tolist()) == {2, 3, 4, 5, 6}
+
+
 def test_plain_wraps_foreign_device_arrays_and_leaves_host_arrays_alone(monkeypatch):
     from fanin.kernels import _validate
 

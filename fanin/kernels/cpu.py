@@ -403,7 +403,7 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
     by score descending when ``sort``, else in input order; held_score[r, t] = |g[r, indices[r, t]]|.
 
     g is overwritten (scratch: held positions become NaN, which no comparison selects). Rows with
-    fewer than c free inputs are padded with -1 / -inf. A sample of the row gives a threshold that
+    fewer than c free inputs with a score (NaN scores are never chosen) are padded with -1 / -inf. A sample of the row gives a threshold that
     at least c free scores likely reach; one branch-free pass collects the inputs at or above it
     (when fewer than c do, every free input is collected), and a partition of those finds the
     exact c-th largest. O(n_in) per row, plus c log c to sort.
@@ -420,6 +420,7 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
             gr[i] = nan  # held: never a candidate
         free = n_in - k
         m = min(c, free)
+        p = 0  # candidates written: fewer than m when free scores are NaN (a NaN gradient is never chosen)
         if m > 0:
             ns_max = (n_in + step - 1) // step
             sample = np.empty(ns_max, g.dtype)
@@ -450,7 +451,6 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
             for t in range(q):
                 above += vals[t] > exact
             ties = m - above
-            p = 0
             for t in range(q):
                 v = vals[t]
                 if v > exact or (v == exact and ties > 0):
@@ -460,13 +460,13 @@ def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
                     cand_score[r, p] = v
                     p += 1
             if sort:
-                order = np.argsort(-cand_score[r, :m], kind="mergesort")
-                ids = cand_idx[r, :m].copy()
-                sc = cand_score[r, :m].copy()
-                for t in range(m):
+                order = np.argsort(-cand_score[r, :p], kind="mergesort")
+                ids = cand_idx[r, :p].copy()
+                sc = cand_score[r, :p].copy()
+                for t in range(p):
                     cand_idx[r, t] = ids[order[t]]
                     cand_score[r, t] = sc[order[t]]
-        for t in range(m, c):
+        for t in range(p, c):
             cand_score[r, t] = -np.inf
             cand_idx[r, t] = -1
 

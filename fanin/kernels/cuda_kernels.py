@@ -1091,14 +1091,16 @@ def topc_kernel(nt: int = 256):
     def make():
         @cuda.jit
         def k_topc(Gb, Gf, n_in, c, m, cand_idx, cand_score):
-            """The m largest scores of row blockIdx.x (float32, held ones -1), in input order, ties to the lower
-            input; slots m..c-1 padded with -1 / -inf. ``Gb`` is ``Gf`` viewed as uint32."""
+            """The m largest scores of row blockIdx.x (float32, held ones -1; NaN never chosen), in input order,
+            ties to the lower input; the slots after them padded with -1 / -inf. ``Gb`` is ``Gf`` viewed as
+            uint32."""
             hist = cuda.shared.array(256, numba.int32)
             sc = cuda.shared.array(NT, numba.int32)
             sh = cuda.shared.array(4, numba.int64)
             r = cuda.blockIdx.x
             tid = cuda.threadIdx.x
             base_row = r * n_in
+            written = numba.int64(0)  # fewer than m when free scores are NaN (never chosen, as on the CPU)
             if m > 0:
                 if tid == 0:
                     sh[0] = 0
@@ -1111,7 +1113,7 @@ def topc_kernel(nt: int = 256):
                     prefix = sh[0]
                     for i in range(tid, n_in, NT):
                         bits = numba.int64(Gb[base_row + i])
-                        kk = numba.int64(0) if bits >= 2147483648 else bits + 1
+                        kk = numba.int64(0) if bits > 2139095040 else bits + 1  # held (-1) or NaN: 0
                         if kk > 0 and (p == 0 or (kk >> (shift + 8)) == (prefix >> (shift + 8))):
                             cuda.atomic.add(hist, (kk >> shift) & 255, 1)
                     cuda.syncthreads()
@@ -1137,7 +1139,7 @@ def topc_kernel(nt: int = 256):
                     kk = numba.int64(0)
                     if i < n_in:
                         bits = numba.int64(Gb[base_row + i])
-                        kk = numba.int64(0) if bits >= 2147483648 else bits + 1
+                        kk = numba.int64(0) if bits > 2139095040 else bits + 1
                     is_tie = 1 if (kk == T and kk > 0) else 0
                     sc[tid] = is_tie
                     cuda.syncthreads()
@@ -1172,7 +1174,8 @@ def topc_kernel(nt: int = 256):
                     sel_base += sc[NT - 1]
                     tie_base += tie_total
                     cuda.syncthreads()
-            for p in range(m + tid, c, NT):
+                written = sel_base
+            for p in range(written + tid, c, NT):
                 cand_idx[r * c + p] = -1
                 cand_score[r * c + p] = -math.inf
         return Kernel(("topc", nt), k_topc)
