@@ -99,6 +99,13 @@ def quantize(w, b, e) -> np.ndarray:
     b, e = np.asarray(b, np.float64), np.asarray(e, np.float64)
     if b.shape != (n,) or e.shape != (n,):
         raise ValueError(f"quantize: b and e need one value per channel ({n},), got {b.shape} and {e.shape}.")
+    for name, a in (("b", b), ("e", e)):
+        if not np.all(np.isfinite(a)):
+            row = int(np.flatnonzero(~np.isfinite(a))[0])
+            raise ValueError(f"quantize: {name} holds NaN or Inf (channel {row}); bit depths and exponents must be "
+                             "finite.")
+    if w.size == 0:
+        return w.copy()
     w2 = np.ascontiguousarray(w.reshape(n, -1))
     s, t = quant.scales(e, w.dtype)
     lo, hi = quant.bounds(b, w.dtype)
@@ -227,6 +234,9 @@ class SelfCompression:
     def __init__(self, model, gamma: float = DEFAULT_GAMMA, layers=None, init_bits: float = 8.0, optimizer=None,
                  lr: float = 0.03, srigl=None, l1: float = 1e-3, remove: bool = True, t_end: int | None = None,
                  seed=0, cost: str = "bits", input_shape=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SelfCompression: model must be a fanin.nn.Module (e.g. fanin.models.mlp(...)), got "
+                            f"{type(model).__name__}.")
         gamma = float(gamma)
         if cost not in COSTS:
             raise ValueError(f"SelfCompression: cost must be one of {', '.join(COSTS)}, got {cost!r}.")

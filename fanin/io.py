@@ -169,6 +169,8 @@ def _decode(name, entry, buf, mmapped):
                 or not isinstance(n_in, int) or not 1 <= n_in <= np.iinfo(dtype).max + 1):
             raise FormatError(f"{where}: a Rice-coded index array needs a 2-D int16/int32 shape, 'rice' in [0, 15] "
                               "and 'n_in'.")
+        if count * (r + 1) > 8 * len(buf):  # every code takes >= r + 1 bits: refuse before allocating
+            raise FormatError(f"{where}: {len(buf)} bytes cannot hold {count} Rice-coded indices of shape {shape}.")
         out = np.empty(shape, np.int64)
         if count and _rice_decode(np.frombuffer(buf, np.uint8), r, n_in, out) != 0:
             raise FormatError(f"{where}: the Rice-coded indices are corrupt (they do not decode to rows of strictly "
@@ -253,7 +255,7 @@ def read_header(buf) -> tuple[dict, int]:
         raise FormatError("the checksum does not match: the file is corrupted (re-export or re-download it).")
     try:
         header = json.loads(bytes(buf[FIXED:FIXED + h_len]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, a 5000-digit integer
         raise FormatError(f"the header is not valid JSON ({exc}).") from None
     if not isinstance(header, dict) or header.get("format") != "fanin" or header.get("version") != version:
         raise FormatError("the header does not describe a fanin model of this version.")

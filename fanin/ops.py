@@ -526,6 +526,7 @@ def _pool_args(x, kernel_size, stride, padding, op):
 def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
     """Maximum over windows (the gradient goes to the first maximum of each window)."""
     from fanin.kernels import pool
+    from fanin.kernels._jit import gated
 
     x, (kh, kw), (sh, sw), (ph, pw) = _pool_args(x, kernel_size, stride, padding, "max_pool2d")
     if ph > kh // 2 or pw > kw // 2:
@@ -534,8 +535,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
     ho, wo = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw))
     xd = np.ascontiguousarray(x.data)
     if not (_tm.is_grad_enabled() and x.requires_grad):  # evaluation: the maxima alone, no argmax to keep
-        return Tensor._make(pool.max_pool_values(xd, kh, kw, sh, sw, ph, pw, ho, wo), (x,), None)
-    out, arg = pool.max_pool_forward(xd, kh, kw, sh, sw, ph, pw, ho, wo)
+        return Tensor._make(gated(pool.max_pool_values, pool.max_pool_values_serial, xd, kh, kw, sh, sw, ph, pw,
+                                  ho, wo), (x,), None)
+    out, arg = gated(pool.max_pool_forward, pool.max_pool_forward_serial, xd, kh, kw, sh, sw, ph, pw, ho, wo)
     return Tensor._make(out, (x,), lambda g: (pool.max_pool_backward(np.ascontiguousarray(g), arg, h, w),))
 
 

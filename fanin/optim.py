@@ -115,8 +115,10 @@ class Optimizer:
                                     "zero_grad() after moving the model, then run backward() again.")
                 self._update(p, p.grad)
                 continue
-            if not p.data.flags.c_contiguous:
-                p.data = np.ascontiguousarray(p.data)
+            if not (p.data.flags.c_contiguous and p.data.flags.writeable):
+                # updated in place: a strided or read-only array (np.load(mmap_mode="r")) becomes the parameter's
+                # own contiguous copy, which the update then writes
+                p.data = np.array(p.data, order="C")
             self._update(p, p.grad)
 
     def _update(self, p, g):

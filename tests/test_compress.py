@@ -127,6 +127,12 @@ def test_quantize_op_rejects_bad_shapes():
         ops.quantize(Tensor(np.ones((3, 4))), Tensor(np.ones(2)), Tensor(np.ones(3)))
     with pytest.raises(TypeError, match="float32 or float64"):
         compress.quantize(np.ones((2, 2), np.int32), np.ones(2), np.ones(2))
+    w = np.array([[0.3, -200.0, 5.0], [1.0, 2.0, 3.0]], np.float32)
+    for b, e, name in (([np.nan, 2], [0, 0], "b"), ([2, 2], [0, np.inf], "e"), ([2, -np.inf], [0, 0], "b")):
+        with pytest.raises(ValueError, match=f"{name} holds NaN or Inf"):  # NaN bits skipped the clamp before
+            compress.quantize(w, b, e)
+    empty = compress.quantize(np.zeros((0, 5), np.float32), np.zeros(0), np.zeros(0))
+    assert empty.shape == (0, 5) and empty.dtype == np.float32
 
 
 # ------------------------------------------------------------------ SelfCompression
@@ -189,6 +195,8 @@ def test_bad_arguments_are_explained():
         compress.SelfCompression(model, layers=["nope"])
     with pytest.raises(ValueError, match="no compressible layers"):
         compress.SelfCompression(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="model must be a fanin.nn.Module"):
+        compress.SelfCompression(np.ones(3))
     for bits in (0.5, 17, float("nan")):
         with pytest.raises(ValueError, match="init_bits"):
             compress.SelfCompression(model, init_bits=bits)

@@ -250,6 +250,14 @@ def test_transposed_of_other_indices_is_refused():
                          transposed=K.transpose_structure(indices, 9))
     with pytest.raises(ValueError, match="outside"):
         K.transpose_structure(indices, 4)
+    for bad in (8.7, 8.0, "8", True, 0, -3):  # never truncated or parsed: 8.7 would have run as 8
+        with pytest.raises(ValueError, match="n_in must be a positive integer"):
+            K.fanin_backward_input(indices, values, dy, bad)
+        with pytest.raises(ValueError, match="n_in must be a positive integer"):
+            K.transpose_structure(indices, bad)
+        with pytest.raises(ValueError, match="n_in must be a positive integer"):
+            K.validate_indices(indices, bad)
+    assert K.fanin_backward_input(indices, values, dy, np.int64(8)).shape == (9, 8)
 
 
 @settings(**SETTINGS)
@@ -460,6 +468,19 @@ def test_wrong_dtypes_say_how_to_cast(small):
         K.fixed_point_forward(x, indices, values, np.ones(5, np.float32))
     with pytest.raises(TypeError, match=r"must be a NumPy array \(or a fanin Tensor/Parameter\), got list"):
         K.fanin_forward(x.tolist(), indices, values)
+    with pytest.raises(TypeError, match=r"masked array.*a.filled\(0\)"):  # its mask would be ignored
+        K.fanin_forward(np.ma.masked_array(x, mask=x > 0), indices, values)
+
+
+def test_foreign_byte_order_is_read_as_its_values(small):
+    indices, values, x, dy = small
+    want = K.fanin_forward(x, indices, values)
+    got = K.fanin_forward(x.astype(">f4"), indices.astype(">" + indices.dtype.str[1:]), values.astype(">f4"))
+    np.testing.assert_array_equal(got, want)
+    dx, dv = K.fanin_backward(x.astype(">f4"), indices, values, dy.astype(">f4"))
+    wdx, wdv = K.fanin_backward(x, indices, values, dy)
+    np.testing.assert_array_equal(dx, wdx)
+    np.testing.assert_array_equal(dv, wdv)
 
 
 def test_wrong_shapes_are_sentences(small):

@@ -97,6 +97,26 @@ def test_sgd_momentum_matches_hand_computation():
     np.testing.assert_allclose(w.data, [0.79 - 0.3129], rtol=1e-6)
 
 
+@pytest.mark.parametrize("make", [lambda: optim.SGD, lambda: optim.Adam, lambda: optim.AdamW])
+def test_optimizers_update_a_read_only_or_strided_parameter_as_its_own_copy(make):
+    # np.load(mmap_mode="r") gives read-only weights, a slice strided ones: each step writes the parameter's
+    # own contiguous copy (the caller's array is left as it was), with the numbers of a writable parameter
+    base = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    ro = base.copy()
+    ro.flags.writeable = False
+    strided = np.arange(1, 25, dtype=np.float32).reshape(3, 8)[:, ::2]
+    for src in (ro, strided):
+        p, q = nn.Parameter(src), nn.Parameter(np.array(src))
+        opts = [make()([p], lr=0.1), make()([q], lr=0.1)]
+        for _ in range(2):
+            p.grad = q.grad = np.ones((3, 4), np.float32)
+            for o in opts:
+                o.step()
+        np.testing.assert_array_equal(p.data, q.data)
+        assert p.data.flags.writeable and p.data.flags.c_contiguous and not np.array_equal(p.data, src)
+    np.testing.assert_array_equal(ro, base)
+
+
 def test_adam_first_step_is_lr_sized():
     w = nn.Parameter(np.array([0.0, 0.0], np.float32))
     opt = optim.Adam([w], lr=0.01)

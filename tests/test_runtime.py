@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -130,10 +131,21 @@ def test_predict_shapes(net):
     (np.array([[0, 0, 0, 0, 0, np.nan]], np.float32), r"sample\(s\) \[0\] hold NaN or Inf"),
     (np.array([[0, 0, np.inf, 0, 0, 0], [0] * 6], np.float32), r"sample\(s\) \[0\]"),
     ("text", "dtype <U4"),
+    (np.ma.masked_array(np.zeros((1, 6), np.float32), mask=[[1, 0, 0, 0, 0, 0]]), "masked array.*x.filled"),
+    (np.array([[0] * 6, [1e300, 0, 0, 0, 0, 0]]), r"sample\(s\) \[1\] hold values beyond float32's range"),
 ])
 def test_bad_input_is_refused_with_a_sentence(net, bad, match):
-    with pytest.raises(PredictError, match=match):
-        net.predict(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from the cast either
+        with pytest.raises(PredictError, match=match):
+            net.predict(bad)
+
+
+def test_foreign_byte_order_is_read_as_its_values(net):
+    x = np.random.default_rng(1).standard_normal((3, 6))
+    want = net.predict(x.astype(np.float32))
+    for dt in (">f4", ">f8"):
+        np.testing.assert_array_equal(net.predict(x.astype(np.float32).astype(dt)), want)
 
 
 def test_nan_policy_propagate_skips_the_check():
@@ -227,8 +239,9 @@ def test_files_are_validated_frame_checksum_and_version(tmp_path):
         fanin.load(tmp_path / "missing.fanin")
 
 
-def _rewrite(path, edit):
-    """Re-save a file with an edited header (a consistent frame and checksum): tests the semantic checks."""
+def _rewrite(path, edit, text=None):
+    """Re-save a file with an edited header (a consistent frame and checksum): tests the semantic checks.
+    ``text``: a further edit of the header's JSON text (for what ``json.dumps`` cannot write)."""
     import hashlib
     import json
     import struct
@@ -238,7 +251,7 @@ def _rewrite(path, edit):
     header = json.loads(bytes(raw[io.FIXED:io.FIXED + fixed[4]]))
     data = bytes(raw[fixed[5]:])
     edit(header, data)
-    h = json.dumps(header).encode()
+    h = json.dumps(header).encode() if text is None else text(json.dumps(header)).encode()
     d_off = io.FIXED + len(h) + (-(io.FIXED + len(h)) % io.ALIGN)
     body = h + b"\0" * (d_off - io.FIXED - len(h)) + data
     fr = struct.pack(io._FIXED_FMT, io.MAGIC, 1, 0, io.FIXED, len(h), d_off, len(data), io.FIXED + len(body), 0)
@@ -259,6 +272,46 @@ def test_consistent_but_wrong_headers_are_refused(tmp_path, edit, match):
     _rewrite(path, edit)
     with pytest.raises(FormatError, match=match):
         fanin.load(path)
+
+
+def test_headers_that_would_exhaust_memory_or_the_integer_parser_are_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    assert json_entry(path, "0/indices")["encoding"] == "rice"
+    # a Rice-coded array whose shape its bytes cannot hold: refused before an 8 GiB allocation is tried
+    _rewrite(path, lambda h, d: h["arrays"]["0/indices"].update(shape=[1 << 20, 1 << 10]))
+    with pytest.raises(FormatError, match="cannot hold"):
+        fanin.load(path)
+    path, _ = _saved(tmp_path)
+    _rewrite(path, lambda h, d: h["plan"]["ops"][0].update(n_in=123456789),
+             text=lambda t: t.replace("123456789", "1" + "0" * 5000))  # past Python's 4300-digit limit
+    with pytest.raises(FormatError, match="header"):
+        fanin.load(path)
+
+
+def json_entry(path, name):
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    fixed = struct.unpack_from(io._FIXED_FMT, raw, 0)
+    return json.loads(raw[io.FIXED:io.FIXED + fixed[4]])["arrays"][name]
+
+
+def test_an_active_list_is_checked_on_dense_layers_too():
+    net = fanin.compile(models.mlp([20, 8, 3], seed=0))
+    plan = net.plan
+    for bad in ([True], [True] * 9, [[True]] * 8, [1] * 8):
+        plan["ops"][0]["active"] = bad
+        with pytest.raises(FormatError, match="'active' must be a list of 8 booleans"):
+            fanin.runtime.Network(plan)
+    plan["ops"][0]["active"] = [True] * 7 + [False]  # valid: the last row outputs its bias
+    x = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
+    got = fanin.runtime.Network(plan).predict(x)
+    w = [np.asarray(op["arrays"]["values"], np.float64) for op in plan["ops"] if op["op"] == "linear"]
+    b = [np.asarray(op["arrays"]["bias"], np.float64) for op in plan["ops"] if op["op"] == "linear"]
+    h = np.maximum(x @ w[0].T + b[0], 0)
+    h[:, 7] = max(b[0][7], 0)
+    np.testing.assert_allclose(got, h @ w[1].T + b[1], rtol=1e-4, atol=1e-5)
 
 
 FUZZ = r"""

@@ -92,6 +92,8 @@ def test_kernels_trust_a_topology_but_check_its_width():
         kernels.fanin_forward(x[:, :5], topo, vals)
     with pytest.raises(ValueError, match="n_in=6"):
         kernels.fanin_backward_input(topo, vals, np.ones((3, 2), np.float32), 7)
+    with pytest.raises(ValueError, match="wider than int32 indices"):  # not an index wrapped to a negative number
+        Topology(np.array([[2**31 + 5]]), 2**32)
 
 
 def test_ops_validate_plain_index_arrays_every_call():

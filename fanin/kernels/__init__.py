@@ -107,6 +107,13 @@ def _transposed(fname, transposed, indices, topo, n_in):
     return transposed
 
 
+def _width(fname: str, n_in) -> int:
+    """``n_in`` as an int >= 1; a float, string or bool is refused (``int()`` would truncate 100.7 or parse "5")."""
+    if isinstance(n_in, (bool, np.bool_)) or not isinstance(n_in, (int, np.integer)) or n_in < 1:
+        raise ValueError(f"{fname}: n_in must be a positive integer (the layer's input width), got {n_in!r}.")
+    return int(n_in)
+
+
 def validate_indices(indices, n_in: int) -> None:
     """Raise unless indices is (n_out, k) int16/int32 with each row strictly increasing in [0, n_in)."""
     fname = "validate_indices"
@@ -118,8 +125,7 @@ def validate_indices(indices, n_in: int) -> None:
         return
     be = _v.backend(fname, indices=indices)
     indices = _v.index_array(fname, indices)
-    if int(n_in) < 1:
-        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    n_in = _width(fname, n_in)
     if indices.shape[1] > n_in:
         raise ValueError(f"{fname}: indices of shape {tuple(indices.shape)} hold more than n_in={n_in} inputs per row.")
     _v.index_range(fname, be, indices, int(n_in), "a layer", (n_in,))
@@ -238,9 +244,7 @@ def transpose_structure(indices, n_in: int, *, check=None):
     indices, topo = _topology(indices)
     be = _v.backend(fname, indices=_on(indices, topo))
     indices = _v.index_array(fname, indices)
-    n_in = int(n_in)
-    if n_in < 1:
-        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    n_in = _width(fname, n_in)
     _index_range(fname, be, indices, topo, check, n_in, "n_in", (n_in,))
     if topo is not None:
         return topo.transposed()
@@ -261,9 +265,7 @@ def fanin_backward_input(indices, values, dy, n_in: int, *, check=None, transpos
     _v.same_shape(fname, "values", values, indices)
     values = _v.float_array(fname, "values", values, 2, "(n_out, k)")
     dy = _dy(fname, dy, None, indices.shape[0])
-    n_in = int(n_in)
-    if n_in < 1:
-        raise ValueError(f"{fname}: n_in must be at least 1, got {n_in}.")
+    n_in = _width(fname, n_in)
     _index_range(fname, be, indices, topo, check, n_in, "n_in", (n_in,))
     transposed = _transposed(fname, transposed, indices, topo, n_in)
     dt = _v.common_float(values, dy)

@@ -7,9 +7,122 @@ compiled without ``parallel=True``; writing it twice would let the two drift apa
 """
 from __future__ import annotations
 
+import os
+import threading
 import types as _pytypes
 
+import numba
 from numba import njit
+
+
+# ------------------------------------------------------------------ the process-wide parallel policy
+class Gate:
+    """Whether this process may launch a parallel kernel now, and the lock the ``workqueue`` layer needs.
+
+    Every parallel kernel fanin calls from Python goes through it (``gated``, ``pjit``; the runtime's engine
+    directly): in a child forked after Numba started GNU OpenMP threads it says serial for good (a parallel region
+    there kills the process), and under the ``workqueue`` layer, which aborts the process when two threads launch
+    at once, one thread at a time runs in parallel while the others run serially. The lock is re-entrant, so a
+    gated kernel called inside another gated call (the runtime's engine, then a kernel) does not serialize
+    itself."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.layer = None       # Numba's threading layer, once a parallel kernel has run
+        self.disabled = None    # why parallel kernels are off in this process (a forked child), or None
+
+    def enter(self) -> int:
+        """0: run serially; 1: run in parallel; 2: run in parallel holding the lock (release with ``leave``)."""
+        if self.disabled is not None:
+            return 0
+        if self.layer in ("omp", "tbb"):
+            return 1
+        return 2 if self.lock.acquire(blocking=False) else 0
+
+    def leave(self, token: int):
+        if token and self.layer is None:
+            try:
+                self.layer = numba.threading_layer()
+            except ValueError:  # no parallel kernel ran after all
+                pass
+        if token == 2:
+            self.lock.release()
+
+    def after_fork_in_child(self):
+        self.lock = threading.RLock()  # a lock another parent thread held at the fork would never be released
+        if self.disabled is not None:
+            return
+        try:
+            from numba.np.ufunc import parallel as _np_parallel
+            started = bool(_np_parallel._is_initialized)
+        except Exception:  # noqa: BLE001 -- a Numba without the flag: we cannot tell, so assume started
+            started = True
+        if not started:
+            return  # the child starts its own threads when it first needs them
+        layer = self.layer
+        if layer is None:
+            try:
+                layer = numba.threading_layer()
+            except ValueError:
+                layer = None
+        if layer != "tbb":
+            self.disabled = (f"forked after Numba started its {layer or 'unknown'} threads: serial kernels "
+                             "(GNU OpenMP does not survive fork)")
+
+
+GATE = Gate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=GATE.after_fork_in_child)
+
+
+def gated(par, ser, *args):
+    """``par(*args)`` when ``GATE`` allows a parallel launch now, else ``ser(*args)`` (the same sums)."""
+    token = GATE.enter()
+    try:
+        return (par if token else ser)(*args)
+    finally:
+        GATE.leave(token)
+
+
+class Gated:
+    """A parallel Numba kernel called from Python through ``GATE``, its serial twin compiled on first need (a
+    forked child, a second thread under ``workqueue``). Attributes are the parallel dispatcher's. Only for
+    kernels called from Python: a kernel called from another compiled function stays a plain dispatcher (and
+    the caller's serial twin swaps in that kernel's serial copy, ``twins``' ``swap``)."""
+
+    def __init__(self, par, make_serial):
+        self.par = par
+        self._make_serial, self._ser = make_serial, None
+        self.__doc__ = getattr(par, "__doc__", None)
+        self.__name__ = getattr(par, "__name__", "kernel")
+
+    @property
+    def serial(self):
+        if self._ser is None:
+            self._ser = self._make_serial()
+        return self._ser
+
+    def __call__(self, *args):
+        token = GATE.enter()
+        try:
+            return (self.par if token else self.serial)(*args)
+        finally:
+            GATE.leave(token)
+
+    def __getattr__(self, name):
+        return getattr(self.par, name)
+
+
+def gate(par, opts: dict, swap: dict | None = None) -> Gated:
+    """The compiled kernel ``par`` (parallel, or serial with parallel kernels inside) gated; its serial twin is
+    ``clone(par, "_gated_serial", swap)`` compiled with ``opts`` (no ``parallel``)."""
+    return Gated(par, lambda: njit(**opts)(clone(par, "_gated_serial", swap)))
+
+
+def pjit(**opts):
+    """``@njit(parallel=True, **opts)`` for a kernel called from Python, gated (``Gated``)."""
+    opts = {k: v for k, v in opts.items() if k != "parallel"}
+    return lambda fn: gate(njit(parallel=True, **opts)(fn), opts)
 
 
 def clone(fn, suffix: str, swap: dict | None = None):

@@ -22,6 +22,13 @@ def plain(*arrays):
     from fanin.tensor import Tensor
 
     out = tuple(a.data if isinstance(a, Tensor) else a for a in arrays)
+    for a in out:
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError("fanin.kernels: got a masked array, whose mask the kernels would ignore; fill the "
+                            "masked entries first (a.filled(0)) or pass a.data.")
+    if any(isinstance(a, np.ndarray) and not a.dtype.isnative for a in out):  # '>f4' from a file: native order
+        out = tuple(a.astype(a.dtype.newbyteorder("=")) if isinstance(a, np.ndarray) and not a.dtype.isnative
+                    else a for a in out)
     if any(_foreign(a) for a in out):
         try:
             be = backend("fanin.kernels", probe=out[[_foreign(a) for a in out].index(True)])

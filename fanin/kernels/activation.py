@@ -6,12 +6,14 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fanin.kernels._jit import pjit
+
 # One thread up to here: the pass is memory-bound, and waking a sleeping worker team (as after a
 # BLAS call) cost more than the pass itself (128x1024 floats: 0.23 ms parallel, 0.1 ms serial in a step).
 PARALLEL_MIN = 1 << 21
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def _relu_par(x, out):
     for i in prange(x.size):
         v = x[i]
@@ -25,7 +27,7 @@ def _relu_ser(x, out):
         out[i] = v if v > 0 else 0
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def _relu_grad_par(g, out, gx):
     for i in prange(g.size):
         gx[i] = g[i] if out[i] > 0 else 0

@@ -26,7 +26,7 @@ from numba import carray, njit, prange
 
 from fanin.kernels._intrinsics import load_unchecked as _ld
 from fanin.kernels._intrinsics import stack_buffer
-from fanin.kernels._jit import twins
+from fanin.kernels._jit import clone, gate, gated, twins
 
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)  # also what twins() compiles with (+ parallel=True)
 _JIT = dict(parallel=True, **_JIT_SERIAL)
@@ -257,6 +257,11 @@ def _backward_values_padded(xp, dyp, off, k, sh, sw, Wp):
     return dv
 
 
+# serial copies of the parallel kernels the two drivers below call (their serial twins swap them in)
+_pad_dy_serial = njit(**_JIT_SERIAL)(clone(_pad_dy, "_serial"))
+_backward_values_padded_serial = njit(**_JIT_SERIAL)(clone(_backward_values_padded, "_serial"))
+
+
 @njit(**_JIT_SERIAL)  # the padding and the reduction it calls are parallel
 def conv_backward_values(x, dy, indices, kh, kw, sh, sw, ph, pw):
     """dvalues (C_out, k): dvalues[j,t] = sum_{b,oy,ox} dy[b,j,oy,ox] * x[b, c_t, oy*sh-ph+dy_t, ox*sw-pw+dx_t]."""
@@ -407,6 +412,12 @@ def _backward_input_scatter(dy, values, colptr, rows, slots, C, H, W, kh, kw, sh
     return dx
 
 
+_pad_dy_full_serial = njit(**_JIT_SERIAL)(clone(_pad_dy_full, "_serial"))
+_backward_input_gather_serial = njit(**_JIT_SERIAL)(clone(_backward_input_gather, "_serial",
+                                                          {"_pad_dy_full": _pad_dy_full_serial}))
+_backward_input_scatter_serial = njit(**_JIT_SERIAL)(clone(_backward_input_scatter, "_serial"))
+
+
 @njit(**_JIT_SERIAL)  # dispatches to parallel kernels
 def conv_backward_input(dy, indices, values, transposed, C, H, W, kh, kw, sh, sw, ph, pw):
     """dx (B, C, H, W): the adjoint of conv_forward (without bias) applied to dy (B, C_out, Ho, Wo).
@@ -419,6 +430,15 @@ def conv_backward_input(dy, indices, values, transposed, C, H, W, kh, kw, sh, sw
     if sh == 1 and sw == 1:
         return _backward_input_gather(dy, values, colptr, rows, slots, C, H, W, kh, kw, ph, pw)
     return _backward_input_scatter(dy, values, colptr, rows, slots, C, H, W, kh, kw, sh, sw, ph, pw)
+
+
+# called from Python through the gate; serially all the way down in a forked child or a second workqueue thread
+conv_backward_values = gate(conv_backward_values, _JIT_SERIAL,
+                            {"_pad": _pad_serial, "_pad_dy": _pad_dy_serial,
+                             "_backward_values_padded": _backward_values_padded_serial})
+conv_backward_input = gate(conv_backward_input, _JIT_SERIAL,
+                           {"_backward_input_gather": _backward_input_gather_serial,
+                            "_backward_input_scatter": _backward_input_scatter_serial})
 
 
 # ================================================================ Python drivers
@@ -442,9 +462,9 @@ def fanin_conv2d_forward(x, indices, values, bias, kernel_size, stride, padding,
     dt = np.result_type(x.dtype, values.dtype, np.float32)
     ho, wo = _output_size(x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw)
     b = np.empty(0, dt) if bias is None else _float(bias, dt)
-    fn = conv_forward if parallel else conv_forward_serial
-    return fn(_float(x, dt), np.ascontiguousarray(indices), _float(values, dt), b, kh, kw, sh, sw, ph, pw, ho, wo,
-              bool(relu))
+    args = (_float(x, dt), np.ascontiguousarray(indices), _float(values, dt), b, kh, kw, sh, sw, ph, pw, ho, wo,
+            bool(relu))
+    return gated(conv_forward, conv_forward_serial, *args) if parallel else conv_forward_serial(*args)
 
 
 def fanin_conv2d_backward(x, indices, values, dy, kernel_size, stride, padding, transposed, need_dx=True):

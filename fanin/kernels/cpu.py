@@ -30,6 +30,7 @@ from numba import njit, prange
 from fanin.kernels import memory
 from fanin.kernels._intrinsics import load_unchecked as _at
 from fanin.kernels._intrinsics import stack_buffer
+from fanin.kernels._jit import pjit
 from fanin.kernels.select import kth_smallest
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -45,7 +46,7 @@ def n_threads() -> int:
 
 
 # ---------------------------------------------------------------- layouts
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_pack(x, xo, rs, ps):
     """xo[i*rs + p*ps + s] = x[p*TB + s, i], zero for samples past the batch (xo flat).
 
@@ -73,7 +74,7 @@ def _k_pack(x, xo, rs, ps):
                         xo[np.uint64((i0 + ii) * rs + o)] = 0
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_transpose(x, xt):
     """xt = x.T for a 2-D array, in cache tiles."""
     n0, n1 = x.shape
@@ -102,7 +103,7 @@ def _forward_row(x, indices, values, scale, bias, out, j):
         out[b, j] = bias[j] + scale[j] * acc
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_forward_rows(x, indices, values, scale, bias, out):
     """Small batch, parallel over neurons: each neuron a contiguous gathered dot of k inputs."""
     for j in prange(indices.shape[0]):
@@ -130,7 +131,7 @@ def _parallel_launch_is_slow() -> bool:
 SERIAL_MACS = 1 << 20  # below this many multiply-adds a batch-1 forward runs on one thread if waking is slow
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out, B, panel_out):
     """out[b, r] = bias[r] + scale[r] * sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (CSR rows).
 
@@ -247,7 +248,7 @@ def _k_spmm_panels(xc, rs, ps, ptr, idx, vals, scale, bias, out, B, panel_out):
                     out[b, j0 + jj] = tile[jj, s]
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_csr_rows(x, ptr, idx, vals, out):
     """Small batch: out[b, r] = sum_{e in ptr[r]:ptr[r+1]} vals[e] * x[b, idx[e]] (gathered dots)."""
     zero = out.dtype.type(0)
@@ -290,7 +291,7 @@ def _k_transpose_structure(indices, colptr, rows, slots):
             slots[e] = j * k + t
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_take(a, slots, out):
     """out[e] = a[slots[e]] (values in transposed order)."""
     for e in prange(slots.shape[0]):
@@ -298,7 +299,7 @@ def _k_take(a, slots, out):
 
 
 # ---------------------------------------------------------------- backward
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_dvalues_transposed(xt, dyt, indices, jb, out):
     """out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] = dot(dyt[j], xt[indices[j, t]]).
 
@@ -345,7 +346,7 @@ def _k_dvalues_transposed(xt, dyt, indices, jb, out):
                 o[t] = s0
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_dvalues_rows(x, dy, indices, out):
     """Small batch: out[j, t] = sum_b dy[b, j] * x[b, indices[j, t]] (gathers per sample)."""
     n_out, k = indices.shape
@@ -362,7 +363,7 @@ def _k_dvalues_rows(x, dy, indices, out):
                 o[t] += d * xr[np.uint32(ir[t])]
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_dx_rows(dy, indices, values, parts):
     """Small batch scatter: parts[g, b, i] += values[j, t] * dy[b, j] over neuron group g."""
     G, B, n_in = parts.shape
@@ -381,7 +382,7 @@ def _k_dx_rows(dy, indices, values, parts):
                     pr[np.uint32(ir[t])] += vr[t] * d
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_sum_parts(parts, out):
     """out = parts.sum(axis=0) for parts (G, B, n)."""
     G, B, n = parts.shape
@@ -397,14 +398,15 @@ def _k_sum_parts(parts, out):
 
 
 # ---------------------------------------------------------------- growth scores
-@njit(**dict(_JIT, fastmath=False))  # NaN marks held inputs: no fastmath (it assumes no NaN)
+@pjit(**dict(_JIT, fastmath=False))  # NaN marks held inputs: no fastmath (it assumes no NaN)
 def _k_topc_free(g, indices, c, sort, cand_idx, cand_score, held_score):
     """Per row r of g: the c largest |g[r, i]| over i not in indices[r] (ties: lower i first),
     by score descending when ``sort``, else in input order; held_score[r, t] = |g[r, indices[r, t]]|.
 
     g is overwritten (scratch: held positions become NaN, which no comparison selects). Rows with
-    fewer than c free inputs with a score (NaN scores are never chosen) are padded with -1 / -inf. A sample of the row gives a threshold that
-    at least c free scores likely reach; one branch-free pass collects the inputs at or above it
+    fewer than c scored free inputs (NaN scores are never chosen) are padded with -1 / -inf. A
+    sample of the row gives a threshold that at least c free scores likely reach; one branch-free
+    pass collects the inputs at or above it
     (when fewer than c do, every free input is collected), and a partition of those finds the
     exact c-th largest. O(n_in) per row, plus c log c to sort.
     """
@@ -499,7 +501,7 @@ def _im2col_body(xf, cf, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo):
                             cf[q + dx] = xf[src + dx] if 0 <= ix < W else 0
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_im2col(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
     """cols[(b*ho + oy)*wo + ox, (c*kh + dy)*kw + dx] = x[b, c, oy*sh - ph + dy, ox*sw - pw + dx] (0 outside);
     x and cols C-contiguous.
@@ -539,7 +541,7 @@ def _col2im_body(cf, dx_out, B, C, H, W, kh, kw, sh, sw, ph, pw, ho, wo):
                     dx_out[b, c, iy, ix] = pad[(c * Hp + iy + ph) * Wp + ix + pw]
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_col2im(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx_out):
     """Adjoint of im2col: each task owns one image b of dx_out (so overlaps never race) and reads its rows of
     cols once, in order, summing into a zero-padded copy of the image (no bounds test per tap) whose interior
@@ -561,7 +563,7 @@ def _x_range(wo, W, sw, pw, dx):
     return lo, max(lo, min(wo, (W - 1 + pw - dx) // sw + 1))  # (floor division: empty when the tap never fits)
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_im2col_planes(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
     """cols[b, (c*kh + dy)*kw + dx, oy*wo + ox] = x[b, c, oy*sh - ph + dy, ox*sw - pw + dx] (0 outside): the
     patches of each image as planes, so that ``w (O, C kh kw) @ cols[b]`` is that image's output in (O, Ho Wo)
@@ -599,7 +601,7 @@ def _k_im2col_planes(x, kh, kw, sh, sw, ph, pw, ho, wo, cols):
                         cf[o + ox] = 0
 
 
-@njit(**_JIT)
+@pjit(**_JIT)
 def _k_col2im_planes(cols, kh, kw, sh, sw, ph, pw, ho, wo, dx_out):
     """Adjoint of ``_k_im2col_planes``: one task per (image, channel) plane of dx_out, which it alone writes."""
     B, C, H, W = dx_out.shape

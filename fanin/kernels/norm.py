@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from fanin.kernels._jit import twins
+from fanin.kernels._jit import gated, twins
 
 PARALLEL_MIN = 1 << 21  # elements (the same line as the elementwise activations)
 _OPTS = dict(cache=True, nogil=True, fastmath={"reassoc"})
@@ -178,12 +178,18 @@ _grad_input_rows = twins(_bn_grad_input_rows, _OPTS)
 
 
 def _pick(pair, rows_pair, x3):
-    """The parallel or serial twin by size; the rows form for (B, C, 1), called with (B, C) views."""
+    """The parallel (through the gate, ``gated``) or serial twin by size; the rows form for (B, C, 1), called
+    with (B, C) views."""
     par = x3.size >= PARALLEL_MIN
     if x3.shape[2] == 1:
-        f = rows_pair[0] if par else rows_pair[1]
-        return lambda *a: f(*(v[:, :, 0] if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in a))
-    return pair[0] if par else pair[1]
+        pr, sr = rows_pair
+        return lambda *a: _run(par, pr, sr, *(v[:, :, 0] if isinstance(v, np.ndarray) and v.ndim == 3 else v
+                                              for v in a))
+    return lambda *a: _run(par, pair[0], pair[1], *a)
+
+
+def _run(par, p, s, *args):
+    return gated(p, s, *args) if par else s(*args)
 
 
 def _as3(a: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from fanin.kernels._jit import clone, twins
+from fanin.kernels._jit import clone, pjit, twins
 
 
 _ARG = True  # a constant of the compiled body: False in the inference copy (see max_pool_values)
@@ -74,7 +74,7 @@ max_pool_values, max_pool_values_serial = twins(clone(_max_pool_forward, "_value
                                                 dict(cache=True, nogil=True), swap={"_ARG": False})
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def max_pool_backward(g, arg, h, w):
     """Route each output gradient to its window's maximum (adds where windows overlap)."""
     b, c, ho, wo = g.shape

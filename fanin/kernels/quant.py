@@ -23,6 +23,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fanin.kernels._jit import pjit
+
 LN2 = math.log(2.0)
 # Reassociation only (so the per-row sums vectorise): every q is one rint, one clamp and one product,
 # which no flag changes; no 'nnan'/'ninf' (a NaN weight must stay NaN, not be assumed away).
@@ -41,7 +43,7 @@ def bounds(b: np.ndarray, dtype):
     return (-half).astype(dtype), (half - 1.0).astype(dtype)
 
 
-@nb.njit(**_JIT)
+@pjit(**_JIT)
 def quantize_rows(w, b, s, t, lo, hi, out):
     """out[i, :] = q(w[i, :]; b[i], e[i]) for a 2-D ``w`` (one channel per row)."""
     for i in prange(w.shape[0]):
@@ -54,7 +56,7 @@ def quantize_rows(w, b, s, t, lo, hi, out):
             out[i, j] = si * np.rint(min(max(w[i, j] * ti, l), h))
 
 
-@nb.njit(**_JIT)
+@pjit(**_JIT)
 def quantize_rows_backward(g, w, b, s, t, lo, hi, dw, db, de):
     """The straight-through gradients of ``quantize_rows`` for the output gradient ``g``: ``dw`` (like w),
     ``db`` and ``de`` (one per row), in one pass. ``dw`` may be ``g`` itself (written in place), but then the

@@ -6,6 +6,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fanin.kernels._jit import pjit
+
 
 @nb.njit(cache=True)
 def kth_smallest(a, kth):
@@ -75,7 +77,7 @@ def _cut_by_buffer(row, want, buf):
     return buf[0]
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def top_per_row(scores, counts):
     """Boolean mask choosing, in each row j, the ``counts[j]`` largest finite scores.
 
@@ -124,7 +126,7 @@ def top_per_row(scores, counts):
     return out
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
     """New (indices, source slot) per row: kept old slots plus grown candidates, sorted by index.
 
@@ -183,7 +185,7 @@ def assemble_rows(old_idx, keep, cand_idx, grow_cand, k_new, placeholder):
     return new_idx, src, filled
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def gather_rows(a, src):
     """``out[j, t] = a[j, src[j, t]]``, or 0 where ``src`` is -1 (state of new connections)."""
     n, m = src.shape
@@ -207,7 +209,7 @@ def _bucket(v):
     return np.intp(key >> np.uint32(32 - _BITS))
 
 
-@nb.njit(parallel=True, cache=True)
+@pjit(cache=True)
 def _top_mask_flat(flat, n, mask):
     """mask[i] = flat[i] is among the n largest finite entries (ties: earlier first); 0 < n <= #finite.
 

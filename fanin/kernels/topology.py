@@ -51,6 +51,8 @@ class Topology:
         from fanin import kernels
 
         n_in = _positive_int("n_in", n_in)
+        if n_in > np.iinfo(np.int32).max:
+            raise ValueError(f"Topology: n_in={n_in} is wider than int32 indices can name (at most {2**31 - 1}).")
         idx = np.asarray(indices)
         if idx.dtype.kind not in "iu":
             raise TypeError(

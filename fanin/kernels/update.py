@@ -6,8 +6,10 @@ NumPy formulas in ``fanin.optim`` (tests compare the two).
 import numba as nb
 from numba import prange
 
+from fanin.kernels._jit import pjit
 
-@nb.njit(parallel=True, cache=True, fastmath=True)
+
+@pjit(cache=True, fastmath=True)
 def sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov):
     """SGD with momentum (buf), weight decay and optional Nesterov, in place."""
     for i in prange(p.size):
@@ -19,7 +21,7 @@ def sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov):
         p[i] -= lr * gi
 
 
-@nb.njit(parallel=True, cache=True, fastmath=True)
+@pjit(cache=True, fastmath=True)
 def adam_update(p, g, m, v, step_size, beta1, beta2, eps, l2, decay):
     """Adam moments and update in place; ``l2`` couples weight decay to the gradient, ``decay``
     multiplies the weights first (AdamW)."""

@@ -37,7 +37,6 @@ unknown) to the serial kernels for good; under TBB, which survives fork, the chi
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 
@@ -46,6 +45,7 @@ import numpy as np
 
 from fanin.kernels import conv as kconv
 from fanin.kernels import infer, pool, w8a8
+from fanin.kernels._jit import GATE
 
 __all__ = ["build", "parallel_state", "ACTIVATIONS", "NonFinite", "PARALLEL_ROWS_MACS", "PARALLEL_PANELS_MACS", "PARALLEL_FRONT_MACS", "CHUNK"]
 
@@ -76,56 +76,9 @@ INT8_PANELS_THREADS = 64  # several threads
 
 
 # ------------------------------------------------------------------ parallel policy (process-wide)
-class _Parallel:
-    """Whether this process may launch parallel kernels now, and the lock the workqueue layer needs."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.layer = None       # Numba's threading layer, once a parallel kernel has run
-        self.disabled = None    # why parallel kernels are off in this process (a forked child), or None
-
-    def enter(self) -> int:
-        """0: run serially; 1: run in parallel; 2: run in parallel holding the lock (release with ``leave``)."""
-        if self.disabled is not None:
-            return 0
-        if self.layer in ("omp", "tbb"):
-            return 1
-        return 2 if self.lock.acquire(blocking=False) else 0
-
-    def leave(self, token: int):
-        if token and self.layer is None:
-            try:
-                self.layer = numba.threading_layer()
-            except ValueError:  # no parallel kernel ran after all
-                pass
-        if token == 2:
-            self.lock.release()
-
-    def after_fork_in_child(self):
-        self.lock = threading.Lock()  # a lock another parent thread held at the fork would never be released
-        if self.disabled is not None:
-            return
-        try:
-            from numba.np.ufunc import parallel as _np_parallel
-            started = bool(_np_parallel._is_initialized)
-        except Exception:  # noqa: BLE001 -- a Numba without the flag: we cannot tell, so assume started
-            started = True
-        if not started:
-            return  # the child starts its own threads when it first needs them
-        layer = self.layer
-        if layer is None:
-            try:
-                layer = numba.threading_layer()
-            except ValueError:
-                layer = None
-        if layer != "tbb":
-            self.disabled = (f"forked after Numba started its {layer or 'unknown'} threads: serial kernels "
-                             "(GNU OpenMP does not survive fork)")
-
-
-_PARALLEL = _Parallel()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_PARALLEL.after_fork_in_child)
+# the process-wide policy (a forked child: serial for good; workqueue: one parallel launch at a time) is the
+# kernels' own gate, so that the runtime and the public kernels agree
+_PARALLEL = GATE
 
 
 def parallel_state() -> dict:

@@ -62,6 +62,9 @@ class Network:
             if hasattr(x, "__cuda_array_interface__"):
                 raise PredictError("predict: x is a GPU array; this Network runs on the CPU (copy x to the host).")
             x = np.asarray(x)
+        if isinstance(x, np.ma.MaskedArray):
+            raise PredictError("predict: x is a masked array, whose mask predict would ignore; fill the masked "
+                               "entries first (x.filled(0)) or pass x.data.")
         if x.dtype.kind != "f":
             raise PredictError(f"predict: x has dtype {x.dtype}; pass floats (float32; float64/float16 are converted), "
                                "normalized as in training.")
@@ -73,7 +76,19 @@ class Network:
                 f"predict: x has shape {x.shape}; this network takes (batch, {', '.join(map(str, self.input_shape))}) "
                 f"or one sample of shape {self.input_shape}."
             )
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.dtype != np.float32:
+            with np.errstate(over="ignore", invalid="ignore"):
+                x32 = np.ascontiguousarray(x, dtype=np.float32)
+            if self.nan_policy == "raise" and x.size and not np.isfinite(x32).all():
+                big = np.isfinite(x) & ~np.isfinite(x32)
+                if big.any():  # finite in x, but not in float32: say so, not "NaN or Inf"
+                    rows = np.flatnonzero(big.reshape(x.shape[0], -1).any(axis=1))
+                    raise PredictError(f"predict: sample(s) {rows[:5].tolist()}{' ...' if rows.size > 5 else ''} "
+                                       f"hold values beyond float32's range (largest |x| {np.abs(x[big]).max():.3g}"
+                                       "); the network computes in float32: rescale the input.")
+            x = x32
+        else:
+            x = np.ascontiguousarray(x)
         if self.nan_policy == "raise" and x.size and not self._scans_x and not infer.all_finite(x):
             self._refuse_non_finite(x)
         return x, single

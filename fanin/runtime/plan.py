@@ -322,12 +322,12 @@ def _check_op(where, op, shape):
         if k > 1 and not np.all(np.diff(idx.astype(np.int64), axis=1) > 0):
             row = int(np.flatnonzero((np.diff(idx.astype(np.int64), axis=1) <= 0).any(axis=1))[0])
             _fail(where, f"row {row} of 'indices' is not strictly increasing")
-        if op.get("active") is not None:
-            act = op["active"]
-            if not isinstance(act, list) or len(act) != n_out or not all(isinstance(a, bool) for a in act):
-                _fail(where, f"'active' must be a list of {n_out} booleans")
     elif "indices" in arrays:
         _fail(where, "a dense layer has no 'indices'")
+    if op.get("active") is not None:  # dense or condensed: inactive rows output their bias
+        act = op["active"]
+        if not isinstance(act, list) or len(act) != n_out or not all(isinstance(a, bool) for a in act):
+            _fail(where, f"'active' must be a list of {n_out} booleans")
     if bits == 32:
         _array(where, arrays, "values", (n_out, k))
         if "qvalues" in arrays or "scale" in arrays:
