@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -345,6 +346,10 @@ def cmd_train(args) -> int:
     from fanin.data import DatasetNotFound
     from fanin.train import TrainConfig, fit, make_optimizer
 
+    for flag in ("--out", "--json", "--checkpoint"):
+        problem = _writable(getattr(args, flag[2:].replace("-", "_"), None), flag)
+        if problem:
+            return _fail(problem)
     if args.warmup_epochs > args.epochs:
         print(f"fanin: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}); "
               "use at most the number of epochs.", file=sys.stderr)
@@ -483,6 +488,10 @@ def cmd_export(args) -> int:
     from fanin.checkpoint import CheckpointError, load_checkpoint
     from fanin.io import save
 
+    problem = _writable(args.out, "--out")
+    if problem:
+        return _fail(problem)
+
     try:
         state = load_checkpoint(args.checkpoint)
         targs = argparse.Namespace(**state.get("args", {})) if state.get("args") else None
@@ -565,6 +574,9 @@ def cmd_predict(args) -> int:
 
     from fanin.runtime import PredictError
 
+    problem = _writable(args.out, "--out")
+    if problem:
+        return _fail(problem)
     net, rc = _load(args.model, args.activations)
     if net is None:
         return rc
@@ -586,8 +598,10 @@ def cmd_predict(args) -> int:
     with np.printoptions(precision=4, suppress=True, linewidth=120):
         for c, row in zip(classes, np.atleast_2d(y)):
             print(int(c), row)
-    if args.out:
-        np.save(args.out, y)
+    if args.out:  # to exactly that path (np.save on a name would add ".npy")
+        from fanin._atomic import write_atomic
+
+        write_atomic(args.out, lambda f: np.save(f, y))
     return 0
 
 
@@ -661,8 +675,51 @@ def main(argv=None) -> int:
         from fanin import tuning
 
         tuning.apply()
-    return {"train": cmd_train, "download": cmd_download, "export": cmd_export, "eval": cmd_eval, "info": cmd_info,
-            "predict": cmd_predict, "serve": cmd_serve, "convert": cmd_convert}[args.command](args)
+    cmd = {"train": cmd_train, "download": cmd_download, "export": cmd_export, "eval": cmd_eval, "info": cmd_info,
+           "predict": cmd_predict, "serve": cmd_serve, "convert": cmd_convert}[args.command]
+    # The commands turn what they expect into one line each; this is the net under them for what the system says
+    # (a file this user cannot read or write, a full disk, a corrupt download, memory) -- still one line, exit 2.
+    try:
+        return cmd(args)
+    except BrokenPipeError:  # `fanin predict ... | head`: the reader left; say nothing more
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("fanin: interrupted.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        return _fail("out of memory (a shape or a batch too large for this machine?).")
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _fail(f"{where}{getattr(exc, 'strerror', None) or exc}.")
+    except ValueError as exc:  # fanin's errors are ValueErrors that say what to do
+        return _fail(str(exc))
+
+
+def _writable(path, flag: str):
+    """None if ``path`` can be written (a regular file, or a new one in a folder this user may write), else the
+    one-line problem -- checked before a long run, not after it."""
+    from fanin._atomic import check_target
+
+    if path is None:
+        return None
+    try:
+        real = check_target(path)
+    except (ValueError, OSError) as exc:
+        return f"{flag} {path}: {exc}"
+    import tempfile
+
+    try:  # the folder (created, as the writers do) and a file in it, tried now
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fanin-probe-", dir=real.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another path."
+    return None
 
 
 if __name__ == "__main__":

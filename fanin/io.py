@@ -32,6 +32,7 @@ import math
 import mmap as _mmap
 import os
 import pathlib
+import stat
 import struct
 
 import numba as nb
@@ -282,7 +283,10 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "c
     path = pathlib.Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero would be read for ever
+                raise FormatError(f"{path} is not a regular file (a device, FIFO or socket); give a model file.")
+            size = st.st_size
             if mmap and size >= FIXED:
                 buf = memoryview(_mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ))
             else:
@@ -291,6 +295,8 @@ def load(path, *, mmap: bool = True, nan_policy: str = "raise", device: str = "c
         raise FormatError(f"{path} is a directory, not a model file.") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"no model file at {path}; check the path (fanin export writes one).") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied; this user cannot read the model file.") from None
     try:
         header, d_off = read_header(buf)
         plan = _resolve(header, buf, d_off, mmapped=mmap)

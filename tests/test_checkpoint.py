@@ -144,3 +144,29 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "other.npz")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_atomic_writes_follow_links_refuse_devices_and_get_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from fanin._atomic import write_atomic
+
+    target = tmp_path / "real.bin"
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    write_atomic(link, lambda f: f.write(b"one"))
+    assert link.is_symlink() and target.read_bytes() == b"one"  # the link stays and its target is written
+    mode = stat.S_IMODE(os.stat(target).st_mode)
+    assert mode & 0o444 == 0o444 & ~_umask_now(), oct(mode)  # readable as a plain open() file, not 0600
+    for bad, says in (("/dev/null", "not a regular file"), (tmp_path, "is a directory"), ("", "empty")):
+        with pytest.raises((ValueError, OSError), match=says):
+            write_atomic(bad, lambda f: f.write(b"x"))
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.bin", "real.bin"]  # no temporary file left
+
+
+def _umask_now() -> int:
+    from fanin._atomic import _umask
+
+    return _umask()

@@ -111,3 +111,64 @@ def test_a_dense_run_does_not_record_a_sparsity_in_its_model_file():
     sparse = cli._meta(p.parse_args(["train", "--method", "srigl", "--sparsity", "0.95"]), {})["train"]
     assert "sparsity" not in dense and dense["method"] == "dense"
     assert sparse["sparsity"] == 0.95 and sparse["distribution"] == "erk"
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    """A path train cannot write is one line and exit 2 before any epoch runs, not a traceback after all of them;
+    a device is never replaced by the model file."""
+    from fanin import train
+
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking its output paths"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [(["--out", "/dev/null"], "not a regular file"), (["--out", str(tmp_path)], "is a directory"),
+             (["--out", ""], "empty"), (["--json", str(blocker / "h.json")], "cannot write there"),
+             (["--checkpoint", str(blocker / "c.npz")], "cannot write there")]
+    for argv, says in cases:
+        assert cli.main(["train", "--no-progress", "--sizes", "784-16-10", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and argv[0] in err, err
+    import stat
+    import os
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_errors_from_deep_inside_a_run_are_still_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    # SRigL at 99.9 % leaves a layer of 784 inputs less than one connection per neuron
+    assert cli.main(["train", "--no-progress", "--sizes", "784-16-10", "--method", "srigl",
+                     "--sparsity", "0.999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fanin: ") and "Traceback" not in err, err
+
+
+def test_a_compressed_run_with_more_than_8_bits_writes_its_model(tmp_path, capsys, monkeypatch):
+    import fanin
+
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    out = tmp_path / "m.fanin"
+    assert cli.main(["train", "--no-progress", "--sizes", "784-16-10", "--epochs", "1", "--compress", "0",
+                     "--init-bits", "12", "--out", str(out)]) == 0
+    net = fanin.load(out)
+    assert [op["bits"] for op in net.plan["ops"] if op["op"] == "linear"] == [32, 32]
+    capsys.readouterr()
+
+
+def test_predict_writes_exactly_the_out_path(tmp_path, capsys):
+    import fanin
+    from fanin import models
+
+    model_file = tmp_path / "m.fanin"
+    net = fanin.load(fanin.save(models.mlp([784, 16, 10], seed=0), model_file))
+    x = np.random.default_rng(0).standard_normal((3, 784)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "logits"  # no .npy: np.save on a name would have written logits.npy
+    assert cli.main(["predict", str(model_file), str(tmp_path / "x.npy"), "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), net.predict(x))
+    assert not (tmp_path / "logits.npy").exists()
+    assert cli.main(["predict", str(model_file), str(tmp_path / "x.npy"), "--out", "/dev/null"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert cli.main(["info", "/dev/zero"]) == 2  # read for ever before
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a regular file" in err, err

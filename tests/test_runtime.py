@@ -82,6 +82,24 @@ def test_quantized_export_uses_exactly_the_training_weights():
         np.testing.assert_array_equal(a["scale"][:, None] * a["qvalues"].astype(np.float32), q)
 
 
+def test_a_layer_with_channels_above_8_bits_is_exported_as_its_exact_float32_values(tmp_path):
+    # init bits 9-16 (or a run whose bits grew) do not fit int8: the layer keeps q(w) in float32, still exactly
+    # what the quantized training network computes; `fanin train --compress --out` used to fail after training
+    model = randomize(models.mlp([20, 16, 4], sparsity=0.5, seed=0))
+    compress.SelfCompression(model, init_bits=12)
+    model[0].bits.data[:] = np.linspace(1.2, 11.5, 16)
+    x = np.random.default_rng(3).standard_normal((5, 20)).astype(np.float32)
+    net = fanin.load(fanin.save(model, tmp_path / "m.fanin"))
+    ops = [o for o in net.plan["ops"] if o["op"] == "linear"]
+    assert [o["bits"] for o in ops] == [32, 32]
+    q = compress.quantize(model[0].weight_param.data, model[0].bits.data, model[0].exponent.data)
+    np.testing.assert_array_equal(ops[0]["arrays"]["values"], q)
+    np.testing.assert_allclose(net.predict(x), reference(model, x), rtol=1e-5, atol=1e-6)
+    model[0].bits.data[3] = np.nan
+    with pytest.raises(ValueError, match="diverged"):
+        fanin.compile(model)
+
+
 def test_ablated_neurons_are_dropped_and_folded():
     model = randomize(models.mlp([10, 8, 6, 3], sparsity=0.5, seed=0))
     for layer in (model[0], model[2]):

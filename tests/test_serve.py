@@ -475,6 +475,13 @@ def test_serve_config_and_cli_refuse_a_bad_inline_ms(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fanin.cli", "serve", str(tmp_path / "m.fanin"), "--inline-ms", "-2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--inline-ms" in r.stderr
+    # upper limits and an empty host are refused up front, naming the command-line flag
+    for kw, flag in ((dict(max_batch=10**8), "--max-batch"), (dict(workers=1000), "--workers"),
+                     (dict(host=""), "--host"), (dict(max_body=2 << 30), "--max-body-mb"),
+                     (dict(threads=0), "--threads"), (dict(max_rows=0), "--max-rows")):
+        with pytest.raises(ValueError, match=flag):
+            ServeConfig(**kw)
+    assert ServeConfig(max_batch=1 << 16, workers=256).max_batch == 1 << 16
 
 
 TRICKY_JSON = [b'{"inputs": [[1, 2.5, -3e-7]]}', b'{"inputs": [[NaN, Infinity, -Infinity]]}', b'{"inputs": [[1e400, 0, 1]]}',

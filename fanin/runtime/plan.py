@@ -123,7 +123,15 @@ def _weight_op(m) -> dict:
         arrays["indices"] = np.ascontiguousarray(m.indices)
         op["active"] = m.active.tolist() if not m.active.all() else None
     w2 = w.reshape(n_out, -1).astype(np.float32)
-    if m.bits is not None:
+    if m.bits is not None and not np.all(np.isfinite(m.bits.data)):
+        raise ValueError("fanin.compile: a self-compressed layer's bit depths hold NaN or Inf (the run diverged); "
+                         "lower the learning rates or the compression's --compress-lr.")
+    if m.bits is not None and float(np.max(m.bits.data, initial=0)) > 8:
+        # a channel above 8 bits does not fit int8: the layer keeps its fixed-point values as float32 (exact: they
+        # are what the quantized training network computed with)
+        arrays["values"] = np.ascontiguousarray(compress.quantize(w2, m.bits.data, m.exponent.data), np.float32)
+        op["bits"] = 32
+    elif m.bits is not None:
         r, s = compress.integer_weights(w2, m.bits.data, m.exponent.data)
         bits = int(max(1, math.ceil(float(np.max(m.bits.data, initial=0)))))
         arrays["qvalues"] = r

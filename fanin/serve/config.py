@@ -25,19 +25,28 @@ class ServeConfig:
     activations: str = "float32"     # "int8": the Network's 8-bit activation mode
 
     def __post_init__(self):
-        for name in ("workers", "max_batch", "max_rows", "max_body"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ServeConfig: {name} must be at least 1, got {getattr(self, name)}.")
-        if not 0 <= self.max_wait_ms < 10_000:
-            raise ValueError(f"ServeConfig: max_wait_ms must be in [0, 10000), got {self.max_wait_ms}.")
-        if not 0 <= self.inline_ms < 10_000:
-            raise ValueError(f"ServeConfig: inline_ms must be in [0, 10000), got {self.inline_ms}.")
+        def bad(name, want, got):
+            if name == "max_body":  # bytes here, MiB on the command line
+                raise ValueError(f"serve: --max-body-mb must be at most 1024 (max_body: 1 to {1 << 30} bytes), got "
+                                 f"{got!r} bytes.")
+            raise ValueError(f"serve: --{name.replace('_', '-')} ({name}) must be {want}, got {got!r}.")
+
+        # upper limits: what one machine can hold (a max_batch of 10^8 rows fails allocating its buffers at start)
+        for name, hi in (("workers", 256), ("max_batch", 1 << 16), ("max_rows", 1 << 20), ("max_body", 1 << 30)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                bad(name, f"an integer in [1, {hi}]", v)
+        for name in ("max_wait_ms", "inline_ms"):
+            if not 0 <= getattr(self, name) < 10_000:
+                bad(name, "in [0, 10000) milliseconds", getattr(self, name))
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"ServeConfig: port must be in [0, 65535], got {self.port}.")
+            bad("port", "in [0, 65535]", self.port)
+        if not isinstance(self.host, str) or not self.host.strip():
+            bad("host", "an address such as 127.0.0.1 (or 0.0.0.0 for every interface, deliberately)", self.host)
         if self.activations not in ("float32", "int8"):
-            raise ValueError(f"ServeConfig: activations must be 'float32' or 'int8', got {self.activations!r}.")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"ServeConfig: threads must be at least 1, got {self.threads}.")
+            bad("activations", "'float32' or 'int8'", self.activations)
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            bad("threads", "in [1, 1024]", self.threads)
 
     def predict_threads(self) -> int:
         """Numba threads for each worker's predict calls: ``threads``, or the worker's share of the cores less
