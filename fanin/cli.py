@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to them (default 0.6; 1.0: to the end)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--checkpoint", default=None, help="checkpoint file (default: checkpoints/<model>-<method>.npz)")
-    c.add_argument("--checkpoint-every", type=lambda v: int(_non_negative(v)), default=0, help="write a checkpoint every N epochs (0: never)")
+    c.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   help="write a checkpoint every N epochs (0: never)")
     c.add_argument("--resume", default=None, help="continue from this checkpoint")
     t.add_argument("--json", default=None, help="write the run's history (per-epoch metrics) to this JSON file")
     t.add_argument("--out", default=None, metavar="MODEL.fanin", help="save the trained network as a .fanin file")
@@ -484,6 +485,8 @@ def _fail(msg) -> int:
 
 
 def cmd_export(args) -> int:
+    import numpy as np
+
     from fanin import runtime
     from fanin.checkpoint import CheckpointError, load_checkpoint
     from fanin.io import save
@@ -500,11 +503,19 @@ def cmd_export(args) -> int:
     if targs is None:
         return _fail(f"{args.checkpoint} does not record how its model was built (written by an older fanin); "
                      "re-train with --checkpoint-every, or save the model in Python with fanin.save.")
-    model = build_model(targs)
-    if state.get("compressor") is not None:
-        from fanin.compress import SelfCompression
-        SelfCompression(model, init_bits=targs.init_bits)
-    model.load_state_dict(state["model"], resize=True)
+    try:  # a checkpoint that loads but does not describe a model of its own arguments
+        model = build_model(targs)
+        if state.get("compressor") is not None:
+            from fanin.compress import SelfCompression
+            SelfCompression(model, init_bits=targs.init_bits)
+        model.load_state_dict(state["model"], resize=True)
+    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+        return _fail(f"{args.checkpoint} does not hold a model its recorded arguments build ({type(exc).__name__}: "
+                     f"{exc}); re-export from the run's last good checkpoint.")
+    bad = [n for n, p in model.named_parameters() if not np.all(np.isfinite(np.asarray(p.data)))]
+    if bad:
+        return _fail(f"{args.checkpoint} holds NaN or Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                     "(a diverged run); export an earlier checkpoint.")
     plan = runtime.lower(model, _input_shape(targs.model))
     if args.quantize:
         plan = runtime.quantize(plan, 8 if args.quantize == "int8" else 4)

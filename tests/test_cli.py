@@ -23,6 +23,7 @@ BAD = [
     (["--seed", "-1"], "--seed"),
     (["--seed", "1.5"], "--seed"),
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+    (["--checkpoint-every", "0.5"], "--checkpoint-every"),  # was truncated to 0: no checkpoints, no word said
 ]
 
 
@@ -172,3 +173,26 @@ def test_predict_writes_exactly_the_out_path(tmp_path, capsys):
     assert cli.main(["info", "/dev/zero"]) == 2  # read for ever before
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a regular file" in err, err
+
+
+def test_export_of_a_broken_or_diverged_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    from fanin.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    ck = tmp_path / "c.npz"
+    assert cli.main(["train", "--no-progress", "--sizes", "784-16-10", "--epochs", "1", "--checkpoint-every", "1",
+                     "--checkpoint", str(ck)]) == 0
+    assert cli.main(["export", str(ck), "--out", str(tmp_path / "ok.fanin")]) == 0
+    state = load_checkpoint(ck)
+    name = next(iter(state["model"]))
+    state["model"][name] = np.full_like(state["model"][name], np.nan)
+    save_checkpoint(tmp_path / "nan.npz", state)
+    state = load_checkpoint(ck)
+    state["args"]["sizes"] = [784, 16, 16, 10]  # arguments that build another model than the weights
+    save_checkpoint(tmp_path / "other.npz", state)
+    capsys.readouterr()
+    for path, says in (("nan.npz", "NaN or Inf"), ("other.npz", "does not hold a model")):
+        assert cli.main(["export", str(tmp_path / path), "--out", str(tmp_path / "x.fanin")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "x.fanin").exists()
