@@ -708,6 +708,12 @@ def main(argv=None) -> int:
         return _fail(f"{where}{getattr(exc, 'strerror', None) or exc}.")
     except ValueError as exc:  # fanin's errors are ValueErrors that say what to do
         return _fail(str(exc))
+    except RuntimeError as exc:
+        if "no locator available" not in str(exc):
+            raise
+        # a read-only install whose user has no writable ~/.cache: Numba has nowhere to keep compiled kernels
+        return _fail("Numba cannot cache the compiled kernels (the install folder and ~/.cache are read-only for "
+                     "this user); set NUMBA_CACHE_DIR to a writable folder.")
 
 
 def _writable(path, flag: str):

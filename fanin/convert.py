@@ -82,6 +82,9 @@ def read_state_dict(path) -> dict:
         state, ordered = _read_torch(path), True
     if not state:
         raise ConvertError(f"{path}: no tensors found.")
+    for k, a in state.items():
+        if np.asarray(a).dtype.kind == "c":  # the imaginary part would be dropped without a word
+            raise ConvertError(f"{path}: tensor '{k}' holds complex numbers; weights must be real.")
     return state if ordered else dict(sorted(state.items(), key=lambda kv: _natural(kv[0])))
 
 
@@ -115,8 +118,15 @@ def _read_torch(path) -> dict:
                            "possibly under 'state_dict' or 'model').")
     out = {}
     for k, t in state.items():
-        if isinstance(t, torch.Tensor):
-            out[str(k)] = (t.detach().to(torch.float32) if t.is_floating_point() else t.detach()).numpy()
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout != torch.strided:
+            raise ConvertError(f"{path}: tensor '{k}' is stored {t.layout} (sparse); save dense tensors with zeros "
+                               "(t.to_dense()).")
+        if t.device.type == "meta":
+            raise ConvertError(f"{path}: tensor '{k}' is on the meta device and holds no values; save the trained "
+                               "weights.")
+        out[str(k)] = (t.detach().to(torch.float32) if t.is_floating_point() else t.detach()).numpy()
     return out
 
 

@@ -145,6 +145,12 @@ def test_bad_inputs(tmp_path, monkeypatch):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ConvertError, match="not a state_dict"):
         read_state_dict(tmp_path / "list.pt")
+    w = torch.randn(4, 3)
+    for name, t, says in (("sparse", w.to_sparse(), "sparse"), ("complex", torch.complex(w, w), "complex"),
+                          ("meta", torch.empty(4, 3, device="meta"), "meta device")):
+        torch.save({"0.weight": t, "0.bias": torch.zeros(4)}, tmp_path / f"{name}.pt")
+        with pytest.raises(ConvertError, match=says):
+            read_state_dict(tmp_path / f"{name}.pt")
     torch.save(masked_mlp().state_dict(), tmp_path / "m.pt")
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if PyTorch were not installed
     with pytest.raises(ConvertError, match="needs torch"):
