@@ -404,9 +404,29 @@ def cmd_train(args) -> int:
     if args.resume:
         try:  # distributed: rank 0 reads the checkpoint and sends it to the others (no shared disk needed)
             state = load_checkpoint(args.resume) if dp is None else dp.root_call(lambda: load_checkpoint(args.resume))
-            start_epoch, history = restore_training_state(state, model, opt, schedule, updater, rng, compressor)
         except (CheckpointError, KeyError, ValueError) as exc:  # distributed: the same on every rank, said once
             say(f"fanin: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        was = state.get("args") if isinstance(state.get("args"), dict) else {}
+        # what shapes the run (its data, batches, model, schedule): another value would continue another run,
+        # e.g. a different --limit or --batch-size left the cosine schedule past its end (a learning rate of ~0)
+        changed = [f"--{k.replace('_', '-')} {was[k]!r} -> {getattr(args, k)!r}"
+                   for k in ("model", "sizes", "method", "sparsity", "distribution", "batch_size", "limit",
+                             "validation", "optimizer", "compress")
+                   if k in was and was[k] != getattr(args, k, None)
+                   and not (k == "sizes" and list(was[k] or []) == list(getattr(args, k) or []))]
+        if changed:
+            say(f"fanin: cannot resume: the checkpoint's run was made with other settings ({'; '.join(changed)}); "
+                "resume with the same ones.", file=sys.stderr)
+            return 2
+        try:
+            start_epoch, history = restore_training_state(state, model, opt, schedule, updater, rng, compressor)
+        except (CheckpointError, KeyError, ValueError) as exc:
+            say(f"fanin: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        if start_epoch >= args.epochs:
+            say(f"fanin: cannot resume: {args.resume} has finished all {args.epochs} epochs already; nothing is left "
+                "to train (fanin export writes its model).", file=sys.stderr)
             return 2
         say(f"resumed from {args.resume} after epoch {start_epoch}")
     ckpt = args.checkpoint or f"checkpoints/{args.model}-{args.method}.npz"

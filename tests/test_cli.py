@@ -196,3 +196,19 @@ def test_export_of_a_broken_or_diverged_checkpoint_is_one_line(tmp_path, capsys,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "x.fanin").exists()
+
+
+def test_resume_refuses_other_settings_and_a_finished_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    ck = tmp_path / "c.npz"
+    base = ["train", "--no-progress", "--sizes", "784-16-10", "--checkpoint-every", "1", "--checkpoint", str(ck)]
+    assert cli.main([*base, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    for extra, says in ((["--epochs", "3", "--batch-size", "32"], "--batch-size 128 -> 32"),
+                        (["--epochs", "3", "--sizes", "784-32-10"], "--sizes"),
+                        (["--epochs", "2"], "finished all 2 epochs")):
+        assert cli.main([*base, "--resume", str(ck), *[e for e in extra if e]]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert cli.main([*base, "--resume", str(ck), "--epochs", "3"]) == 0  # more epochs of the same run
+    assert "resumed from" in capsys.readouterr().out
