@@ -259,6 +259,8 @@ def ignored_options(args) -> list:
     changed = [n for n in _COMPRESS_ONLY if getattr(args, n) != getattr(defaults, n)]
     if args.compress is None and changed:
         notes.append(f"{_listed(changed)} only with --compress; this run does not compress.")
+    if args.model == "cnn" and list(args.sizes) != list(defaults.sizes):
+        notes.append("--sizes applies only to --model mlp; the CNN's layers are fixed (fanin.models.cnn).")
     return notes
 
 
@@ -269,7 +271,8 @@ def build_model(args):
     sparsity = args.sparsity if args.method == "srigl" else None
     if args.model == "mlp":
         if args.sizes[0] != 784 or args.sizes[-1] != 10:
-            raise SystemExit(f"fanin: --sizes must start with 784 and end with 10 for Fashion-MNIST, got {args.sizes}")
+            raise ValueError(f"--sizes must start with 784 and end with 10 for Fashion-MNIST, got "
+                             f"{'-'.join(map(str, args.sizes))}.")
         return models.mlp(args.sizes, sparsity=sparsity, dropout=args.dropout, seed=args.seed)
     return models.cnn(sparsity=sparsity, dropout=args.dropout, seed=args.seed)
 

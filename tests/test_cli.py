@@ -24,6 +24,7 @@ BAD = [
     (["--seed", "1.5"], "--seed"),
     (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
     (["--checkpoint-every", "0.5"], "--checkpoint-every"),  # was truncated to 0: no checkpoints, no word said
+    (["--sizes", "784-16-9"], "--sizes"),  # exited 1
 ]
 
 
@@ -73,6 +74,8 @@ def test_options_the_run_does_not_use_are_named():
                                               "--compress-until", "0.8"]))
     assert len(notes) == 2 and "--gamma-sal applies only to --method srigl" in notes[0]
     assert "--compress-until applies only with --compress" in notes[1]
+    notes = cli.ignored_options(p.parse_args(["train", "--model", "cnn", "--sizes", "784-50-10"]))
+    assert len(notes) == 1 and "--sizes applies only to --model mlp" in notes[0]
 
 
 def test_a_diverging_run_is_one_line_and_exit_2(capsys, monkeypatch):
