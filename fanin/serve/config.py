@@ -29,7 +29,7 @@ class ServeConfig:
             if name == "max_body":  # bytes here, MiB on the command line
                 raise ValueError(f"serve: --max-body-mb must be at most 1024 (max_body: 1 to {1 << 30} bytes), got "
                                  f"{got!r} bytes.")
-            raise ValueError(f"serve: --{name.replace('_', '-')} ({name}) must be {want}, got {got!r}.")
+            raise ValueError(f"serve: --{name.replace('_', '-')} must be {want} (ServeConfig.{name}), got {got!r}.")
 
         # upper limits: what one machine can hold (a max_batch of 10^8 rows fails allocating its buffers at start)
         for name, hi in (("workers", 256), ("max_batch", 1 << 16), ("max_rows", 1 << 20), ("max_body", 1 << 30)):
