@@ -315,6 +315,9 @@ def _batch_norm(m):
     bn = nn.BatchNorm2d(n)
     for key in ("weight", "bias", "running_mean", "running_var"):
         v = _float(m, key)
+        if key == "running_var" and v is not None and not np.all(v >= 0):  # a variance: NaN or < 0 is corrupt
+            raise ConvertError(f"batch norm of {n} channels: running_var holds a negative or NaN value; the "
+                               "statistics are corrupt (re-save them from the trained model).")
         if v is not None:
             target = getattr(bn, key)  # a Parameter (weight, bias) or a NumPy buffer (running statistics)
             (target if isinstance(target, np.ndarray) else target.data)[...] = v

@@ -106,6 +106,11 @@ def test_masked_torch_cnn_predicts_what_pytorch_predicts(tmp_path):
     np.testing.assert_allclose(net.predict(x), torch_predict(model, x), rtol=1e-4, atol=1e-4)
     assert [l["sparse"] for l in net.info()["layers"] if "n_in" in l] == [False, True, True, False]
     assert convert_cli(tmp_path / "cnn.pt", "cnn:4,6,12,10", tmp_path / "c2.fanin", "--image-size", "12") == 0
+    with torch.no_grad():
+        model[5].running_var[2] = -0.5  # corrupt statistics: one line, no sqrt warning
+    torch.save(model.state_dict(), tmp_path / "bad.pt")
+    with pytest.raises(ConvertError, match="running_var holds a negative or NaN value"):
+        fanin.convert.convert(tmp_path / "bad.pt", "cnn", tmp_path / "b.fanin", image_size=12)
 
 
 @needs_torch

@@ -260,6 +260,11 @@ def test_bad_arguments_name_the_problem():
     tiny = models.mlp([4, 3, 2], sparsity=0.5)
     with pytest.raises(ValueError, match="layer '0' would get fan-in 0"):
         sparsity.SRigL(tiny, optim.SGD(tiny.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", t_end=10)
+    tiny = models.mlp([4, 3, 2])  # RigL and static the same: a layer with no weight left is refused, not trained
+    for static in (False, True):
+        with pytest.raises(ValueError, match="layer '0' would keep no weight"):
+            sparsity.RigL(tiny, optim.SGD(tiny.parameters(), lr=0.1), sparsity=0.95, distribution="uniform",
+                          t_end=10, static=static)
     with pytest.raises(ValueError, match="no FanInLinear"):
         dense = models.mlp([4, 3, 2])
         sparsity.SRigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.5, t_end=10)

@@ -74,9 +74,11 @@ class RigL:
         self.densities = layer_densities(shapes, self.sparsity, distribution, [0] if dense_first else (), power)
         rng = np.random.default_rng(seed)
         self.masks, self._grad_sum = [], [None] * len(self.layers)
-        for (_, layer), d in zip(self.layers, self.densities):
+        for (name, layer), d in zip(self.layers, self.densities):
             w = layer.weight.data
             n = int(w.size * d + 1e-6)
+            if n == 0:  # the layer would output its bias alone: the network could not learn (as SRigL's fan-in 0)
+                raise ValueError(f"RigL: layer '{name}' would keep no weight at density {d:.4g}; lower the sparsity.")
             mask = np.zeros(w.size, bool)
             mask[rng.choice(w.size, n, replace=False)] = True
             mask = mask.reshape(w.shape)
