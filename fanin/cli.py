@@ -424,8 +424,12 @@ def cmd_train(args) -> int:
             return 2
         try:
             start_epoch, history = restore_training_state(state, model, opt, schedule, updater, rng, compressor)
-        except (CheckpointError, KeyError, ValueError) as exc:
+        except (CheckpointError, ValueError) as exc:
             say(f"fanin: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError, AttributeError) as exc:  # a malformed checkpoint
+            say(f"fanin: cannot resume: {args.resume} does not hold this run's training state "
+                f"({type(exc).__name__}: {exc}).", file=sys.stderr)
             return 2
         if start_epoch >= args.epochs:
             say(f"fanin: cannot resume: {args.resume} has finished all {args.epochs} epochs already; nothing is left "

@@ -215,3 +215,19 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path, capsys, monk
         assert len(err.splitlines()) == 1 and says in err, err
     assert cli.main([*base, "--resume", str(ck), "--epochs", "3"]) == 0  # more epochs of the same run
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    from fanin.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.setattr(cli, "load_data", _tiny_data)
+    ck = tmp_path / "c.npz"
+    base = ["train", "--no-progress", "--sizes", "784-16-10", "--checkpoint-every", "1", "--checkpoint", str(ck)]
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    state = load_checkpoint(ck)
+    state["optimizer"] = [1, 2, 3]  # not the optimizer's state
+    save_checkpoint(tmp_path / "bad.npz", state)
+    capsys.readouterr()
+    assert cli.main([*base, "--epochs", "2", "--resume", str(tmp_path / "bad.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot resume" in err, err
