@@ -179,9 +179,42 @@ BAD = {
     "too many rows": ("POST", "/predict", _npy(np.zeros((17, WIDTH), np.float32)), NPY, 413, "17 rows"),
     "body too large": ("POST", "/predict", b" " * 70000, JSON, 413, "at most 65536"),
     "bad proba": ("POST", "/predict?proba=maybe", json.dumps({"inputs": [[0.0] * WIDTH]}), JSON, 400, "proba"),
+    "numeric strings": ("POST", "/predict", json.dumps({"inputs": [["0.5"] * WIDTH]}), JSON, 422, "got strings"),
+    "booleans": ("POST", "/predict", json.dumps({"inputs": [[True] * WIDTH]}), JSON, 422, "got booleans"),
+    "nulls": ("POST", "/predict", json.dumps({"inputs": [[None] * WIDTH]}), JSON, 422, "strings or nulls"),
+    "beyond float32": ("POST", "/predict", json.dumps({"inputs": [[1e39] + [0] * (WIDTH - 1)]}), JSON, 422,
+                       "beyond float32's range"),
+    "overflow inside": ("POST", "/predict", json.dumps({"inputs": [[3e38] * WIDTH]}), JSON, 422,
+                        "outputs overflow float32"),
+    "npy huge shape": ("POST", "/predict", b"\x93NUMPY\x01\x00F\x00" + b"{'descr': '<f4', 'fortran_order': False, "
+                       b"'shape': (10000000000,), }".ljust(69) + b"\n", NPY, 400, "declares shape (10000000000,)"),
+    "npy short data": ("POST", "/predict", _npy(np.zeros((3, WIDTH), np.float32)).replace(b"(3, ", b"(2, "), NPY, 400,
+                       "declares shape (2, 100)"),
+    "npy trailing junk": ("POST", "/predict", _npy(np.zeros((1, WIDTH), np.float32)) + b"junk", NPY, 400,
+                          "bytes of data follow"),
+    "slash redirect": ("GET", "/healthz/", None, {"Host": "evil.example"}, 404, "endpoints"),
     "wrong method": ("GET", "/predict", None, {}, 405, "POST /predict"),
     "no such endpoint": ("GET", "/nope", None, {}, 404, "endpoints"),
 }
+
+
+def test_an_oversized_body_is_refused_and_its_connection_closed(server):
+    """The 413 comes before the body is read, so the connection cannot carry another request: the answer says
+    `Connection: close` and the server closes it (a client reusing it would otherwise wait for ever)."""
+    import socket
+
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 17825792\r\nExpect: 100-continue\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # closed by the server
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 413") and b"connection: close" in head, data[:300]
+    assert server.request("GET", "/healthz")[0] == 200
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -255,8 +288,9 @@ def test_concurrent_clients_get_their_own_rows_under_dynamic_batching(server, ne
     assert calls < 64  # fewer predict calls than requests: requests were stacked
 
 
-def test_no_batching_then_sigterm_drains_a_request_in_flight(model_path, net):
-    s = Server(model_path, "--max-batch", "1")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_batching_then_sigterm_drains_a_request_in_flight(model_path, net, workers):
+    s = Server(model_path, "--max-batch", "1", "--workers", workers)
     try:
         before = batch_stats(s)
         concurrent_clients(s, net, n_threads=8, rounds=2)
@@ -270,8 +304,18 @@ def test_no_batching_then_sigterm_drains_a_request_in_flight(model_path, net):
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
         time.sleep(0.3)  # the request is being read
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        time.sleep(1.5)
         assert s.proc.poll() is None  # still there: waiting for the request in flight
+        # a new client is refused at once, not queued for a drain that will never serve it (the supervisor of
+        # several workers held the listening socket open until they had all exited)
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection((s.host, s.port), timeout=5) as late:
+                late.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert not late.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            pass
+        assert time.monotonic() - t0 < 4
         sock.sendall(body[100:])
         reply = b""
         while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):

@@ -65,7 +65,7 @@ async def read_body(receive, length: str | None, limit: int) -> bytes | None:
             raise RequestError(400, f"the Content-Length header {length!r} is not a number.")
         if int(length) > limit:
             raise RequestError(413, f"the body is {int(length)} bytes; this server takes at most {limit} "
-                                    "(fanin serve --max-body); send fewer rows per request.")
+                                    "(fanin serve --max-body-mb); send fewer rows per request.")
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -75,7 +75,7 @@ async def read_body(receive, length: str | None, limit: int) -> bytes | None:
         size += len(chunk)
         if size > limit:
             raise RequestError(413, f"the body is over {limit} bytes, the most this server takes (fanin serve "
-                                    "--max-body); send fewer rows per request.")
+                                    "--max-body-mb); send fewer rows per request.")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -102,7 +102,13 @@ def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: 
     if len(x) > max_rows:
         raise RequestError(413, f"the request has {len(x)} rows; this server takes at most {max_rows} per request "
                                 "(fanin serve --max-rows): split it.")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+        if check_finite and x.size and np.isfinite(x).all() and not np.isfinite(x32).all():
+            raise RequestError(422, "inputs hold values beyond float32's range (|x| > 3.4e38); the model computes "
+                                    "in float32: rescale the input.")
+        x = x32
     if check_finite and x.size and not infer.all_finite(x):
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         raise RequestError(422, f"row(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or Inf; "
@@ -137,14 +143,21 @@ def _from_json(body: bytes) -> np.ndarray:
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise RequestError(400, 'the JSON body must be an object {"inputs": [[...], ...]} (one list of numbers '
                                 "per row).")
-    try:
-        x = np.asarray(doc["inputs"], dtype=np.float32)
+    try:  # no dtype given: strings, booleans and nulls show in the dtype instead of being converted
+        x = np.asarray(doc["inputs"])
     except (ValueError, TypeError, RecursionError):
         raise RequestError(422, '"inputs" must be a rectangular array of numbers (every row the same length, '
                                 "no strings or nulls).") from None
-    except OverflowError:  # an integer literal past any float (10**400): NumPy refuses to round it
-        raise RequestError(422, '"inputs" holds an integer too large for a float; send numbers within float32\'s '
-                                "range.") from None
+    if x.dtype.kind == "O" and all(type(v) in (int, float) for v in x.ravel()):  # ints past 64 bits
+        try:
+            x = x.astype(np.float64)
+        except OverflowError:  # an integer literal past any float (10**400): NumPy refuses to round it
+            raise RequestError(422, '"inputs" holds an integer too large for a float; send numbers within '
+                                    "float32's range.") from None
+    if x.dtype.kind not in "fiu":
+        what = "booleans" if x.dtype.kind == "b" else "strings or nulls"
+        raise RequestError(422, f'"inputs" must be a rectangular array of numbers, got {what}; send one list of '
+                                "numbers per row.")
     return x
 
 
@@ -172,9 +185,22 @@ def _from_npy(body: bytes) -> np.ndarray:
     x = _npy_fast(body)  # numpy's header parser (ast.literal_eval) took 30 % of the event loop's time
     if x is not None:
         return x
+    f = io.BytesIO(body)
+    try:  # the header first: a declared shape is checked against the bytes before anything is allocated
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (ValueError, OSError, EOFError, SyntaxError, OverflowError, TypeError) as exc:
+        raise RequestError(400, f"the body is not a .npy array ({_one_line(exc)}); write it with numpy.save.") from None
+    if dtype.hasobject:
+        raise RequestError(422, "the .npy array holds Python objects; send floats (float32), written by numpy.save.")
+    data = len(body) - f.tell()
+    if math.prod(shape) * dtype.itemsize != data:
+        raise RequestError(400, f"the .npy header declares shape {shape} of {dtype} but {data} bytes of data follow; "
+                                "write the array with numpy.save.")
     try:
         x = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, MemoryError, OverflowError) as exc:
         raise RequestError(400, f"the body is not a .npy array ({_one_line(exc)}); write it with numpy.save.") from None
     if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
         raise RequestError(422, f"the .npy array has dtype {getattr(x, 'dtype', type(x).__name__)}; send floats "
@@ -190,8 +216,9 @@ def encode_outputs(logits: np.ndarray, proba: bool) -> bytes:
     """The JSON answer: logits (or probabilities) per row and each row's class."""
     classes = logits.argmax(axis=1) if logits.size else np.empty(0, np.int64)
     y = special.softmax(logits, axis=1) if proba and logits.size else logits
-    if not np.isfinite(y).all():
-        raise RequestError(500, "the model produced NaN or Inf outputs for this input.")
+    if not np.isfinite(y).all():  # a finite input whose activations overflowed float32: the input's fault
+        raise RequestError(422, "the model's outputs overflow float32 for this input (values far outside the range "
+                                "it was trained on); rescale the input.")
     return json_dumps({"probabilities" if proba else "logits": y.tolist(), "classes": classes.tolist()})
 
 
@@ -302,8 +329,10 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             log.exception("predict failed")
             status, out = 500, _error_body(f"predict failed: {_one_line(exc)}")
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))]
+        if status == 413:  # the rest of an oversized body is not read: the connection cannot carry another request
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
         metrics.latency.observe(time.perf_counter() - t0)
         metrics.count("/predict", status)
@@ -329,7 +358,9 @@ def create_app(net, config: ServeConfig | None = None, *, on_ready=None) -> App:
 
     routes = [Route("/predict", _Endpoint(predict), methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
               Route("/info", info_, methods=["GET"]), Route("/metrics", metrics_, methods=["GET"])]
-    return App(predict, Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}))
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.router.redirect_slashes = False  # "/healthz/" is a 404, not a redirect to a URL built from the Host header
+    return App(predict, app)
 
 
 class _Endpoint:

@@ -142,6 +142,8 @@ def _supervise(config: ServeConfig, sock, on_ready) -> int:
             if status is not None:
                 print(f"fanin: {status}", file=sys.stderr, flush=True)
                 return 2 if not stop.is_set() else 0
+        if stop.is_set():  # told to stop while the workers started: never ready, so no ready line
+            return 0
         on_ready()
         while not stop.wait(0.5):
             for i, (p, conn) in enumerate(workers):
@@ -151,6 +153,9 @@ def _supervise(config: ServeConfig, sock, on_ready) -> int:
                     workers[i] = start()
         return 0
     finally:
+        # the supervisor's copy of the listening socket: closed first, so that once the workers close theirs (they do
+        # at SIGTERM) the kernel refuses new connections instead of queueing them for a drain that never serves them
+        sock.close()
         for p, _ in workers:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
