@@ -105,7 +105,7 @@ def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: 
     if x.dtype != np.float32:
         with np.errstate(over="ignore", invalid="ignore"):
             x32 = np.ascontiguousarray(x, dtype=np.float32)
-        if check_finite and x.size and np.isfinite(x).all() and not np.isfinite(x32).all():
+        if check_finite and x.size and not infer.all_finite(x32) and np.isfinite(x).all():
             raise RequestError(422, "inputs hold values beyond float32's range (|x| > 3.4e38); the model computes "
                                     "in float32: rescale the input.")
         x = x32
