@@ -256,7 +256,7 @@ def read_header(buf) -> tuple[dict, int]:
         raise FormatError("the checksum does not match: the file is corrupted (re-export or re-download it).")
     try:
         header = json.loads(bytes(buf[FIXED:FIXED + h_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, a 5000-digit integer
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit integer (all ValueErrors)
         raise FormatError(f"the header is not valid JSON ({exc}).") from None
     if not isinstance(header, dict) or header.get("format") != "fanin" or header.get("version") != version:
         raise FormatError("the header does not describe a fanin model of this version.")

@@ -103,11 +103,10 @@ class Gated:
         return self._ser
 
     def __call__(self, *args):
-        token = GATE.enter()
-        try:
-            return (self.par if token else self.serial)(*args)
-        finally:
-            GATE.leave(token)
+        return gated(self.par, self._serial_call, *args)
+
+    def _serial_call(self, *args):  # the serial twin, compiled only when a call first needs it
+        return self.serial(*args)
 
     def __getattr__(self, name):
         return getattr(self.par, name)

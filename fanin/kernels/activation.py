@@ -2,7 +2,6 @@
 
 NumPy's ``g * (out > 0)`` makes a boolean temporary and a second pass; these kernels make one pass.
 """
-import numba as nb
 import numpy as np
 from numba import prange
 
@@ -20,22 +19,9 @@ def _relu_par(x, out):
         out[i] = v if v > 0 else 0
 
 
-@nb.njit(cache=True)
-def _relu_ser(x, out):
-    for i in range(x.size):
-        v = x[i]
-        out[i] = v if v > 0 else 0
-
-
 @pjit(cache=True)
 def _relu_grad_par(g, out, gx):
     for i in prange(g.size):
-        gx[i] = g[i] if out[i] > 0 else 0
-
-
-@nb.njit(cache=True)
-def _relu_grad_ser(g, out, gx):
-    for i in range(g.size):
         gx[i] = g[i] if out[i] > 0 else 0
 
 
@@ -44,7 +30,7 @@ def relu(x: np.ndarray, out=None) -> np.ndarray:
     array of x's shape and dtype to write to."""
     x = np.ascontiguousarray(x)
     out = np.empty_like(x) if out is None else out
-    (_relu_par if x.size >= PARALLEL_MIN else _relu_ser)(x.reshape(-1), out.reshape(-1))
+    (_relu_par if x.size >= PARALLEL_MIN else _relu_par.serial)(x.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -52,5 +38,6 @@ def relu_grad(g: np.ndarray, out: np.ndarray, gx=None) -> np.ndarray:
     """g where the ReLU's output is positive, else 0 (written to ``gx`` if given, as in ``relu``)."""
     g = np.ascontiguousarray(g, dtype=out.dtype) if g.dtype != out.dtype else np.ascontiguousarray(g)
     gx = np.empty_like(g) if gx is None else gx
-    (_relu_grad_par if g.size >= PARALLEL_MIN else _relu_grad_ser)(g.reshape(-1), out.reshape(-1), gx.reshape(-1))
+    kern = _relu_grad_par if g.size >= PARALLEL_MIN else _relu_grad_par.serial
+    kern(g.reshape(-1), out.reshape(-1), gx.reshape(-1))
     return gx

@@ -110,13 +110,6 @@ def _k_forward_rows(x, indices, values, scale, bias, out):
         _forward_row(x, indices, values, scale, bias, out, j)
 
 
-@njit(**_JIT_SERIAL)
-def _k_forward_rows_serial(x, indices, values, scale, bias, out):
-    """_k_forward_rows on the calling thread (no thread wake-up)."""
-    for j in range(indices.shape[0]):
-        _forward_row(x, indices, values, scale, bias, out, j)
-
-
 def _parallel_launch_is_slow() -> bool:
     """True when OpenMP threads sleep between kernels (OMP_WAIT_POLICY=PASSIVE, no GOMP_SPINCOUNT).
 
@@ -694,7 +687,7 @@ def fanin_forward(x, indices, values, bias=None, scale=None, xp=None):
         return out
     if B < SMALL_BATCH:
         small = B * indices.shape[0] * indices.shape[1] < SERIAL_MACS and _parallel_launch_is_slow()
-        (_k_forward_rows_serial if small else _k_forward_rows)(x, indices, values, scale, bias, out)
+        (_k_forward_rows.serial if small else _k_forward_rows)(x, indices, values, scale, bias, out)
     else:
         xc, rs, ps = _panel_operand(x, xp)
         vals = values.reshape(-1) if values.dtype == x.dtype else values.reshape(-1).astype(x.dtype)

@@ -28,6 +28,20 @@ NAN_POLICIES = ("raise", "propagate")
 _F32 = np.dtype(np.float32)
 
 
+def as_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` as C-contiguous float32, and the rows (axis 0) whose values are finite in ``x`` but beyond float32's
+    range (empty unless the cast made something non-finite). ``predict`` and ``fanin serve`` name those rows
+    instead of calling them NaN or Inf."""
+    if x.dtype == _F32:
+        return np.ascontiguousarray(x), np.empty(0, np.intp)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not x32.size or infer.all_finite(x32):
+        return x32, np.empty(0, np.intp)
+    big = np.isfinite(x) & ~np.isfinite(x32)
+    return x32, np.flatnonzero(big.reshape(len(x), -1).any(axis=1))
+
+
 class PredictError(ValueError):
     """``predict`` was given an input it cannot take (the message says what to change)."""
 
@@ -76,19 +90,11 @@ class Network:
                 f"predict: x has shape {x.shape}; this network takes (batch, {', '.join(map(str, self.input_shape))}) "
                 f"or one sample of shape {self.input_shape}."
             )
-        if x.dtype != np.float32:
-            with np.errstate(over="ignore", invalid="ignore"):
-                x32 = np.ascontiguousarray(x, dtype=np.float32)
-            if self.nan_policy == "raise" and x.size and not np.isfinite(x32).all():
-                big = np.isfinite(x) & ~np.isfinite(x32)
-                if big.any():  # finite in x, but not in float32: say so, not "NaN or Inf"
-                    rows = np.flatnonzero(big.reshape(x.shape[0], -1).any(axis=1))
-                    raise PredictError(f"predict: sample(s) {rows[:5].tolist()}{' ...' if rows.size > 5 else ''} "
-                                       f"hold values beyond float32's range (largest |x| {np.abs(x[big]).max():.3g}"
-                                       "); the network computes in float32: rescale the input.")
-            x = x32
-        else:
-            x = np.ascontiguousarray(x)
+        x, rows = as_float32(x)
+        if self.nan_policy == "raise" and rows.size:  # finite as given, but not in float32: say so, not "NaN or Inf"
+            raise PredictError(f"predict: sample(s) {rows[:5].tolist()}{' ...' if rows.size > 5 else ''} hold values "
+                               "beyond float32's range (|x| > 3.4e38); the network computes in float32: rescale the "
+                               "input.")
         if self.nan_policy == "raise" and x.size and not self._scans_x and not infer.all_finite(x):
             self._refuse_non_finite(x)
         return x, single

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - the standard library does the same, sl
     orjson = None
 
 from fanin.kernels import infer
+from fanin.runtime.network import as_float32
 from fanin.serve.batcher import Batcher
 from fanin.serve.config import ServeConfig
 
@@ -102,13 +103,10 @@ def decode_inputs(body: bytes, content_type: str, input_shape: tuple, max_rows: 
     if len(x) > max_rows:
         raise RequestError(413, f"the request has {len(x)} rows; this server takes at most {max_rows} per request "
                                 "(fanin serve --max-rows): split it.")
-    if x.dtype != np.float32:
-        with np.errstate(over="ignore", invalid="ignore"):
-            x32 = np.ascontiguousarray(x, dtype=np.float32)
-        if check_finite and x.size and not infer.all_finite(x32) and np.isfinite(x).all():
-            raise RequestError(422, "inputs hold values beyond float32's range (|x| > 3.4e38); the model computes "
-                                    "in float32: rescale the input.")
-        x = x32
+    x, beyond = as_float32(x)
+    if check_finite and beyond.size:
+        raise RequestError(422, "inputs hold values beyond float32's range (|x| > 3.4e38); the model computes "
+                                "in float32: rescale the input.")
     if check_finite and x.size and not infer.all_finite(x):
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         raise RequestError(422, f"row(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold NaN or Inf; "
