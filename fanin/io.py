@@ -35,10 +35,10 @@ import pathlib
 import stat
 import struct
 
-import numba as nb
 import numpy as np
 
 from fanin._atomic import write_atomic
+from fanin.kernels._jit import njit
 from fanin.runtime.plan import FormatError, check
 
 __all__ = ["save", "load", "FormatError", "FORMAT_VERSION", "read_header"]
@@ -53,7 +53,7 @@ _DTYPES = {"int8", "int16", "int32", "uint8", "float32"}
 
 
 # ------------------------------------------------------------------ encodings
-@nb.njit(cache=True)
+@njit(cache=True)
 def _rice_encode(idx, r, out):
     """Rice-code the gaps of each row of ``idx`` into ``out`` (uint8, zeroed, big enough); returns bytes used."""
     pos = 0  # bit position
@@ -74,7 +74,7 @@ def _rice_encode(idx, r, out):
     return (pos + 7) >> 3
 
 
-@nb.njit(cache=True)
+@njit(cache=True)
 def _rice_decode(data, r, n_in, out):
     """Decode rows of ``out`` (n, k) from ``data``; returns 0, or -1 for data that does not decode to rows of
     strictly increasing inputs in [0, n_in) within ``data`` (never reads outside it)."""

@@ -41,3 +41,24 @@ def test_fanin_train_opts_in(monkeypatch):
     assert fanin.cli.main(["info", "/nonexistent.fanin"]) == 2 and calls == []  # only training tunes its process
     assert fanin.cli.main(["train", "--epochs", "1", "--limit", "256", "--no-progress", "--batch-size", "64"]) in (0, 2)
     assert calls == [{}]
+
+
+def test_a_read_only_install_compiles_in_memory_with_one_warning():
+    """Where Numba finds no folder for its cache (a read-only install, a service user without a writable home:
+    simulated by taking Numba's cache locators away), fanin still runs: kernels compile in memory, one warning says
+    so and what to set. Numba itself raises "no locator available" at a kernel's first use there."""
+    code = """
+import warnings
+from numba.core.caching import CacheImpl
+CacheImpl._locator_classes = []
+import numpy as np, fanin
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    layer = fanin.nn.FanInLinear(8, 4, sparsity=0.5, seed=0)
+    y = fanin.kernels.fanin_forward(x, layer.indices, layer.values)
+net = fanin.compile(fanin.models.mlp([8, 6, 3], sparsity=0.5, seed=0))
+mine = [str(w.message) for w in caught if "NUMBA_CACHE_DIR" in str(w.message)]
+print(len(mine), np.allclose(y, x @ layer.to_dense().T, atol=1e-5), net.predict(x).shape)
+"""
+    assert run(code) == ["1", "True", "(3,", "3)"]

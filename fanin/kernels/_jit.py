@@ -1,4 +1,4 @@
-"""One Python body, two compilations: ``parallel=True`` and serial.
+"""One Python body, two compilations: ``parallel=True`` and serial; and fanin's ``njit``.
 
 A service may not launch parallel kernels at all times: a child forked after GNU OpenMP started dies at its
 first parallel region, two threads under Numba's ``workqueue`` layer must not launch at once, and small work
@@ -10,9 +10,46 @@ from __future__ import annotations
 import os
 import threading
 import types as _pytypes
+import warnings
 
 import numba
-from numba import njit
+
+
+# ------------------------------------------------------------------ njit, with or without a disk cache
+_CACHEABLE: dict = {}   # source file -> whether Numba can keep that file's compiled kernels on disk
+
+
+def _cacheable(fn) -> bool:
+    """Whether Numba finds a folder for ``fn``'s on-disk cache: next to the source (``__pycache__``), else the
+    user's cache folder, else ``NUMBA_CACHE_DIR``. Decided once per source file, by Numba's own locators."""
+    path = fn.__code__.co_filename
+    ok = _CACHEABLE.get(path)
+    if ok is None:
+        try:
+            from numba.core.caching import FunctionCache
+
+            FunctionCache(fn)
+            ok = True
+        except (RuntimeError, OSError):  # "cannot cache function ...: no locator available for file ..."
+            ok = False
+            if not any(v is False for v in _CACHEABLE.values()):  # one warning a process
+                warnings.warn(f"fanin: Numba cannot keep compiled kernels on disk ({os.path.dirname(path)} and the "
+                              "user's cache folder are read-only): they compile in memory, in every new process. "
+                              "Set NUMBA_CACHE_DIR to a writable folder to keep them.", RuntimeWarning, stacklevel=3)
+        _CACHEABLE[path] = ok
+    return ok
+
+
+def njit(fn=None, **opts):
+    """``numba.njit(**opts)``, except that ``cache=True`` falls back to an in-memory compilation (and one
+    ``RuntimeWarning``) where Numba has nowhere to write its cache. Numba itself raises there, at the first use
+    of a kernel: a read-only install run by a user without a writable home folder (a container's service user)
+    could not run fanin at all. Setting ``NUMBA_CACHE_DIR`` for the host process would not be ours to do."""
+    if fn is None:
+        return lambda f: njit(f, **opts)
+    if opts.get("cache") and not _cacheable(fn):
+        opts = {**opts, "cache": False}
+    return numba.njit(**opts)(fn)
 
 
 # ------------------------------------------------------------------ the process-wide parallel policy

@@ -22,11 +22,11 @@ branches and no border cases: a tap of output channel j at tile (oy0, ox0) reads
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, prange
 
 from fanin.kernels._intrinsics import load_unchecked as _ld
 from fanin.kernels._intrinsics import stack_buffer
-from fanin.kernels._jit import clone, gate, gated, twins
+from fanin.kernels._jit import clone, gate, gated, njit, twins
 
 _JIT_SERIAL = dict(cache=True, fastmath=True, nogil=True)  # also what twins() compiles with (+ parallel=True)
 _JIT = dict(parallel=True, **_JIT_SERIAL)

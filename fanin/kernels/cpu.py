@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from fanin.kernels import memory
 from fanin.kernels._intrinsics import load_unchecked as _at
 from fanin.kernels._intrinsics import stack_buffer
-from fanin.kernels._jit import pjit
+from fanin.kernels._jit import njit, pjit
 from fanin.kernels.select import kth_smallest
 
 _JIT = dict(parallel=True, cache=True, fastmath=True, nogil=True)

@@ -71,13 +71,13 @@ import math
 import numba
 import numpy as np
 from llvmlite import ir as llvmir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import load_unchecked as _at
 from fanin.kernels._intrinsics import prefer_512_bit_vectors, stack_buffer
-from fanin.kernels._jit import clone, twins
+from fanin.kernels._jit import clone, njit, twins
 from fanin.kernels.lowbit import dequantize_rows_int4, dequantize_rows_int8
 
 __all__ = ["Layout", "forward", "PATHS", "TB", "SMALL_BATCH", "PAD", "NF", "rows_forward", "rows_forward_serial",

@@ -12,7 +12,7 @@ of byte ``m`` and slot ``2m + 1`` in its high nibble, each a two's-complement 4-
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from fanin.kernels._jit import njit
 
 from fanin.kernels._intrinsics import load_unchecked as _at
 

@@ -2,14 +2,13 @@
 
 Ties are broken by position (the earlier slot wins), so an update is deterministic.
 """
-import numba as nb
 import numpy as np
 from numba import prange
 
-from fanin.kernels._jit import pjit
+from fanin.kernels._jit import njit, pjit
 
 
-@nb.njit(cache=True)
+@njit(cache=True)
 def kth_smallest(a, kth):
     """The value ``np.partition(a, kth)[kth]`` would give, for a 1-D array without NaN.
 
@@ -48,7 +47,7 @@ def kth_smallest(a, kth):
 SMALL_WANT = 64  # up to this many per row, the cut value comes from a sorted buffer instead of a partition
 
 
-@nb.njit(cache=True)
+@njit(cache=True)
 def _cut_by_buffer(row, want, buf):
     """The ``want``-th largest finite value of ``row`` (which holds more than ``want`` finite values).
 
@@ -201,7 +200,7 @@ def gather_rows(a, src):
 _BITS = 12  # histogram buckets: sign, exponent and 3 mantissa bits of float32 (8 per octave)
 
 
-@nb.njit(cache=True)
+@njit(cache=True)
 def _bucket(v):
     """The top _BITS of an order-preserving key of float32(v): a > b implies bucket(a) >= bucket(b)."""
     b = np.uint32(np.float32(v).view(np.uint32))

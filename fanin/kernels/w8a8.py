@@ -59,12 +59,12 @@ import math
 import numba
 import numpy as np
 from llvmlite import ir as llvmir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fanin.kernels._intrinsics import prefer_512_bit_vectors, round_int32, stack_buffer, wide_vectors
-from fanin.kernels._jit import twins
+from fanin.kernels._jit import njit, twins
 from fanin.kernels.infer import (_I32, _I64, ACT_RELU, ACTS, _activate, _vconst, aligned_zeros, cache_bytes,
                                   target_features, transpose8)
 
