@@ -365,6 +365,21 @@ def test_two_workers_serve_and_stop(model_path, net):
         s.stop()
 
 
+def test_a_server_reachable_from_other_machines_says_what_it_does_not_guard(model_path, net):
+    from fanin.serve.server import exposure_note
+
+    assert exposure_note("127.0.0.1") == exposure_note("::1") == ""
+    assert all("reverse proxy" in exposure_note(h) for h in ("0.0.0.0", "::", "192.168.1.7"))
+    s = Server(model_path, "--host", "0.0.0.0")
+    try:
+        assert s.predict(rows(1, 3))[0] == 200
+        assert s.stop() == 0
+        time.sleep(0.2)  # the drain thread reads the rest of stderr
+        assert any("reachable from other machines" in line for line in s.lines)
+    finally:
+        s.stop()
+
+
 def alive(pid):
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -12,6 +12,7 @@ SIGTERM or SIGINT stops accepting connections, lets requests in flight finish (u
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -49,7 +50,8 @@ def serve(config: ServeConfig, net=None, *, sock: socket.socket | None = None, a
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     announce = announce or (lambda u: print(f"fanin serve: {config.model or 'model'} on {u} ({_describe(config)}); "
-                                            "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True))
+                                            f"SIGTERM or Ctrl-C stops it{exposure_note(host)}", file=sys.stderr,
+                                            flush=True))
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if config.workers == 1:
@@ -61,6 +63,19 @@ def serve(config: ServeConfig, net=None, *, sock: socket.socket | None = None, a
         for s, h in previous.items():
             signal.signal(s, h)
         sock.close()
+
+
+def exposure_note(host: str) -> str:
+    """'' for a loopback address, else a reminder (appended to the ready line) that the server is reachable from
+    other machines and what it does not guard there (docs/SERVING.md, "On an untrusted network")."""
+    try:
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return ""
+    except ValueError:  # a host name: bind() resolved it, getsockname() gives addresses, so not expected here
+        pass
+    return ("\nfanin serve: reachable from other machines: no TLS, no authentication, no limit on header size or "
+            "slow clients; in front of clients you do not control put a reverse proxy before it (docs/SERVING.md, "
+            "'On an untrusted network')")
 
 
 def _describe(config: ServeConfig) -> str:
