@@ -52,7 +52,7 @@ test-gpu: $(VENV)/.installed-test
 
 # Mutation testing (tools/mutation, docs/TESTING.md): not part of `test`; ~25 min on 2 cores.
 # MUTANTS judged per target, SEED of the sample, WORKERS in parallel, TARGETS (comma-separated:
-# kernels,ops,tensor,optim,sparsity; default all), REV (a git revision instead of the working tree).
+# kernels,ops,tensor,optim,sparsity,w8a8; default all), REV (a git revision instead of the working tree).
 MUTANTS ?= 60
 SEED    ?= 0
 WORKERS ?= 2
@@ -66,6 +66,7 @@ bench: $(VENV)/.installed-bench deepsparse-venv
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_conv.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_srigl.py --out bench/RESULTS.md
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_inference.py --out bench/RESULTS.md
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/bench_serve.py --out bench/RESULTS.md
 
 # DeepSparse 1.8.0 (a contender of bench/bench_inference.py) has wheels for CPython 3.11 only and pins
 # onnx < 1.15, hence NumPy 1.x: it gets its own virtualenv, driven by bench/deepsparse_worker.py. This target

@@ -11,8 +11,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "cli", "compress", "data", "io", "kernels", "models", "nn", "ops", "optim", "runtime",
-               "sparsity", "tensor", "train", "tuning")
+# every public module, loaded on first use (``fanin.serve`` and ``fanin.distributed`` import their extras only when a
+# name that needs them is used, so reaching them costs nothing without the extras)
+_SUBMODULES = ("checkpoint", "cli", "compress", "convert", "data", "device", "distributed", "io", "kernels", "models",
+               "nn", "ops", "optim", "runtime", "serve", "sparsity", "tensor", "train", "tuning")
 _NAMES = {"Tensor": "fanin.tensor", "no_grad": "fanin.tensor", "compile": "fanin.runtime", "Network": "fanin.runtime",
           "load": "fanin.io", "save": "fanin.io", "FormatError": "fanin.io", "debug": "fanin.kernels"}
 __all__ = ["Tensor", "no_grad", "compile", "load", "save", "Network", "FormatError", "debug", *_SUBMODULES,

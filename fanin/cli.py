@@ -86,8 +86,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_activations(p):
     p.add_argument("--activations", choices=["float32", "int8"], default="float32",
-                   help="int8: 8-bit activations and integer dot products (~4x faster at batch 1, ~2x at 256, on "
-                        "AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
+                   help="int8: 8-bit activations and integer dot products (~4-5x faster at batch 1, ~1.4-2.3x at 256, "
+                        "on AVX-512 VBMI/VNNI CPUs; results within 8-bit error of float32; docs/INFERENCE.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,7 +118,8 @@ def div(a, b) -> Tensor:
 
     def backward(g):
         ga = _unbroadcast(g / b.data, a.shape) if a.requires_grad else None
-        gb = _unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None
+        # -g a / b^2 as (g (a / b)) / b: b * b underflows to 0 for |b| < ~1e-19 in float32 (and overflows past 1.8e19)
+        gb = _unbroadcast(-(g * (a.data / b.data)) / b.data, b.shape) if b.requires_grad else None
         return ga, gb
 
     return Tensor._make(a.data / b.data, (a, b), backward)
@@ -132,6 +133,8 @@ def pow(a, exponent) -> Tensor:
     p = float(exponent)
 
     def backward(g):
+        if p == 0:  # d/da a^0 = 0 everywhere (0 * 0^-1 would be NaN at a = 0)
+            return (np.zeros_like(g * a.data),)
         return (g * (p * a.data ** (p - 1)),)
 
     return Tensor._make(a.data ** p, (a,), backward)
@@ -277,6 +280,8 @@ def flatten(a, start_dim=1) -> Tensor:
 
 def transpose(a, axes=None) -> Tensor:
     a = _t(a)
+    if axes is not None:  # negative axes counted from the end, so that the inverse permutation is right
+        axes = tuple(int(ax) + a.ndim if int(ax) < 0 else int(ax) for ax in axes)
     out = np.transpose(a.data, axes)
     inverse = None if axes is None else tuple(np.argsort(axes))
     return Tensor._make(out, (a,), lambda g: (np.transpose(g, inverse),))
@@ -287,11 +292,22 @@ def _is_advanced(index) -> bool:
     return any(isinstance(i, (list, np.ndarray, Tensor)) for i in items)
 
 
+def _index(i):
+    """An index part as NumPy takes it: a Tensor's data (float32, as every Tensor) back to integers when whole."""
+    if not isinstance(i, Tensor):
+        return i
+    d = i.data
+    if d.dtype.kind == "f":
+        if not np.all(np.isfinite(d)) or not np.array_equal(d, np.round(d)):
+            raise IndexError("getitem: a Tensor used as an index must hold whole numbers.")
+        return d.astype(np.int64)
+    return d
+
+
 def getitem(a, index) -> Tensor:
     """``a[index]`` for slices, integers and integer/boolean arrays."""
     a = _t(a)
-    if isinstance(index, Tensor):
-        index = index.data
+    index = tuple(_index(i) for i in index) if isinstance(index, tuple) else _index(index)
     out = a.data[index]
     advanced = _is_advanced(index)
 
@@ -594,6 +610,20 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
 
 
 # ------------------------------------------------------- condensed fan-in ops
+def _zero_ablated(w, active):
+    """``w``, or a copy with the rows of ablated neurons zeroed where they hold values: SPEC section 1 gives an ablated
+    neuron its bias alone. The layers keep those rows at zero; a direct call of the op with values there gets them
+    ignored (and no gradient through them), not added."""
+    if active is None or active.all():
+        return w
+    off = ~active
+    if not w[off].any():
+        return w
+    w = w.copy()
+    w[off] = 0
+    return w
+
+
 def _as_topology(fname, indices, active, n_in):
     """A layer's ``Topology`` as it is; plain index arrays are validated into one (every call)."""
     from fanin import kernels
@@ -648,7 +678,7 @@ def fanin_linear(x, indices, values, bias=None, active=None, capture=None, dense
     topo, dense = _linear_topology(x, indices, values, active, dense)
     B, n_in = x.shape
     active = topo.active
-    w = values.data
+    w = _zero_ablated(values.data, active)
     xp = panels_of(x)  # packed activations exist only from batch SMALL_BATCH on
     if xp is not None and xp.dtype != w.dtype:
         xp = None
@@ -737,7 +767,8 @@ def fanin_conv2d(x, indices, values, bias=None, active=None, capture=None, kerne
     if tuple(values.shape) != tuple(topo.indices.shape):
         raise ValueError(f"fanin_conv2d: values of shape {values.shape} must have the shape of the indices "
                          f"{topo.indices.shape}.")
-    indices, active, w = topo.indices, topo.active, values.data
+    indices, active = topo.indices, topo.active
+    w = _zero_ablated(values.data, active)
     out = kconv.fanin_conv2d_forward(x.data, indices, w, None if bias is None else bias.data, (kh, kw), stride,
                                      padding)
     parents = (x, values) if bias is None else (x, values, bias)

@@ -213,7 +213,11 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam; with ``decoupled=True`` (AdamW) weight decay shrinks weights directly."""
+    """Adam; with ``decoupled=True`` (AdamW) weight decay shrinks weights directly.
+
+    The bias correction of a parameter counts the steps that updated it (``counts``), as PyTorch's does: a
+    parameter that first gets a gradient after some steps (a branch unused at first, a layer unfrozen later)
+    starts with the correction of its first step, not of the optimizer's."""
 
     decoupled = False
 
@@ -223,11 +227,26 @@ class Adam(Optimizer):
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"Adam: betas must lie in [0, 1), got {betas}.")
         self.betas, self.eps, self.weight_decay = (b1, b2), eps, weight_decay
+        self.counts = {}  # parameter -> the steps that updated it
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(self.params)}
+        sd["counts"] = {index[id(p)]: t for p, t in self.counts.items()}
+        return sd
+
+    def load_state_dict(self, sd: dict):
+        super().load_state_dict(sd)
+        if "counts" in sd:
+            self.counts = {self.params[int(i)]: int(t) for i, t in sd["counts"].items()
+                           if 0 <= int(i) < len(self.params)}
+        else:  # written before the counts were kept: every parameter with state had counted every step
+            self.counts = {p: self.steps for p in self.state}
 
     def _update(self, p, g):
         b1, b2 = self.betas
         m, v = self._slot(p, "m"), self._slot(p, "v")
-        t = self.steps
+        t = self.counts[p] = self.counts.get(p, 0) + 1
         dt = p.data.dtype.type
         step = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         l2 = 0.0 if self.decoupled else self.weight_decay

@@ -72,6 +72,9 @@ def as_array(data, dtype=None) -> np.ndarray:
         data = data.data
     arr = np.asarray(data)
     if dtype is not None:
+        if np.dtype(dtype) not in (np.float32, np.float64):  # an integer Tensor would truncate values and gradients
+            raise TypeError(f"a Tensor holds float32 or float64, not {np.dtype(dtype)}; pass dtype=np.float32 "
+                            "(the default) or np.float64.")
         return arr.astype(dtype, copy=False)
     if arr.dtype == np.float32 or arr.dtype == np.float64:
         return arr

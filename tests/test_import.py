@@ -22,6 +22,10 @@ def test_import_leaves_the_environment_numpy_and_malloc_alone():
 def test_the_package_still_exposes_its_api_lazily():
     code = "import fanin; print(fanin.Tensor.__name__, fanin.nn.FanInLinear.__name__, callable(fanin.load), fanin.__version__)"
     assert run(code) == ["Tensor", "FanInLinear", "True", "0.1.0"]
+    # the modules the docs reach through the package (fanin.distributed.sweep, fanin.serve.create_app, ...)
+    code = ("import fanin; print(*(m.__name__ for m in (fanin.convert, fanin.device, fanin.distributed, fanin.serve)), "
+            "callable(fanin.distributed.DataParallel), callable(fanin.serve.create_app))")
+    assert run(code) == ["fanin.convert", "fanin.device", "fanin.distributed", "fanin.serve", "True", "True"]
 
 
 def test_tuning_is_opt_in_and_a_users_settings_win():

@@ -471,8 +471,9 @@ def _patches_gradient(fname, dcols, x_shape, kh, kw, stride, padding, planes):
     dcols = _v.float_array(fname, "dcols", dcols, 3 if planes else 2,
                            "(B, C*kh*kw, Ho*Wo)" if planes else "(B*Ho*Wo, C*kh*kw)")
     x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"{fname}: x_shape must be a positive (batch, channels, height, width), got {x_shape}.")
+    if len(x_shape) != 4 or min(x_shape[1:]) < 1 or x_shape[0] < 0:
+        raise ValueError(f"{fname}: x_shape must be (batch, channels, height, width) with positive sizes (the batch "
+                         f"may be 0), got {x_shape}.")
     kh, kw, stride, padding, ho, wo = _conv_geometry(fname, x_shape, kh, kw, stride, padding)
     k = x_shape[1] * kh * kw
     want = (x_shape[0], k, ho * wo) if planes else (x_shape[0] * ho * wo, k)

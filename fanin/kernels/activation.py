@@ -28,16 +28,18 @@ def _relu_grad_par(g, out, gx):
 def relu(x: np.ndarray, out=None) -> np.ndarray:
     """max(x, 0) elementwise, any shape (NaN gives 0, as NaN > 0 is false); ``out``: a C-contiguous
     array of x's shape and dtype to write to."""
-    x = np.ascontiguousarray(x)
+    shape = np.shape(x)
+    x = np.ascontiguousarray(x)  # (a 0-d array becomes 1-d here: the result gets x's shape back)
     out = np.empty_like(x) if out is None else out
     (_relu_par if x.size >= PARALLEL_MIN else _relu_par.serial)(x.reshape(-1), out.reshape(-1))
-    return out
+    return out if out.shape == shape else out.reshape(shape)
 
 
 def relu_grad(g: np.ndarray, out: np.ndarray, gx=None) -> np.ndarray:
     """g where the ReLU's output is positive, else 0 (written to ``gx`` if given, as in ``relu``)."""
+    shape = np.shape(g)
     g = np.ascontiguousarray(g, dtype=out.dtype) if g.dtype != out.dtype else np.ascontiguousarray(g)
     gx = np.empty_like(g) if gx is None else gx
     kern = _relu_grad_par if g.size >= PARALLEL_MIN else _relu_grad_par.serial
     kern(g.reshape(-1), out.reshape(-1), gx.reshape(-1))
-    return gx
+    return gx if gx.shape == shape else gx.reshape(shape)

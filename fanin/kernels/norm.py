@@ -195,7 +195,7 @@ def _run(par, p, s, *args):
 def _as3(a: np.ndarray) -> np.ndarray:
     """(B, C, ...) -> a C-contiguous (B, C, S) view (a copy only if a is not C-contiguous)."""
     a = np.ascontiguousarray(a)
-    return a.reshape(a.shape[0], a.shape[1], -1)
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))  # (-1 fails at batch 0)
 
 
 def batch_stats(x: np.ndarray):
