@@ -37,6 +37,17 @@ STARTS = {"dense": ["--method", "dense"], "srigl90": ["--method", "srigl", "--sp
 MLP_SIZES = {"mlp": None, "mlp-wide": "784-1024-1024-10"}
 
 
+
+def _at_least_one(text: str) -> int:
+    """argparse type of --workers / --threads: an integer >= 1 (a usage line, not a traceback, otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
 def _slug(args):
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in args))
 
@@ -184,8 +195,8 @@ def main(argv=None):
     ap.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new ones")
     ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
                     help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
-    ap.add_argument("--workers", type=int, default=None, help="--scheduler local: worker processes (cores / threads)")
-    ap.add_argument("--threads", type=int, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--workers", type=_at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=_at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
     ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
     global RUNS

@@ -34,6 +34,17 @@ METHODS = {
 }
 
 
+
+def _at_least_one(text: str) -> int:
+    """argparse type of --workers / --threads: an integer >= 1 (a usage line, not a traceback, otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
 def cell(model, method, sparsity, seed, epochs, extra):
     """(name, command, JSON path, command as shown) of one `fanin train` run; ``method`` is a key of METHODS."""
     name = f"{model}-{method}-{'dense' if method == 'dense' else sparsity}-s{seed}-e{epochs}"
@@ -124,8 +135,8 @@ def main(argv=None):
                     help="also run SRigL with these gamma_sal values (rows 'srigl, gamma_sal G')")
     ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
                     help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
-    ap.add_argument("--workers", type=int, default=None, help="--scheduler local: worker processes (cores / threads)")
-    ap.add_argument("--threads", type=int, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--workers", type=_at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=_at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
     ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
     global RUNS

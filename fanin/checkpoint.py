@@ -31,6 +31,11 @@ def flatten(tree, prefix="", arrays=None):
     arrays = {} if arrays is None else arrays
     if isinstance(tree, np.ndarray):
         key = prefix.rstrip("/")
+        if key in arrays or key == "__meta__":  # "a/b" and {"a": {"b": ...}} would share one entry of the archive
+            raise ValueError(f"checkpoint: two entries of the state are both stored as {key!r}; rename one.")
+        if tree.dtype.hasobject:
+            raise ValueError(f"checkpoint: {key!r} is an array of Python objects; a checkpoint holds numbers (no "
+                             "pickle).")
         arrays[key] = tree
         return {"__array__": key}, arrays
     if isinstance(tree, dict):
@@ -81,9 +86,15 @@ def load_checkpoint(path) -> dict:
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
     except (OSError, ValueError, KeyError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path} is not a readable fanin checkpoint ({exc}).") from exc
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a fanin checkpoint of version {VERSION}.")
-    return unflatten(meta["state"], arrays)
+    try:
+        state = unflatten(meta.get("state"), arrays)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: its index names an array it does not hold ({exc}).") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is corrupt: it holds no training state.")
+    return state
 
 
 def training_state(model, opt, schedule, updater, rng, epoch, history, compressor=None):
@@ -103,12 +114,34 @@ def restore_training_state(state, model, opt, schedule, updater, rng, compressor
     The model takes the checkpoint's shapes (layers self-compression shrank) before the optimizer,
     the sparsity updater and the compressor load their state for those shapes.
     """
+    if not isinstance(state, dict):
+        raise CheckpointError("the checkpoint holds no training state.")
+    for key, kind in (("epoch", int), ("history", list), ("model", dict), ("optimizer", dict), ("schedule_t", int),
+                      ("rng", dict), ("dropout_rngs", list)):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise CheckpointError(f"the checkpoint's {key!r} is {'missing' if value is None else repr(value)[:40]}, "
+                                  f"not {'an integer' if kind is int else 'a ' + kind.__name__}: it is corrupt or not a "
+                                  "training checkpoint.")
+    epoch, t = state["epoch"], state["schedule_t"]
+    if epoch < 0 or not all(isinstance(h, dict) for h in state["history"]) or len(state["history"]) > epoch:
+        raise CheckpointError(f"the checkpoint's epoch {epoch} and its history of {len(state['history'])} epochs "
+                              "disagree: it is corrupt.")
+    total = getattr(schedule, "total_steps", None)
+    if t < 0 or (total is not None and t > total):
+        raise CheckpointError(f"the checkpoint's schedule step {t} lies outside this run's 0..{total}; resume with "
+                              "the run's settings (--epochs, --batch-size, --limit).")
     if (state.get("compressor") is None) != (compressor is None):
         raise CheckpointError("the checkpoint was written " + ("with" if compressor is None else "without") +
                               " self-compression; resume with the same --compress setting.")
-    model.load_state_dict(state["model"], resize=compressor is not None)
+    if compressor is not None:  # before the model adopts the checkpoint's (shrunk) shapes
+        compressor.check_state(state["compressor"])
+    try:
+        model.load_state_dict(state["model"], resize=compressor is not None)
+    except KeyError as exc:  # names the missing and unexpected arrays
+        raise CheckpointError(f"the checkpoint's model does not fit this one: {exc.args[0]}") from None
     opt.load_state_dict(state["optimizer"])
-    schedule.t = int(state["schedule_t"])
+    schedule.t = t
     opt.lr = schedule.lr_at(schedule.t)
     if updater is not None:
         updater.load_state_dict(state["updater"])
@@ -117,4 +150,4 @@ def restore_training_state(state, model, opt, schedule, updater, rng, compressor
     rng.bit_generator.state = state["rng"]
     for m, st in zip([m for m in model.modules() if isinstance(m, nn.Dropout)], state["dropout_rngs"]):
         m.rng.bit_generator.state = st
-    return int(state["epoch"]), list(state["history"])
+    return epoch, list(state["history"])

@@ -342,6 +342,13 @@ def cmd_train(args) -> int:
         if root:
             print(*a, **k)
 
+    def fail_here(msg: str) -> int:
+        """A failure this rank may meet alone (its data, its files, its device): with other ranks waiting for it in
+        the first collective, it ends them all now (MPI_Abort) rather than after --mpi-timeout."""
+        if dp is not None and dp.size > 1:
+            dp.abort(msg, 2)
+        return _fail(msg)
+
     import numpy as np
 
     from fanin import optim
@@ -351,20 +358,19 @@ def cmd_train(args) -> int:
     from fanin.train import TrainConfig, fit, make_optimizer
 
     for flag in ("--out", "--json", "--checkpoint"):
-        problem = _writable(getattr(args, flag[2:].replace("-", "_"), None), flag)
+        problem = root and _writable(getattr(args, flag[2:].replace("-", "_"), None), flag)  # rank 0 writes them
         if problem:
-            return _fail(problem)
+            return fail_here(problem)
     if args.warmup_epochs > args.epochs:
-        print(f"fanin: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}); "
-              "use at most the number of epochs.", file=sys.stderr)
+        say(f"fanin: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}); "
+            "use at most the number of epochs.", file=sys.stderr)
         return 2
     for note in ignored_options(args):
         say(f"fanin: note: {note}", file=sys.stderr)
     try:
         train, test = load_data(args.model, args.limit, args.validation)
     except (DatasetNotFound, ValueError) as exc:
-        print(f"fanin: {exc}", file=sys.stderr)
-        return 2
+        return fail_here(str(exc))
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -381,14 +387,13 @@ def cmd_train(args) -> int:
                                ("--resume", bool(args.resume)), ("--checkpoint-every", bool(args.checkpoint_every)))
                if on]
         if bad:
-            print(f"fanin: --device cuda does not support {', '.join(bad)} yet; train on the cpu for those.",
-                  file=sys.stderr)
+            say(f"fanin: --device cuda does not support {', '.join(bad)} yet; train on the cpu for those.",
+                file=sys.stderr)
             return 2
         try:
             model.to("cuda")
         except Exception as exc:  # no GPU / driver / numba-cuda, or a layer without CUDA kernels: one line
-            print(f"fanin: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return fail_here(str(exc).splitlines()[0])
     opt = make_optimizer(model.parameters(), cfg)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -396,8 +401,8 @@ def cmd_train(args) -> int:
     try:
         updater = build_updater(args, model, opt, total)
         compressor = build_compressor(args, model, opt, updater, total)
-    except ValueError as exc:
-        print(f"fanin: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the same on every rank: said once
+        say(f"fanin: {exc}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(cfg.seed)
     start_epoch, history = 0, []
@@ -413,10 +418,11 @@ def cmd_train(args) -> int:
         was = state.get("args") if isinstance(state.get("args"), dict) else {}
         # what shapes the run (its data, batches, model, schedule): another value would continue another run,
         # e.g. a different --limit or --batch-size left the cosine schedule past its end (a learning rate of ~0)
-        changed = [f"--{k.replace('_', '-')} {was[k]!r} -> {getattr(args, k)!r}"
-                   for k in ("model", "sizes", "method", "sparsity", "distribution", "batch_size", "limit",
-                             "validation", "optimizer", "compress")
-                   if k in was and was[k] != getattr(args, k, None)
+        # (every setting of the run takes part, e.g. --lr, --seed, --dropout, --delta-t; only where the output goes,
+        # how progress shows, how the ranks talk and --epochs may change)
+        changed = [f"--{k.replace('_', '-')} {_shown(was[k])} -> {_shown(getattr(args, k, None))}"
+                   for k in sorted(was) if k not in _RESUME_MAY_CHANGE and k in vars(args)
+                   and was[k] != getattr(args, k, None)
                    and not (k == "sizes" and list(was[k] or []) == list(getattr(args, k) or []))]
         if changed:
             say(f"fanin: cannot resume: the checkpoint's run was made with other settings ({'; '.join(changed)}); "
@@ -741,6 +747,16 @@ def main(argv=None) -> int:
         # a read-only install whose user has no writable ~/.cache: Numba has nowhere to keep compiled kernels
         return _fail("Numba cannot cache the compiled kernels (the install folder and ~/.cache are read-only for "
                      "this user); set NUMBA_CACHE_DIR to a writable folder.")
+
+
+# train options that a --resume may change: outputs, progress, devices, ranks (a run resumes on any number of them)
+# and --epochs (to train on: the cosine schedule then runs to the new end)
+_RESUME_MAY_CHANGE = frozenset({"checkpoint", "checkpoint_every", "command", "data", "device", "distributed", "epochs",
+                                "json", "mpi_timeout", "no_progress", "out", "resume"})
+
+
+def _shown(value) -> str:
+    return "(not given)" if value is None else repr(value)
 
 
 def _writable(path, flag: str):

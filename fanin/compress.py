@@ -563,6 +563,25 @@ class SelfCompression:
                 "channel_ids": {n: a.copy() for n, a in self.channel_ids.items()},
                 "pending": {n: a.copy() for n, a in self.pending.items()}, "rng": self.rng.bit_generator.state}
 
+    def check_state(self, sd: dict):
+        """Refuse (``ValueError``) a ``state_dict()`` of another model, checked against the layers as built, before
+        the model takes the state's shrunk shapes: in each layer the channels kept plus those its removal history
+        lists must be the layer's channels (a state of a 784-64-10 run would otherwise make a 784-128-10 model look
+        as if compression had removed 64 channels)."""
+        ids, history = sd.get("channel_ids"), sd.get("history")
+        if not isinstance(ids, dict) or not isinstance(history, list):
+            raise ValueError("SelfCompression: the state has no channel ids or removal history: it is corrupt.")
+        for name, layer in self.layers:
+            n = _out_channels(layer)
+            kept = np.asarray(ids.get(name, ()))
+            removed = sum(len(h.get("channels", ())) for h in history if isinstance(h, dict) and h.get("layer") == name)
+            ok = kept.ndim == 1 and kept.dtype.kind in "iu" and len(np.unique(kept)) == kept.size and \
+                (kept.size == 0 or 0 <= kept.min() and kept.max() < n)
+            if not ok or kept.size + removed != n:
+                raise ValueError(f"SelfCompression: layer '{name}' has {n} channels, but the state keeps {kept.size} "
+                                 f"and removed {removed}: it comes from another model; resume with the run's --sizes "
+                                 "and --model.")
+
     def load_state_dict(self, sd: dict):
         """Load ``state_dict()`` output; load the model's state (its shrunk shapes) first."""
         for name, layer in self.layers:

@@ -581,8 +581,12 @@ class _FanIn(_Quantizable, Module):
 
     def _load_own(self, state: dict, prefix: str, resize: bool = False):
         if "indices" in state:  # the fan-in may differ from this layer's: take the state's arrays
-            n_out = int(state["indices"].shape[0])
-            n_in = int(np.asarray(state.get("n_inputs", [self.n_in])).reshape(-1)[0])
+            n_inputs = np.asarray(state.get("n_inputs", [self.n_in])).reshape(-1)
+            if state["indices"].ndim != 2 or n_inputs.size != 1 or n_inputs.dtype.kind not in "iu":
+                raise ValueError(f"load_state_dict: '{prefix}indices' (shape {state['indices'].shape}) and "
+                                 f"'{prefix}n_inputs' ({n_inputs.size} values) must be an (n_out, k) array and one "
+                                 "integer: the state is corrupt.")
+            n_out, n_in = int(state["indices"].shape[0]), int(n_inputs[0])
             if (n_out, n_in) != (self.n_out, self.n_in):
                 if not resize:
                     raise ValueError(

@@ -287,6 +287,8 @@ class CosineSchedule:
 
     def lr_at(self, t: int) -> float:
         """The learning rate for step ``t`` (0-based)."""
+        if t < 0:
+            raise ValueError(f"CosineSchedule: step {t} is negative; steps count from 0.")
         if t < self.warmup_steps:
             return self.base_lr * (t + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)

@@ -191,6 +191,29 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
     return {"loss": loss_sum / seen, "acc": correct / seen, "time": time.perf_counter() - start}
 
 
+def _split(name: str, data):
+    """(x, y) of a ``train`` / ``test`` argument of ``fit``, checked: a pair of arrays of equal, non-zero length."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"fit: {name} must be a pair (x, y) of inputs and integer labels.")
+    x, y = (np.asarray(a) for a in data)
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"fit: {name} inputs of shape {x.shape} and labels of shape {y.shape} do not pair up: labels "
+                         "must be 1-D, one per input row.")
+    if not len(y):
+        raise ValueError(f"fit: the {name} set is empty.")
+    return x, y
+
+
+def _check_finite(model, epoch: int):
+    """A NaN or Inf weight is divergence even when the loss stays finite: a ReLU maps NaN to 0, so a network whose
+    first layer went NaN trains on at chance level with a finite loss."""
+    for name, p in model.named_parameters():
+        d = _host(p.data)
+        if d.dtype.kind == "f" and not np.isfinite(d).all():
+            raise FloatingPointError(f"training diverged: {name} holds NaN or Inf after epoch {epoch}; lower the "
+                                     "learning rate (or check the inputs and the checkpoint resumed from).")
+
+
 def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
         schedule=None, hooks=(), loss_terms=(), progress: bool = True, start_epoch: int = 0,
         rng=None, on_epoch_end=None, history=None, comm=None):
@@ -205,8 +228,29 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
     only rank 0 prints; ``on_epoch_end`` runs on every rank (write files on rank 0 only). An exception on one
     rank aborts all of them (MPI_Abort).
     """
-    x, y = train
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    x, y = _split("train", train)
+    if test is not None:
+        _split("test", test)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size!r}.")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"fit: epochs must be an integer >= 1, got {epochs!r}.")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)) \
+            or not 0 <= start_epoch < epochs:
+        raise ValueError(f"fit: start_epoch must be an integer in [0, epochs) = [0, {epochs}) (the epochs already "
+                         f"done), got {start_epoch!r}.")
+    hooks = () if hooks is None else tuple(hooks)
+    for hook in hooks:  # checked before the first step, not after it
+        if not callable(getattr(hook, "step", None)):
+            raise TypeError(f"fit: every hook needs a step() method (called after each optimizer step), got "
+                            f"{type(hook).__name__}.")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError("fit: the training inputs hold NaN or Inf; a ReLU would turn them into zeros and train on "
+                         "them silently. Clean the data first.")
+    if rng is None or isinstance(rng, (int, np.integer)):  # one generator for the whole run: a new shuffle each epoch
+        rng = np.random.default_rng(seed if rng is None else rng)
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"fit: rng must be a numpy.random.Generator or an integer seed, got {type(rng).__name__}.")
     steps_per_epoch = -(-len(x) // batch_size)
     history = [] if history is None else history
     guard = contextlib.nullcontext()
@@ -220,13 +264,15 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
         guard = comm.guard()
     with guard:
         if comm is not None:
-            comm.check(model, hooks, "start-up")
+            comm.check(model, hooks, "start-up", run={"training samples": len(x), "batch size": batch_size,
+                                                       "epochs": epochs, "first epoch": start_epoch})
         for epoch in range(start_epoch, epochs):
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=progress)
             stats = train_epoch(model, optimizer, x, y, batch_size, rng, schedule, hooks, bar, loss_terms, comm)
             for hook in hooks:
                 if hasattr(hook, "status"):
                     stats.update(hook.status())
+            _check_finite(model, epoch + 1)
             if test is not None:
                 stats["test_loss"], stats["test_acc"] = evaluate(model, *test, comm=comm)
             if comm is not None:

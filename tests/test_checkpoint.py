@@ -170,3 +170,65 @@ def _umask_now() -> int:
     from fanin._atomic import _umask
 
     return _umask()
+
+
+def _saved_state(tmp_path, method="srigl", epochs=1):
+    data = synthetic()
+    model, opt, sched, upd, rng = make_run(method)
+    fit(model, opt, data, epochs=epochs, batch_size=32, schedule=sched, hooks=[upd], progress=False, rng=rng)
+    save_checkpoint(tmp_path / "c.npz", training_state(model, opt, sched, upd, rng, epochs, []))
+    return load_checkpoint(tmp_path / "c.npz")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(epoch=-1), "epoch -1"),
+    (lambda s: s.update(epoch=1.5), "'epoch' is 1.5"),
+    (lambda s: s.update(epoch=True), "'epoch' is True"),
+    (lambda s: s.update(history="abc"), "'history' is 'abc'"),
+    (lambda s: s.update(history=[{}, {}]), "history of 2 epochs"),
+    (lambda s: s.update(schedule_t=10 ** 9), "schedule step 1000000000 lies outside this run's 0..32"),
+    (lambda s: s.update(schedule_t=-100), "schedule step -100"),
+    (lambda s: s.pop("rng"), "'rng' is missing"),
+    (lambda s: s["model"].pop("0.values"), "missing keys"),
+    (lambda s: s["updater"].update(t=-50), "step -50 is not an integer >= 0"),
+])
+def test_a_checkpoint_with_impossible_numbers_is_refused_before_training(tmp_path, edit, match):
+    """Edited or corrupt checkpoints: a negative epoch trained an extra epoch, a history string became the history's
+    entries, a huge schedule step left the learning rate at its end, a negative one divided by zero."""
+    state = _saved_state(tmp_path)
+    edit(state)
+    model, opt, sched, upd, rng = make_run("srigl")
+    with pytest.raises(ValueError, match=match):
+        restore_training_state(state, model, opt, sched, upd, rng)
+
+
+def test_a_state_that_does_not_flatten_to_distinct_arrays_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="both stored as 'a/b'"):
+        save_checkpoint(tmp_path / "c.npz", {"a/b": np.arange(3), "a": {"b": np.arange(5)}})
+    with pytest.raises(ValueError, match="__meta__"):
+        save_checkpoint(tmp_path / "c.npz", {"__meta__": np.arange(3)})
+    with pytest.raises(ValueError, match="Python objects"):
+        save_checkpoint(tmp_path / "c.npz", {"x": np.array([{}, 1], dtype=object)})
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_a_compressed_runs_state_does_not_fit_a_model_of_other_sizes(tmp_path):
+    """Resumed with compression, the model adopts the checkpoint's shrunk shapes; a 20-24-16-2 run's state must not
+    make a 20-48-16-2 model look as if compression had removed 24 of its channels."""
+    from fanin.compress import SelfCompression
+
+    def run(sizes):
+        model = models.mlp(sizes, seed=0)
+        opt = optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, optim.CosineSchedule(opt, total_steps=32), SelfCompression(model, gamma=0.01)
+
+    model, opt, sched, sc = run([20, 24, 16, 2])
+    rng = np.random.default_rng(0)
+    fit(model, opt, synthetic(), epochs=1, batch_size=32, schedule=sched, hooks=[sc], loss_terms=[sc.size_loss],
+        progress=False, rng=rng)
+    state = training_state(model, opt, sched, None, rng, 1, [], sc)
+    model2, opt2, sched2, sc2 = run([20, 48, 16, 2])
+    with pytest.raises(ValueError, match="has 48 channels, but the state keeps 24 and removed 0"):
+        restore_training_state(state, model2, opt2, sched2, None, np.random.default_rng(0), sc2)
+    model3, opt3, sched3, sc3 = run([20, 24, 16, 2])  # the same sizes resume
+    assert restore_training_state(state, model3, opt3, sched3, None, np.random.default_rng(0), sc3)[0] == 1

@@ -209,6 +209,9 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path, capsys, monk
     capsys.readouterr()
     for extra, says in ((["--epochs", "3", "--batch-size", "32"], "--batch-size 128 -> 32"),
                         (["--epochs", "3", "--sizes", "784-32-10"], "--sizes"),
+                        (["--epochs", "3", "--lr", "0.05"], "--lr (not given) -> 0.05"),
+                        (["--epochs", "3", "--seed", "4"], "--seed 0 -> 4"),
+                        (["--epochs", "3", "--dropout", "0.2"], "--dropout"),
                         (["--epochs", "2"], "finished all 2 epochs")):
         assert cli.main([*base, "--resume", str(ck), *[e for e in extra if e]]) == 2, extra
         err = capsys.readouterr().err.strip()

@@ -297,6 +297,32 @@ def test_cli_rank0_prints_and_writes_once_and_its_checkpoint_resumes_alone(tmp_p
     assert "batch size of at least 2" in small.stderr
 
 
+@needs_mpi
+@pytest.mark.integration
+def test_cli_errors_under_mpi_are_one_line_and_end_every_rank_at_once(tmp_path):
+    """A diverging run: the ranks' one-line reason, exit 2, no traceback. A failure on rank 0 alone (its --out
+    cannot be written; only rank 0 writes) ends the job at once, not after --mpi-timeout. Ranks started with
+    different --limit are refused at start-up, not left to an MPI truncation error."""
+    if not _have_data():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    train = [sys.executable, "-m", "fanin.cli", "train", "--limit", "640", "--sizes", "784-32-10", "--epochs", "1",
+             "--no-progress", "--distributed", "--mpi-timeout", "60"]
+    t0 = time.perf_counter()
+    runs = {"diverged": [_launcher(), "-n", "2", *train, "--lr", "1e30"],
+            "rank 0": [_launcher(), "-n", "2", *train, "--out", "/proc/version/x.fanin"],
+            "limits": [_launcher(), "-n", "1", *train, ":", "-n", "1", *train[:5], "320", *train[6:]]}
+    for name, cmd in runs.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 2, f"{name}: {text}"
+        assert "Traceback" not in text and "fanin: " in text, f"{name}: {text}"
+        assert time.perf_counter() - t0 < 45, f"{name} waited for the watchdog: {text}"
+        assert {"diverged": "training diverged", "rank 0": "--out /proc/version/x.fanin",
+                "limits": "disagree on the training samples"}[name] in text, text
+
+
 def test_shards_cover_the_batch_and_batch_smaller_than_ranks_is_refused():
     from fanin.distributed.mpi import DataParallel
 

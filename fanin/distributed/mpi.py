@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import threading
 import time
@@ -74,11 +75,19 @@ class DataParallel:
         return self.rank == 0
 
     # ------------------------------------------------------------ failures
+    def abort(self, message: str, code: int = 2):
+        """Say ``message`` (one line, naming this rank) and end every rank of the job with ``code`` (MPI_Abort)."""
+        self._die(message, code)
+
     def _die(self, message: str, code: int):
         sys.stderr.write(f"fanin: rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
-        time.sleep(0.5)  # the launcher forwards our output before MPI_Abort has it end every process
+        try:
+            time.sleep(0.5)  # the launcher forwards our output before MPI_Abort has it end every process
+        except KeyboardInterrupt:  # another rank's abort came first (the launcher interrupts us): no traceback
+            pass
         self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort may return while another rank's abort is under way: this rank ends here anyway
 
     def _watch(self):
         period = min(1.0, self.timeout / 10)
@@ -100,6 +109,9 @@ class DataParallel:
             yield
         except BaseException as exc:
             if self.abort_on_error and self.size > 1:
+                # fanin's own one-line errors (bad input, divergence, ranks that disagree): the line, no traceback
+                if isinstance(exc, (ValueError, FloatingPointError, RanksDiverged)):
+                    self._die(f"{exc} -- aborting all ranks.", 2)
                 traceback.print_exc()
                 self._die(f"{type(exc).__name__}: {exc} -- aborting all ranks.", 1)
             raise
@@ -315,10 +327,12 @@ class DataParallel:
             parts["schedule"].update(repr((type(hook).__name__, getattr(hook, "t", None))).encode())
         return {k: h.hexdigest() for k, h in parts.items()}
 
-    def check(self, model, hooks=(), when: str = "now"):
+    def check(self, model, hooks=(), when: str = "now", run: dict | None = None):
         """``RanksDiverged`` (on every rank) unless all ranks hold the same topology, weights, buffers and hook
-        steps."""
+        steps (and the same ``run`` settings: ranks started with another --limit or --batch-size would disagree on
+        the number of steps and leave a collective unmatched)."""
         mine = self.digests(model, hooks)
+        mine.update({k: str(v) for k, v in (run or {}).items()})
         with self._collective("check"):
             every = self.comm.allgather(mine)
         bad = [k for k in mine if len({d[k] for d in every}) > 1]

@@ -19,6 +19,7 @@ command wrote): workers need the package and the data, not a shared disk.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import inspect
 import json
@@ -54,10 +55,10 @@ def client(scheduler=None, workers: int | None = None, threads: int = 1):
     """A Dask client: a ``LocalCluster`` (``scheduler`` None or "local") of ``workers`` processes (default: this
     machine's cores // ``threads``) with ``threads`` threads and resource ``cell=1`` each, or one connected to
     the scheduler at ``scheduler`` ("tcp://host:8786")."""
+    workers, threads = _check_size(workers, threads)
     distributed = _dask()
     if scheduler in (None, "local"):
-        cores = os.cpu_count() or 1
-        n = workers or max(1, cores // max(1, threads))
+        n = workers or max(1, (os.cpu_count() or 1) // threads)
         with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host="127.0.0.1",
                                       dashboard_address=None, resources={"cell": 1},
                                       silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as c:
@@ -100,10 +101,72 @@ def _env(threads: int) -> dict:
     return {**os.environ, **{k: str(threads) for k in _THREAD_ENV}}
 
 
-def _safe(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", name or ""):
+def _check_size(workers, threads):
+    """``workers`` (None: the default) and ``threads`` (None: 1) as integers >= 1, else a one-line error."""
+    for what, value in (("workers", workers), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"sweep: {what} must be an integer >= 1 (or None for the default), "
+                            f"not {type(value).__name__} {value!r}.")
+        if value is not None and value < 1:
+            raise ValueError(f"sweep: {what}={value} must be at least 1 (or None for the default).")
+    return workers, threads or 1
+
+
+def _check_scheduler(scheduler, serial=True):
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise TypeError(f"sweep: scheduler must be None, 'local', {'serial, ' if serial else ''}or an address "
+                        f"such as 'tcp://host:8786', not {type(scheduler).__name__}.")
+    if scheduler == "serial" and not serial:
+        raise ValueError("run_commands: there is no scheduler 'serial': use None or 'local' (a LocalCluster), or "
+                         "an address such as 'tcp://host:8786' (a bench sweep without --scheduler runs serially).")
+
+
+def _safe(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"sweep: cell name {name!r} is a {type(name).__name__}; names must be strings (they name "
+                        "the cache files: letters, digits, _.+=-).")
+    if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", name):
         raise ValueError(f"sweep: cell name {name!r} must be usable as a file name (letters, digits, _.+=-).")
     return name
+
+
+def _check_cells(cells):
+    """``cells`` as ``{name: {keyword: value}}``, the names valid file names, else a one-line error."""
+    if not isinstance(cells, collections.abc.Mapping):
+        raise TypeError(f"sweep: cells must be a dict of {{name: {{keyword: value}}}}, not a {type(cells).__name__} "
+                        "(e.g. {'srigl-0.9': dict(method='srigl', sparsity=0.9)}).")
+    for name, kwargs in cells.items():
+        _safe(name)
+        if not isinstance(kwargs, collections.abc.Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(f"sweep: cell {name!r} must be a dict of keyword arguments (str keys) for fn, "
+                            f"not {kwargs!r:.80}.")
+
+
+def _read_cache(cache, names) -> dict:
+    """The cached results ``{name: result}`` of ``names`` in the folder ``cache`` (created if missing); an
+    entry that cannot be read is an error naming it (delete it to run its cell again), before anything runs."""
+    try:
+        if os.path.lexists(cache) and not cache.is_dir():
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"sweep: cache={str(cache)!r} cannot be the cache folder ({exc.strerror or exc}): "
+                         "give a folder (it is created if missing).") from None
+    results, bad = {}, []
+    for name in names:
+        path = cache / f"{name}.json"
+        if not os.path.lexists(path):
+            continue
+        try:
+            if not path.is_file():  # a folder, a broken link, a pipe (which would block the read)
+                raise OSError(0, "not a regular file")
+            results[name] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            bad.append(f"{path} ({getattr(exc, 'strerror', None) or f'{type(exc).__name__}: {exc}'})")
+    if bad:
+        raise ValueError(f"sweep: cannot read the cached result{'s' * (len(bad) > 1)} {'; '.join(bad)}: delete "
+                         f"{'them' if len(bad) > 1 else 'it'} to run the cell{'s' * (len(bad) > 1)} again.")
+    return results
 
 
 # ------------------------------------------------------------------ python cells
@@ -131,21 +194,26 @@ def sweep(cells: dict, fn=None, cache=None, scheduler=None, workers: int | None 
           log=print) -> dict:
     """Run ``fn(**cells[name])`` for every cell, as Dask tasks; returns ``{name: result}`` in ``cells``' order.
 
+    ``cells``: ``{name: {keyword: value}}``; a name is a file name of letters, digits and ``_.+=-``.
     ``fn``: a function of the cell's keyword arguments returning something JSON can hold (default
-    ``train_cell``: one ``fanin train`` run); it is shipped to the workers, so it must be importable there (or
-    pickled by value). ``cache``: a folder; a cell whose ``<cache>/<name>.json`` exists is not run again, and
-    each result is written there as soon as it arrives. ``scheduler``, ``workers``, ``threads``: see the module
-    docstring. Cells that fail are reported together in a ``SweepError`` after the others have finished.
+    ``train_cell``: one ``fanin train`` run, its relative paths resolved against this process's working directory
+    now); it is shipped to the workers, so it must be importable there (or pickled by value). ``cache``: a folder
+    (created if missing); a cell whose ``<cache>/<name>.json`` exists is not run again, and each result is
+    written there as soon as it arrives. A cached file that cannot be read (not JSON, a folder, unreadable) stops
+    the sweep before anything runs, naming it: delete it to run that cell again (it is never overwritten
+    silently). ``scheduler``, ``workers`` (an integer >= 1, or None), ``threads`` (an integer >= 1): see the
+    module docstring. Cells that fail are reported together in a ``SweepError`` after the others have finished.
     """
+    _check_cells(cells)
+    if fn is not None and not callable(fn):
+        raise TypeError(f"sweep: fn must be a function of a cell's keyword arguments, not {type(fn).__name__}.")
+    _check_scheduler(scheduler)
+    workers, threads = _check_size(workers, threads)
     fn = fn or train_cell
     cache = pathlib.Path(cache) if cache is not None else None
-    results, todo = {}, {}
-    for name, kwargs in cells.items():
-        path = cache / f"{_safe(name)}.json" if cache is not None else None
-        if path is not None and path.exists():
-            results[name] = json.loads(path.read_text())
-        else:
-            todo[name] = dict(kwargs)
+    results = _read_cache(cache, cells) if cache is not None else {}
+    todo = {name: _train_options(kwargs, f"sweep: cell {name!r}") if fn is train_cell else dict(kwargs)
+            for name, kwargs in cells.items() if name not in results}
     if todo:
         log(f"sweep: {len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} cached)")
     failed = {}
@@ -177,14 +245,36 @@ def sweep(cells: dict, fn=None, cache=None, scheduler=None, workers: int | None 
                 except Exception as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
     if failed:
-        raise SweepError("sweep: these cells failed (the others are cached; run again to retry): " +
+        kept = "the others are cached; run again to retry" if cache is not None else "the others finished"
+        raise SweepError(f"sweep: these cells failed ({kept}): " +
                          "; ".join(f"{n}: {m}" for n, m in failed.items()))
     return {name: results[name] for name in cells}
 
 
+_PATHS = ("out", "checkpoint", "resume", "json")  # fanin train's file options
+
+
+def _train_options(options, name="train_cell") -> dict:
+    """``options`` with the relative paths of ``_PATHS`` made absolute against the working directory, and a
+    checkpoint that would be lost (``checkpoint_every`` without ``checkpoint``) refused."""
+    options = {k: os.path.abspath(v) if k.replace("-", "_") in _PATHS and isinstance(v, (str, os.PathLike)) else v
+               for k, v in options.items()}
+    given = {k.replace("-", "_"): v for k, v in options.items()}
+    if given.get("checkpoint_every") and not given.get("checkpoint"):
+        raise ValueError(f"{name}: checkpoint_every without checkpoint= would write the checkpoint into the cell's "
+                         "scratch folder, deleted with it: give checkpoint='path/to/<cell>.npz'.")
+    return options
+
+
 def train_cell(threads: int = 1, **options) -> dict:
     """One ``fanin train`` run with ``options`` as its flags (``method="srigl"`` -> ``--method srigl``; True ->
-    a bare flag; a list -> repeated values), in a subprocess pinned to ``threads``; returns its ``--json`` record."""
+    a bare flag; a list -> repeated values), in a subprocess pinned to ``threads``; returns its ``--json`` record.
+
+    It runs in a scratch folder: relative ``out``, ``checkpoint``, ``resume`` and ``json`` paths are resolved
+    against the working directory of the caller (``sweep``'s, when the sweep is submitted), and
+    ``checkpoint_every`` needs an explicit ``checkpoint``. The files are written by the worker that runs the cell."""
+    options = _train_options(options)
+    json_path = next((options.pop(k) for k in list(options) if k.replace("-", "_") == "json"), None)
     argv = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -193,7 +283,7 @@ def train_cell(threads: int = 1, **options) -> dict:
         elif value is not None and value is not False:
             argv += [flag, *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
     with tempfile.TemporaryDirectory(prefix="fanin-cell-") as tmp:
-        out = pathlib.Path(tmp) / "run.json"
+        out = pathlib.Path(json_path or pathlib.Path(tmp) / "run.json")
         _run([sys.executable, "-m", "fanin.cli", "train", "--no-progress", *argv, "--json", str(out)], tmp, threads)
         return json.loads(out.read_text())
 
@@ -221,15 +311,38 @@ def _command(python_args, outputs, per_cell):
                    "stdout": proc.stdout}
 
 
+def _check_job(job):
+    """A job as ``(name, [str args], [str absolute outputs named in args])``, else a one-line error."""
+    try:
+        name, args, outputs = job
+    except (TypeError, ValueError):
+        raise TypeError(f"run_commands: a job is (name, args, outputs), not {job!r:.80}.") from None
+    if isinstance(args, (str, bytes)) or isinstance(outputs, (str, bytes, os.PathLike)):
+        raise TypeError(f"run_commands: job {name!r}: args and outputs must be lists (of arguments, of paths).")
+    args, outputs = [str(a) for a in args], [str(o) for o in outputs]
+    if not outputs:
+        raise ValueError(f"run_commands: job {name!r} names no outputs: list the files it writes (absolute paths "
+                         "named in its args); they come back from the worker and mark the job done.")
+    for o in outputs:
+        if not os.path.isabs(o) or o not in args:
+            raise ValueError(f"run_commands: job {name!r}: output {o!r} must be an absolute path named verbatim in "
+                             "the job's args (the worker redirects it to its scratch folder).")
+    return name, args, outputs
+
+
 def run_commands(jobs, scheduler=None, workers: int | None = None, threads: int = 1, log=print) -> list:
     """Run ``python ARGS`` for every job ``(name, args, outputs)`` whose ``outputs`` (absolute paths, written by
     the command and named verbatim in ``args``) do not all exist yet, as Dask tasks; the files come back to
     this process and are written in place (atomically) when the job finishes. Returns the names that failed.
+    A job needs at least one output (they are what comes back, and what marks it done): one without is refused,
+    as is an output that is relative or not in ``args``, before anything runs.
 
     What the bench sweeps (bench/sparse_table.py, bench/compress_table.py) use with ``--scheduler``.
     """
-    todo = [(n, list(a), [str(o) for o in outs]) for n, a, outs in jobs
-            if not all(pathlib.Path(o).exists() for o in outs)]
+    _check_scheduler(scheduler, serial=False)
+    workers, threads = _check_size(workers, threads)
+    jobs = [_check_job(job) for job in jobs]
+    todo = [(n, a, outs) for n, a, outs in jobs if not all(pathlib.Path(o).exists() for o in outs)]
     if not todo:
         return []
     log(f"sweep: {len(todo)} of {len(jobs)} runs to do on Dask ({len(jobs) - len(todo)} cached)")

@@ -132,7 +132,11 @@ class RigL:
         return sd
 
     def load_state_dict(self, sd: dict):
-        self.t = int(sd["t"])
+        t = sd.get("t")
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the step {t!r} is not an integer >= 0: the "
+                             "state is corrupt.")
+        self.t = int(t)
         self.history = list(sd.get("history", []))
         for i in range(len(self.masks)):
             self.masks[i] = np.asarray(sd[f"mask{i}"], bool)

@@ -325,7 +325,11 @@ class SRigL:
         for i, (_, layer) in enumerate(self.layers):
             if (layer.n_out, layer.n_in) != self._shapes[i]:
                 self._rebudget(i)
-        self.t = int(sd["t"])
+        t = sd.get("t")
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the step {t!r} is not an integer >= 0: the "
+                             "state is corrupt.")
+        self.t = int(t)
         self.history = list(sd.get("history", []))
         self._arm_capture()
         for (_, layer), cap in zip(self.layers, sd.get("capture") or [None] * len(self.layers)):
