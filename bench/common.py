@@ -13,6 +13,19 @@ import time
 import numpy as np
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of --workers / --threads: an integer >= 1 (a usage line, not a traceback, otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def median_time(fn, min_time: float = 0.3, min_reps: int = 5, warmup: int = 2) -> float:
     """Median seconds per call of ``fn`` over at least ``min_reps`` calls and ``min_time`` seconds."""
     for _ in range(warmup):

@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,17 +39,6 @@ GAMMAS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]  # log-uniform-ish: ~2x ste
 STARTS = {"dense": ["--method", "dense"], "srigl90": ["--method", "srigl", "--sparsity", "0.9"]}
 MLP_SIZES = {"mlp": None, "mlp-wide": "784-1024-1024-10"}
 
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type of --workers / --threads: an integer >= 1 (a usage line, not a traceback, otherwise)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return n
 
 def _slug(args):
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(a.lstrip("-") for a in args))
@@ -195,8 +187,8 @@ def main(argv=None):
     ap.add_argument("--cached-only", action="store_true", help="summarise the finished runs, start no new ones")
     ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
                     help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
-    ap.add_argument("--workers", type=_at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
-    ap.add_argument("--threads", type=_at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--workers", type=common.at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=common.at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
     ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
     global RUNS
@@ -229,8 +221,6 @@ def main(argv=None):
     text = table(rows)
     print(text)
     figs = plots(args.model, results, f"compress_{args.model}")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import common
 
     from fanin.distributed.sweeps import table_argv
 

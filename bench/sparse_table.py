@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUNS = ROOT / "bench" / "runs"
 METHODS = {
@@ -33,17 +36,6 @@ METHODS = {
     "srigl-no-ablation": ["--method", "srigl", "--no-ablation"],
 }
 
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type of --workers / --threads: an integer >= 1 (a usage line, not a traceback, otherwise)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return n
 
 def cell(model, method, sparsity, seed, epochs, extra):
     """(name, command, JSON path, command as shown) of one `fanin train` run; ``method`` is a key of METHODS."""
@@ -135,8 +127,8 @@ def main(argv=None):
                     help="also run SRigL with these gamma_sal values (rows 'srigl, gamma_sal G')")
     ap.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:8786",
                     help="run the missing cells as Dask tasks: on a LocalCluster (local) or a running scheduler")
-    ap.add_argument("--workers", type=_at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
-    ap.add_argument("--threads", type=_at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
+    ap.add_argument("--workers", type=common.at_least_one, default=None, help="--scheduler local: worker processes (cores / threads)")
+    ap.add_argument("--threads", type=common.at_least_one, default=1, help="--scheduler local: threads per worker (and per run)")
     ap.add_argument("--runs", default=None, help="the cache folder of finished runs (default bench/runs)")
     args = ap.parse_args(argv)
     global RUNS
@@ -165,8 +157,6 @@ def main(argv=None):
     (ROOT / "docs").mkdir(exist_ok=True)
     fig = ROOT / "docs" / f"sparse_accuracy_{args.model}.png"
     has_fig = plot(args.model, results, fig) if args.tag is None else False
-    sys.path.insert(0, str(ROOT / "bench"))
-    import common
 
     from fanin.distributed.sweeps import table_argv
 
