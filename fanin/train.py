@@ -252,6 +252,9 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
     elif not isinstance(rng, np.random.Generator):
         raise TypeError(f"fit: rng must be a numpy.random.Generator or an integer seed, got {type(rng).__name__}.")
     steps_per_epoch = -(-len(x) // batch_size)
+    for hook in hooks:  # the run's length, for hooks that schedule by it (an SRigL built without t_end)
+        if callable(getattr(hook, "plan", None)):
+            hook.plan(epochs * steps_per_epoch)
     history = [] if history is None else history
     guard = contextlib.nullcontext()
     if comm is not None:

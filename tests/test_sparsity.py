@@ -574,3 +574,38 @@ def test_a_state_without_captured_gradients_loads_and_delta_t_one_is_valid_for_r
     dense = models.mlp([30, 40, 3], seed=0)
     r = sparsity.RigL(dense, optim.SGD(dense.parameters(), lr=0.1), sparsity=0.7, delta_t=1, t_end=5)
     assert r.delta_t == 1
+
+
+@pytest.mark.parametrize("cls", ["SRigL", "RigL"])
+def test_an_updater_built_without_its_end_takes_it_from_fit_or_says_what_to_pass(cls):
+    """ARCHITECTURE.md's call, SRigL(model, opt, ..., t_end=None) with no total_steps: fit() tells the updater the
+    run's length (t_end = 75 % of it, as total_steps would); a loop of one's own that never says gets, at the first
+    update, a message naming the three ways to say it - not a wrong schedule."""
+    from fanin.train import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+
+    def build(**kw):
+        model = models.mlp([12, 16, 2], sparsity=0.5 if cls == "SRigL" else None, seed=0)
+        opt = optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, getattr(sparsity, cls)(model, opt, sparsity=0.5, delta_t=2, t_end=None, **kw)
+
+    model, opt, upd = build()
+    fit(model, opt, (x, y), epochs=2, batch_size=16, hooks=[upd], progress=False)
+    model2, opt2, told = build(total_steps=8)
+    fit(model2, opt2, (x, y), epochs=2, batch_size=16, hooks=[told], progress=False)
+    assert upd.t_end == told.t_end == 6 and len(upd.history) == len(told.history) == 3
+    np.testing.assert_array_equal(model[0].to_dense() if cls == "SRigL" else model[0].weight.data,
+                                  model2[0].to_dense() if cls == "SRigL" else model2[0].weight.data)
+    model, opt, upd = build()
+    for _ in range(2):  # a loop of one's own: the first update (step 2) needs the end
+        loss = ops.cross_entropy(model(Tensor(x[:16])), y[:16])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if _ == 0:
+            upd.step()
+    with pytest.raises(ValueError, match=r"last update step is unknown: pass t_end= or total_steps="):
+        upd.step()

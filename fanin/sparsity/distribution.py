@@ -22,6 +22,17 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     return s
 
 
+def end_step(updater) -> int:
+    """``updater.t_end``, which must be known once an update is due: a (S)RigL built with neither ``t_end`` nor
+    ``total_steps`` learns it from ``plan(total_steps)`` (``fanin.train.fit`` calls it)."""
+    if updater.t_end is None:
+        name = type(updater).__name__
+        raise ValueError(f"{name}: an update is due at step {updater.t} but the last update step is unknown: pass "
+                         f"t_end= or total_steps= to {name}(...), call {name.lower()}.plan(total_steps) before "
+                         "training, or train with fanin.train.fit (which does).")
+    return updater.t_end
+
+
 def drop_fraction(t: int, t_end: int, alpha: float) -> float:
     """Fraction of a layer's connections replaced at step ``t``: ``alpha/2 * (1 + cos(pi t / t_end))``."""
     return alpha / 2.0 * (1.0 + math.cos(math.pi * min(t, t_end) / t_end))

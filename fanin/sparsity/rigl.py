@@ -12,7 +12,7 @@ import numpy as np
 
 from fanin.kernels import select
 from fanin.nn import Conv2d, Linear
-from fanin.sparsity.distribution import check_sparsity, drop_fraction, layer_densities
+from fanin.sparsity.distribution import check_sparsity, drop_fraction, end_step, layer_densities
 
 __all__ = ["RigL", "masked_layers", "rigl_masks"]
 
@@ -54,9 +54,7 @@ class RigL:
             raise ValueError(f"RigL: delta_t must be an integer >= 1, got {delta_t}.")
         if grad_accumulation < 1:
             raise ValueError(f"RigL: grad_accumulation must be >= 1, got {grad_accumulation}.")
-        if t_end is None:
-            if total_steps is None and not static:
-                raise ValueError("RigL: pass t_end (the last update step) or total_steps (t_end = 75 % of it).")
+        if t_end is None and (total_steps is not None or static):
             t_end = int(0.75 * (total_steps or 1))
         self.layers = masked_layers(model, skip)
         if not self.layers:
@@ -66,7 +64,8 @@ class RigL:
                 raise ValueError(f"RigL: the optimizer does not hold the weight of layer '{name}'; create the "
                                  "optimizer from model.parameters() after building the model.")
         self.model, self.optimizer = model, optimizer
-        self.delta_t, self.alpha, self.t_end, self.static = int(delta_t), alpha, max(1, int(t_end)), static
+        self.delta_t, self.alpha, self.static = int(delta_t), alpha, static
+        self.t_end = None if t_end is None else max(1, int(t_end))  # None: set by plan() (fit does) before updates
         self.grad_accumulation = int(grad_accumulation)
         self.t = 0
         self.history: list = []
@@ -87,6 +86,12 @@ class RigL:
             self.masks.append(mask)
             optimizer.reset_state(layer.weight)
 
+    def plan(self, total_steps: int):
+        """The run's length in optimizer steps (``fit`` tells its hooks before the first step): ``t_end`` becomes 75 %
+        of it when neither ``t_end`` nor ``total_steps`` was given."""
+        if self.t_end is None:
+            self.t_end = max(1, int(0.75 * total_steps))
+
     def apply_masks(self):
         for (_, layer), mask in zip(self.layers, self.masks):
             layer.weight.data *= mask
@@ -94,14 +99,14 @@ class RigL:
     def step(self):
         """Re-apply masks after the optimizer step; update them when the schedule says so."""
         self.t += 1
-        updating = not self.static and self.t <= self.t_end
+        updating = not self.static and (self.t_end is None or self.t <= self.t_end)
         nxt = -(-self.t // self.delta_t) * self.delta_t
         if updating and nxt - self.t < self.grad_accumulation:
             for i, (_, layer) in enumerate(self.layers):
                 g = layer.weight.grad
                 if g is not None:
                     self._grad_sum[i] = g.copy() if self._grad_sum[i] is None else self._grad_sum[i] + g
-        if updating and self.t % self.delta_t == 0:
+        if updating and self.t % self.delta_t == 0 and self.t <= end_step(self):
             self.update()
         self.apply_masks()
 

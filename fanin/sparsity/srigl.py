@@ -15,7 +15,7 @@ import numpy as np
 from fanin import kernels
 from fanin.kernels import select
 from fanin.nn import Conv2d, FanInConv2d, FanInLinear, Linear, kaiming_normal, random_fanin_indices
-from fanin.sparsity.distribution import check_sparsity, drop_fraction, layer_densities
+from fanin.sparsity.distribution import check_sparsity, drop_fraction, end_step, layer_densities
 
 
 def _gather_rows(a, src):
@@ -165,7 +165,8 @@ class SRigL:
     regrow by gradient under constant fan-in, ablating neurons with too few salient connections.
 
     Call ``step()`` after every ``optimizer.step()``. ``t_end`` defaults to 75 % of
-    ``total_steps``. On construction, each condensed layer is re-initialised (random constant
+    ``total_steps``; with neither, ``fanin.train.fit`` sets it from the run's length before the first step
+    (``plan``), and a loop of your own must call ``plan(total_steps)`` before the first update. On construction, each condensed layer is re-initialised (random constant
     fan-in, Kaiming for the sparse fan-in) to the density the ``distribution`` gives it.
     """
 
@@ -182,11 +183,9 @@ class SRigL:
             raise ValueError(f"SRigL: gamma_sal must be in [0, 1], got {gamma_sal}.")
         if grad_accumulation < 1:
             raise ValueError(f"SRigL: grad_accumulation must be >= 1, got {grad_accumulation}.")
-        if t_end is None:
-            if total_steps is None:
-                raise ValueError("SRigL: pass t_end (the last update step) or total_steps (t_end = 75 % of it).")
+        if t_end is None and total_steps is not None:
             t_end = int(0.75 * total_steps)
-        if t_end < 1:
+        if t_end is not None and t_end < 1:
             raise ValueError(f"SRigL: t_end must be >= 1, got {t_end}.")
         self.layers = sparse_layers(model)
         if not self.layers:
@@ -197,7 +196,8 @@ class SRigL:
                 raise ValueError(f"SRigL: the optimizer does not hold the values of layer '{name}'; create the "
                                  "optimizer from model.parameters() after building the model.")
         self.model, self.optimizer = model, optimizer
-        self.distribution, self.delta_t, self.alpha, self.t_end = distribution, int(delta_t), alpha, int(t_end)
+        self.distribution, self.delta_t, self.alpha = distribution, int(delta_t), alpha
+        self.t_end = None if t_end is None else int(t_end)  # None: set by plan() (fit does) before the first update
         self.gamma_sal, self.ablation, self.grad_accumulation = gamma_sal, ablation, int(grad_accumulation)
         self.update_enabled, self.exact = update, exact
         self.t = 0
@@ -226,6 +226,13 @@ class SRigL:
         self._arm_capture()
 
     # ------------------------------------------------------------- schedule
+    def plan(self, total_steps: int):
+        """The run's length in optimizer steps (``fit`` tells its hooks before the first step): ``t_end`` becomes 75 %
+        of it when neither ``t_end`` nor ``total_steps`` was given."""
+        if self.t_end is None:
+            self.t_end = max(1, int(0.75 * total_steps))
+            self._arm_capture()
+
     def _reinitialise(self, layer, k, rng):
         idx = random_fanin_indices(layer.n_out, layer.n_in, k, rng)
         layer.set_connectivity(idx, kaiming_normal((layer.n_out, k), k, rng), np.ones(layer.n_out, bool))
@@ -235,7 +242,7 @@ class SRigL:
         """The first update step >= t, or None when updates are over."""
         nxt = -(-t // self.delta_t) * self.delta_t
         nxt = max(nxt, self.delta_t)
-        return nxt if self.update_enabled and nxt <= self.t_end else None
+        return nxt if self.update_enabled and (self.t_end is None or nxt <= self.t_end) else None
 
     def _arm_capture(self):
         """Capture (x, dy) in the layers during the backward passes the next update will score."""
@@ -250,7 +257,7 @@ class SRigL:
     def step(self):
         """Advance one optimizer step; update connectivity when the schedule says so."""
         self.t += 1
-        if self.update_enabled and self.t % self.delta_t == 0 and self.t <= self.t_end:
+        if self.update_enabled and self.t % self.delta_t == 0 and self.t <= end_step(self):
             self.update()
         self._arm_capture()
 
