@@ -195,7 +195,7 @@ def _split(name: str, data):
     """(x, y) of a ``train`` / ``test`` argument of ``fit``, checked: a pair of arrays of equal, non-zero length."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"fit: {name} must be a pair (x, y) of inputs and integer labels.")
-    x, y = (np.asarray(a) for a in data)
+    x, y = (a if hasattr(a, "shape") else np.asarray(a) for a in data)  # arrays (host or device) stay as they are
     if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(f"fit: {name} inputs of shape {x.shape} and labels of shape {y.shape} do not pair up: labels "
                          "must be 1-D, one per input row.")

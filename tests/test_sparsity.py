@@ -252,8 +252,9 @@ def test_bad_arguments_name_the_problem():
         sparsity.SRigL(model, opt, sparsity=1.0, t_end=10)
     with pytest.raises(ValueError, match="delta_t"):
         sparsity.SRigL(model, opt, sparsity=0.5, delta_t=0, t_end=10)
-    with pytest.raises(ValueError, match="t_end"):
-        sparsity.SRigL(model, opt, sparsity=0.5)
+    with pytest.raises(ValueError, match="t_end must be >= 1"):
+        sparsity.SRigL(model, opt, sparsity=0.5, t_end=0)
+    assert sparsity.SRigL(model, opt, sparsity=0.5).t_end is None  # fit's plan() sets it (test below)
     other = optim.SGD(models.mlp([20, 8, 2], sparsity=0.5).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="does not hold the values of layer '0'"):
         sparsity.SRigL(model, other, sparsity=0.5, t_end=10)
@@ -326,8 +327,7 @@ def test_argument_boundaries_of_srigl_and_rigl():
     dopt = optim.SGD(dense.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="delta_t"):
         sparsity.RigL(dense, dopt, sparsity=0.5, delta_t=0.5, t_end=10)
-    with pytest.raises(ValueError, match="t_end"):
-        sparsity.RigL(dense, dopt, sparsity=0.5)
+    assert sparsity.RigL(dense, dopt, sparsity=0.5).t_end is None  # fit's plan() sets it
     assert sparsity.RigL(dense, dopt, sparsity=0.5, static=True).t_end == 1  # static needs no schedule
     assert sparsity.RigL(dense, dopt, sparsity=0.5, total_steps=100).t_end == 75
     other = optim.SGD(models.mlp([20, 8, 2], seed=1).parameters(), lr=0.1)
