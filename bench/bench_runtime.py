@@ -240,6 +240,10 @@ def section_big(args):
     con = {"fanin fp32": lambda: net.predict(x), "fanin int8": lambda: net8.predict(x), "numpy dense": lambda: twin(x)}
     wall, cpu = interleaved(con, args.rounds)
     path = f"{net._engine.chain.plan_for(1, numba.get_num_threads())}, last ran {net._engine.chain.last_path}"
+    # how often the tuner ran fp32 calls in parallel: a serial choice (a busy core measured parallel slower) is
+    # what a low ratio here has meant
+    serial, parallel = (sum(t.runs[i] for t in net._engine.chain._tuners.values()) for i in (0, 1))
+    path += f"; fp32 calls: {parallel} parallel, {serial} serial"
     print(f"\n## One 4096x4096 layer at 90 % (fan-in {plan['ops'][0]['arrays']['indices'].shape[1]}), batch 1 "
           f"(path {path})\n")
     print("| contender | wall us (median) | thread CPU us | vs numpy dense |")

@@ -100,7 +100,7 @@ class _Tuner:
     within a few calls. Races between threads only lose an update; both options compute the same bits, so the
     choice never changes a result."""
 
-    __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm")
+    __slots__ = ("rate", "calls", "seen", "recent", "probe", "warm", "runs")
 
     def __init__(self):
         self.rate = [None, None]  # seconds per multiply-add: [serial, parallel]
@@ -109,6 +109,7 @@ class _Tuner:
         self.calls = 0
         self.probe = 0            # calls left that run the slower option at once: it has just measured faster
         self.warm = False         # the next call is the timed second call of a re-measurement
+        self.runs = [0, 0]        # calls that ran serial, parallel (benchmarks report it; racy across threads)
 
     def decide(self) -> tuple:
         """(parallel, timed) for the next call: which option to run, and whether its time goes into the estimate.
@@ -165,6 +166,7 @@ def _choose(tuners: dict, key, eligible: bool) -> tuple:
     if tuner is None:
         return _PARALLEL.enter(), None
     parallel, timed = tuner.decide()
+    tuner.runs[parallel] += 1
     return (_PARALLEL.enter() if parallel else 0), (tuner if timed else None)  # an untimed call: no tuner to tell
 
 
