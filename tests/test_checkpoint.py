@@ -191,6 +191,7 @@ def _saved_state(tmp_path, method="srigl", epochs=1):
     (lambda s: s.pop("rng"), "'rng' is missing"),
     (lambda s: s["model"].pop("0.values"), "missing keys"),
     (lambda s: s["updater"].update(t=-50), "step -50 is not an integer >= 0"),
+    (lambda s: s["model"]["3.values"].__setitem__((0, 0), np.nan), "3.values holds NaN or Inf"),
 ])
 def test_a_checkpoint_with_impossible_numbers_is_refused_before_training(tmp_path, edit, match):
     """Edited or corrupt checkpoints: a negative epoch trained an extra epoch, a history string became the history's
