@@ -420,10 +420,15 @@ def cmd_train(args) -> int:
         # e.g. a different --limit or --batch-size left the cosine schedule past its end (a learning rate of ~0)
         # (every setting of the run takes part, e.g. --lr, --seed, --dropout, --delta-t; only where the output goes,
         # how progress shows, how the ranks talk and --epochs may change)
-        changed = [f"--{k.replace('_', '-')} {_shown(was[k])} -> {_shown(getattr(args, k, None))}"
-                   for k in sorted(was) if k not in _RESUME_MAY_CHANGE and k in vars(args)
-                   and was[k] != getattr(args, k, None)
-                   and not (k == "sizes" and list(was[k] or []) == list(getattr(args, k) or []))]
+        def setting(ns: dict, k):  # as the run used it: --lr not given is its optimizer's default
+            v = ns.get(k)
+            return DEFAULT_LR.get(ns.get("optimizer"), v) if k == "lr" and v is None else v
+
+        now = vars(args)
+        changed = [f"--{k.replace('_', '-')} {_shown(setting(was, k))} -> {_shown(setting(now, k))}"
+                   for k in sorted(was) if k not in _RESUME_MAY_CHANGE and k in now
+                   and setting(was, k) != setting(now, k)
+                   and not (k == "sizes" and list(was[k] or []) == list(now[k] or []))]
         if changed:
             say(f"fanin: cannot resume: the checkpoint's run was made with other settings ({'; '.join(changed)}); "
                 "resume with the same ones.", file=sys.stderr)
@@ -751,8 +756,8 @@ def main(argv=None) -> int:
 
 # train options that a --resume may change: outputs, progress, devices, ranks (a run resumes on any number of them)
 # and --epochs (to train on: the cosine schedule then runs to the new end)
-_RESUME_MAY_CHANGE = frozenset({"checkpoint", "checkpoint_every", "command", "data", "device", "distributed", "epochs",
-                                "json", "mpi_timeout", "no_progress", "out", "resume"})
+_RESUME_MAY_CHANGE = frozenset({"checkpoint", "checkpoint_every", "command", "device", "distributed", "epochs", "json",
+                                "mpi_timeout", "no_progress", "out", "resume"})
 
 
 def _shown(value) -> str:

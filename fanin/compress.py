@@ -571,8 +571,8 @@ class SelfCompression:
         ids, history = sd.get("channel_ids"), sd.get("history")
         if not isinstance(ids, dict) or not isinstance(history, list):
             raise ValueError("SelfCompression: the state has no channel ids or removal history: it is corrupt.")
-        for name, layer in self.layers:
-            n = _out_channels(layer)
+        for name, _ in self.layers:
+            n = self.original_channels[name]  # as built: the live layer may have shrunk already (a rewind)
             kept = np.asarray(ids.get(name, ()))
             removed = sum(len(h.get("channels", ())) for h in history if isinstance(h, dict) and h.get("layer") == name)
             ok = kept.ndim == 1 and kept.dtype.kind in "iu" and len(np.unique(kept)) == kept.size and \

@@ -293,15 +293,12 @@ def _is_advanced(index) -> bool:
 
 
 def _index(i):
-    """An index part as NumPy takes it: a Tensor's data (float32, as every Tensor) back to integers when whole."""
-    if not isinstance(i, Tensor):
-        return i
-    d = i.data
-    if d.dtype.kind == "f":
-        if not np.all(np.isfinite(d)) or not np.array_equal(d, np.round(d)):
-            raise IndexError("getitem: a Tensor used as an index must hold whole numbers.")
-        return d.astype(np.int64)
-    return d
+    """An index part as NumPy takes it. A Tensor is refused: it holds floats, so a boolean mask made into a Tensor
+    reads as the integers 0 and 1, and would pick the wrong rows without a word."""
+    if isinstance(i, Tensor):
+        raise TypeError("getitem: index with a NumPy integer or boolean array (or slices), not a Tensor: a Tensor "
+                        "holds floats, and a mask in one would read as the indices 0 and 1.")
+    return i
 
 
 def getitem(a, index) -> Tensor:

@@ -233,11 +233,11 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
         _split("test", test)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size!r}.")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"fit: epochs must be an integer >= 1, got {epochs!r}.")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"fit: epochs must be an integer >= 0, got {epochs!r}.")
     if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)) \
-            or not 0 <= start_epoch < epochs:
-        raise ValueError(f"fit: start_epoch must be an integer in [0, epochs) = [0, {epochs}) (the epochs already "
+            or not 0 <= start_epoch <= epochs:  # start_epoch == epochs: a resumed run that had finished, nothing to do
+        raise ValueError(f"fit: start_epoch must be an integer in [0, epochs] = [0, {epochs}] (the epochs already "
                          f"done), got {start_epoch!r}.")
     hooks = () if hooks is None else tuple(hooks)
     for hook in hooks:  # checked before the first step, not after it

@@ -100,14 +100,18 @@ def test_a_tensor_of_another_dtype_is_refused_not_truncated(dtype):
         Tensor([0.1, 0.7], dtype=dtype)
 
 
-def test_a_tensor_indexes_a_tensor_and_the_gradient_adds_up():
+def test_a_tensor_as_an_index_is_refused_and_arrays_index_with_gradients_that_add_up():
     t = Tensor(np.arange(5, dtype=np.float32), requires_grad=True)
-    s = t[Tensor(np.array([0, 2, 2]))]
+    s = t[np.array([0, 2, 2])]
     s.sum().backward()
     np.testing.assert_array_equal(s.data, [0, 2, 2])
     np.testing.assert_array_equal(t.grad, [1, 0, 2, 0, 0])
-    with pytest.raises(IndexError, match="whole numbers"):
-        t[Tensor(np.array([0.5]))]
+    m = t[np.array([True, False, True, True, False])]
+    np.testing.assert_array_equal(m.data, [0, 2, 3])
+    for index in (Tensor(np.array([0, 2])), Tensor(np.array([True, False, True, True, False])),
+                  (Tensor(np.array([1])),)):  # a mask in a Tensor is floats: it would read as rows 1, 0, 1, 1, 0
+        with pytest.raises(TypeError, match="not a Tensor"):
+            t[index]
 
 
 def test_an_empty_batch_goes_through_a_convolution_and_batch_norm_both_ways():

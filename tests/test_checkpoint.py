@@ -233,3 +233,30 @@ def test_a_compressed_runs_state_does_not_fit_a_model_of_other_sizes(tmp_path):
         restore_training_state(state, model2, opt2, sched2, None, np.random.default_rng(0), sc2)
     model3, opt3, sched3, sc3 = run([20, 24, 16, 2])  # the same sizes resume
     assert restore_training_state(state, model3, opt3, sched3, None, np.random.default_rng(0), sc3)[0] == 1
+
+
+def test_a_compressed_run_rewinds_to_its_own_earlier_checkpoint(tmp_path):
+    """The live objects of a run whose layers already shrank take its earlier checkpoint: the state is checked
+    against the layers as built, not as they are now."""
+    from fanin.compress import SelfCompression
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 12)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1).astype(np.int64)
+    model = models.mlp([12, 40, 24, 3], seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = optim.CosineSchedule(opt, total_steps=4 * 8)
+    sc = SelfCompression(model, gamma=0.5, init_bits=3, optimizer=opt, lr=0.2)
+    gen = np.random.default_rng(0)
+
+    def save(epoch, r):
+        if epoch == 2:
+            save_checkpoint(tmp_path / "c.npz", training_state(model, opt, sched, None, r, epoch, [], sc))
+
+    fit(model, opt, (x, y), epochs=4, batch_size=32, schedule=sched, hooks=[sc], loss_terms=[sc.size_loss],
+        progress=False, rng=gen, on_epoch_end=save)
+    state = load_checkpoint(tmp_path / "c.npz")
+    later = [h for h in sc.history if h["step"] > 16]
+    assert later, "the run should remove channels after the checkpoint"
+    assert restore_training_state(state, model, opt, sched, None, gen, sc)[0] == 2
+    assert len(sc.history) == len(state["compressor"]["history"])

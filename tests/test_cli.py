@@ -209,14 +209,15 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path, capsys, monk
     capsys.readouterr()
     for extra, says in ((["--epochs", "3", "--batch-size", "32"], "--batch-size 128 -> 32"),
                         (["--epochs", "3", "--sizes", "784-32-10"], "--sizes"),
-                        (["--epochs", "3", "--lr", "0.05"], "--lr (not given) -> 0.05"),
+                        (["--epochs", "3", "--lr", "0.07"], "--lr 0.05 -> 0.07"),
                         (["--epochs", "3", "--seed", "4"], "--seed 0 -> 4"),
                         (["--epochs", "3", "--dropout", "0.2"], "--dropout"),
                         (["--epochs", "2"], "finished all 2 epochs")):
         assert cli.main([*base, "--resume", str(ck), *[e for e in extra if e]]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
-    assert cli.main([*base, "--resume", str(ck), "--epochs", "3"]) == 0  # more epochs of the same run
+    assert cli.main([*base, "--resume", str(ck), "--epochs", "3", "--lr", "0.05"]) == 0  # more epochs, the same
+    # run (--lr 0.05 is what the run used without --lr: compared as used, not as typed)
     assert "resumed from" in capsys.readouterr().out
 
 

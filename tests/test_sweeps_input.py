@@ -73,14 +73,24 @@ def test_failures_without_a_cache_do_not_claim_the_others_are_cached():
 # ------------------------------------------------------------------ 3. cells
 @pytest.mark.parametrize("cells, error, match", [
     (["a", "b"], TypeError, "cells must be a dict of {name: {keyword: value}}, not a list"),
-    ({1: {}}, TypeError, "cell name 1 is a int; names must be strings"),
+
     ({"a": 3}, TypeError, "cell 'a' must be a dict of keyword arguments"),
     ({"a": {1: 2}}, TypeError, "cell 'a' must be a dict of keyword arguments"),
-    ({"a/b": {}}, ValueError, r"cell name 'a/b' must be usable as a file name"),  # even without a cache
 ])
 def test_cells_must_be_a_dict_of_named_keyword_dicts(cells, error, match):
     with pytest.raises(error, match=match):
         sweep(cells, never, scheduler="serial", **QUIET)
+
+
+@pytest.mark.parametrize("cells, error, match", [
+    ({1: {}}, TypeError, "cell name 1 is a int; names must be strings"),
+    ({"a/b": {}}, ValueError, r"cell name 'a/b' must be usable as a file name"),
+])
+def test_cached_cells_are_named_like_files_and_uncached_ones_may_be_named_anything(tmp_path, cells, error, match):
+    with pytest.raises(error, match=match):
+        sweep(cells, never, cache=tmp_path / "runs", scheduler="serial", **QUIET)
+    assert sweep({"srigl 90%": {"a": 1}, ("dense", 0): {"a": 2}}, lambda a: a * 10, scheduler="serial",
+                 **QUIET) == {"srigl 90%": 10, ("dense", 0): 20}
 
 
 # ------------------------------------------------------------------ 4. train_cell's paths

@@ -25,8 +25,8 @@ def run(**kw):
 @pytest.mark.parametrize("kw, err, match", [
     (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
     (dict(batch_size=2.5), ValueError, "batch_size must be an integer >= 1"),
-    (dict(epochs=0), ValueError, "epochs must be an integer >= 1"),
-    (dict(epochs=2, start_epoch=5), ValueError, r"start_epoch must be an integer in \[0, epochs\)"),
+    (dict(epochs=-1), ValueError, "epochs must be an integer >= 0"),
+    (dict(epochs=2, start_epoch=5), ValueError, r"start_epoch must be an integer in \[0, epochs\]"),
     (dict(start_epoch=-2), ValueError, "start_epoch"),
     (dict(train=(np.zeros((0, 8), np.float32), np.zeros(0, np.int64))), ValueError, "the train set is empty"),
     (dict(test=(np.zeros((0, 8), np.float32), np.zeros(0, np.int64))), ValueError, "the test set is empty"),
@@ -86,3 +86,9 @@ def test_an_integer_rng_gives_a_new_shuffle_each_epoch_as_a_seed_does():
         train_mod.batches = orig
     assert not np.array_equal(by_int[0], by_int[1])
     assert all(np.array_equal(a, b) for a, b in zip(by_int, by_gen))
+
+
+def test_a_finished_run_resumed_has_nothing_left_to_train():
+    model, history = run(epochs=2, start_epoch=2)
+    assert history == []
+    assert run(epochs=0)[1] == []

@@ -109,8 +109,12 @@ class DataParallel:
             yield
         except BaseException as exc:
             if self.abort_on_error and self.size > 1:
-                # fanin's own one-line errors (bad input, divergence, ranks that disagree): the line, no traceback
-                if isinstance(exc, (ValueError, FloatingPointError, RanksDiverged)):
+                # fanin's own one-line errors (divergence, ranks that disagree, a bad file): the line, no traceback;
+                # any other error (a ValueError from NumPy included) keeps its traceback
+                from fanin.checkpoint import CheckpointError
+                from fanin.data import DatasetError
+
+                if isinstance(exc, (FloatingPointError, RanksDiverged, CheckpointError, DatasetError)):
                     self._die(f"{exc} -- aborting all ranks.", 2)
                 traceback.print_exc()
                 self._die(f"{type(exc).__name__}: {exc} -- aborting all ranks.", 1)

@@ -130,13 +130,15 @@ def _safe(name) -> str:
     return name
 
 
-def _check_cells(cells):
-    """``cells`` as ``{name: {keyword: value}}``, the names valid file names, else a one-line error."""
+def _check_cells(cells, files: bool = True):
+    """``cells`` as ``{name: {keyword: value}}`` (with ``files``, a cache: the names valid file names), else a
+    one-line error."""
     if not isinstance(cells, collections.abc.Mapping):
         raise TypeError(f"sweep: cells must be a dict of {{name: {{keyword: value}}}}, not a {type(cells).__name__} "
                         "(e.g. {'srigl-0.9': dict(method='srigl', sparsity=0.9)}).")
     for name, kwargs in cells.items():
-        _safe(name)
+        if files:
+            _safe(name)
         if not isinstance(kwargs, collections.abc.Mapping) or not all(isinstance(k, str) for k in kwargs):
             raise TypeError(f"sweep: cell {name!r} must be a dict of keyword arguments (str keys) for fn, "
                             f"not {kwargs!r:.80}.")
@@ -204,7 +206,7 @@ def sweep(cells: dict, fn=None, cache=None, scheduler=None, workers: int | None 
     silently). ``scheduler``, ``workers`` (an integer >= 1, or None), ``threads`` (an integer >= 1): see the
     module docstring. Cells that fail are reported together in a ``SweepError`` after the others have finished.
     """
-    _check_cells(cells)
+    _check_cells(cells, files=cache is not None)
     if fn is not None and not callable(fn):
         raise TypeError(f"sweep: fn must be a function of a cell's keyword arguments, not {type(fn).__name__}.")
     _check_scheduler(scheduler)
