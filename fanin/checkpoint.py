@@ -136,11 +136,10 @@ def restore_training_state(state, model, opt, schedule, updater, rng, compressor
                               " self-compression; resume with the same --compress setting.")
     if compressor is not None:  # before the model adopts the checkpoint's (shrunk) shapes
         compressor.check_state(state["compressor"])
-    for key, value in state["model"].items():  # a NaN weight would train on silently (a ReLU maps NaN to 0)
-        a = np.asarray(value)
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise CheckpointError(f"the checkpoint's {key} holds NaN or Inf: its run diverged or the file is "
-                                  "corrupt; resume from an earlier checkpoint.")
+    bad = nn.nonfinite(state["model"].items())  # a NaN weight would train on silently (a ReLU maps NaN to 0)
+    if bad:
+        raise CheckpointError(f"the checkpoint's {bad[0]} holds NaN or Inf: its run diverged or the file is corrupt; "
+                              "resume from an earlier checkpoint.")
     try:
         model.load_state_dict(state["model"], resize=compressor is not None)
     except KeyError as exc:  # names the missing and unexpected arrays

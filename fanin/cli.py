@@ -416,19 +416,18 @@ def cmd_train(args) -> int:
             say(f"fanin: cannot resume: {exc}", file=sys.stderr)
             return 2
         was = state.get("args") if isinstance(state.get("args"), dict) else {}
-        # what shapes the run (its data, batches, model, schedule): another value would continue another run,
+        # every setting of the run (_RESUME_MAY_CHANGE aside) shapes it: another value would continue another run,
         # e.g. a different --limit or --batch-size left the cosine schedule past its end (a learning rate of ~0)
-        # (every setting of the run takes part, e.g. --lr, --seed, --dropout, --delta-t; only where the output goes,
-        # how progress shows, how the ranks talk and --epochs may change)
-        def setting(ns: dict, k):  # as the run used it: --lr not given is its optimizer's default
+        def setting(ns: dict, k):  # as the run used it: --lr not given is its optimizer's default; sizes a list
             v = ns.get(k)
-            return DEFAULT_LR.get(ns.get("optimizer"), v) if k == "lr" and v is None else v
+            if k == "lr" and v is None:
+                return DEFAULT_LR.get(ns.get("optimizer"), v)
+            return list(v) if k == "sizes" and v is not None else v
 
         now = vars(args)
         changed = [f"--{k.replace('_', '-')} {_shown(setting(was, k))} -> {_shown(setting(now, k))}"
-                   for k in sorted(was) if k not in _RESUME_MAY_CHANGE and k in now
-                   and setting(was, k) != setting(now, k)
-                   and not (k == "sizes" and list(was[k] or []) == list(now[k] or []))]
+                   for k in sorted(was)
+                   if k not in _RESUME_MAY_CHANGE and k in now and setting(was, k) != setting(now, k)]
         if changed:
             say(f"fanin: cannot resume: the checkpoint's run was made with other settings ({'; '.join(changed)}); "
                 "resume with the same ones.", file=sys.stderr)
@@ -523,11 +522,10 @@ def _fail(msg) -> int:
 
 
 def cmd_export(args) -> int:
-    import numpy as np
-
     from fanin import runtime
     from fanin.checkpoint import CheckpointError, load_checkpoint
     from fanin.io import save
+    from fanin.nn import nonfinite
 
     problem = _writable(args.out, "--out")
     if problem:
@@ -550,7 +548,7 @@ def cmd_export(args) -> int:
     except (AttributeError, KeyError, TypeError, IndexError) as exc:
         return _fail(f"{args.checkpoint} does not hold a model its recorded arguments build ({type(exc).__name__}: "
                      f"{exc}); re-export from the run's last good checkpoint.")
-    bad = [n for n, p in model.named_parameters() if not np.all(np.isfinite(np.asarray(p.data)))]
+    bad = nonfinite(model.named_parameters())
     if bad:
         return _fail(f"{args.checkpoint} holds NaN or Inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
                      "(a diverged run); export an earlier checkpoint.")
@@ -746,12 +744,6 @@ def main(argv=None) -> int:
         return _fail(f"{where}{getattr(exc, 'strerror', None) or exc}.")
     except ValueError as exc:  # fanin's errors are ValueErrors that say what to do
         return _fail(str(exc))
-    except RuntimeError as exc:
-        if "no locator available" not in str(exc):
-            raise
-        # a read-only install whose user has no writable ~/.cache: Numba has nowhere to keep compiled kernels
-        return _fail("Numba cannot cache the compiled kernels (the install folder and ~/.cache are read-only for "
-                     "this user); set NUMBA_CACHE_DIR to a writable folder.")
 
 
 # train options that a --resume may change: outputs, progress, devices, ranks (a run resumes on any number of them)

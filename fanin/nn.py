@@ -224,6 +224,18 @@ class Sequential(Module):
         return iter(self.layers)
 
 
+def nonfinite(named) -> list:
+    """The names of the float arrays among ``named`` ((name, array) pairs: ``named_parameters()``, a state dict's
+    items; device arrays are copied to the host) that hold NaN or Inf."""
+    bad = []
+    for name, a in named:
+        a = a.data if isinstance(a, Tensor) else a
+        a = a if isinstance(a, np.ndarray) else _host(a) if hasattr(a, "shape") else np.asarray(a)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad.append(name)
+    return bad
+
+
 def _host(a) -> np.ndarray:
     """A host copy of a device array (``fanin.device``)."""
     from fanin import device as _device

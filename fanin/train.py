@@ -191,6 +191,10 @@ def train_epoch(model, optimizer, x, y, batch_size, rng, schedule=None, hooks=()
     return {"loss": loss_sum / seen, "acc": correct / seen, "time": time.perf_counter() - start}
 
 
+def _integer(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _split(name: str, data):
     """(x, y) of a ``train`` / ``test`` argument of ``fit``, checked: a pair of arrays of equal, non-zero length."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
@@ -207,11 +211,12 @@ def _split(name: str, data):
 def _check_finite(model, epoch: int):
     """A NaN or Inf weight is divergence even when the loss stays finite: a ReLU maps NaN to 0, so a network whose
     first layer went NaN trains on at chance level with a finite loss."""
-    for name, p in model.named_parameters():
-        d = _host(p.data)
-        if d.dtype.kind == "f" and not np.isfinite(d).all():
-            raise FloatingPointError(f"training diverged: {name} holds NaN or Inf after epoch {epoch}; lower the "
-                                     "learning rate (or check the inputs and the checkpoint resumed from).")
+    from fanin.nn import nonfinite
+
+    bad = nonfinite(model.named_parameters())
+    if bad:
+        raise FloatingPointError(f"training diverged: {bad[0]} holds NaN or Inf after epoch {epoch}; lower the "
+                                 "learning rate (or check the inputs and the checkpoint resumed from).")
 
 
 def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
@@ -231,12 +236,11 @@ def fit(model, optimizer, train, test=None, epochs: int = 10, batch_size: int = 
     x, y = _split("train", train)
     if test is not None:
         _split("test", test)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _integer(batch_size) or batch_size < 1:
         raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size!r}.")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+    if not _integer(epochs) or epochs < 0:
         raise ValueError(f"fit: epochs must be an integer >= 0, got {epochs!r}.")
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, np.integer)) \
-            or not 0 <= start_epoch <= epochs:  # start_epoch == epochs: a resumed run that had finished, nothing to do
+    if not _integer(start_epoch) or not 0 <= start_epoch <= epochs:  # == epochs: a finished run resumed, nothing to do
         raise ValueError(f"fit: start_epoch must be an integer in [0, epochs] = [0, {epochs}] (the epochs already "
                          f"done), got {start_epoch!r}.")
     hooks = () if hooks is None else tuple(hooks)
